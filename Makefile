@@ -1,0 +1,55 @@
+# coinfer: `make run` and `make test` set everything up themselves on a fresh Debian-like machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch is only for training (the `train` extra); this pin matches the wheel the build machines carry.
+TORCH_SPEC ?= torch==2.13.0
+APT_PACKAGES := mosquitto dataset-fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck unit bench system-deps clean
+
+run: $(STAMP) system-deps
+	@echo "== plans for the shipped bundle with Edgent's reference models (Raspberry Pi 3 -> desktop) =="
+	$(VENV)/bin/coinfer sweep --deadlines 1s
+	@echo
+	$(VENV)/bin/coinfer sweep --bandwidths 500kbps --deadlines 100ms,200ms,300ms,400ms,500ms,600ms,800ms,1s
+	@echo
+	$(VENV)/bin/coinfer plan --bandwidth 400kbps --deadline 300ms
+
+test: $(STAMP) system-deps lint typecheck unit
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+unit: $(STAMP) system-deps
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	mkdir -p bench-results
+	$(VENV)/bin/coinfer bench planner --out bench-results/planner.json
+
+system-deps:
+	@missing=""; \
+	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	[ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev,train]"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

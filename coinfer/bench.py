@@ -1,0 +1,68 @@
+"""Benchmarks that write their numbers to a file (never asserted as wall-clock limits in tests)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Any
+
+import numpy as np
+
+from coinfer import resources
+from planner import edgent
+
+SYNTHETIC_LAYERS = 500
+SYNTHETIC_EXITS = 5
+
+
+def synthetic_chain(n_layers: int = SYNTHETIC_LAYERS, n_exits: int = SYNTHETIC_EXITS,
+                    seed: int = 0) -> list[edgent.ExitInfo]:
+    """A planner-level chain of ``n_layers`` conv/relu/pool/fc layers with ``n_exits`` evenly spaced exits."""
+    rng = np.random.default_rng(seed)
+    kinds = ("conv", "relu", "pool", "fc")
+    layers = []
+    for i in range(n_layers):
+        size = float(rng.integers(1_000, 200_000))
+        layers.append(edgent.LayerInfo(name=f"l{i}", kind=kinds[i % 4], features={
+            "input_bytes": size, "output_bytes": size * float(rng.uniform(0.25, 1.0)),
+            "filter_term": float(rng.integers(16, 512)), "flops": size * 100.0}))
+    exits = []
+    for e in range(n_exits):
+        n = n_layers * (e + 1) // n_exits
+        chain = tuple(layers[:n])
+        cuts = tuple(edgent.CutPoint(index=i, bytes=int(chain[i - 1].features["output_bytes"]), tensors=(f"l{i - 1}",))
+                     for i in range(1, n))
+        exits.append(edgent.ExitInfo(accuracy=0.5 + 0.08 * e, layers=chain, cuts=cuts, input_bytes=3136,
+                                     result_bytes=40))
+    return exits
+
+
+def decision_times(cands: edgent.Candidates, requests: int, seed: int = 0) -> dict[str, float]:
+    """Distribution of one ``plan`` call over random bandwidths (50 kbps-10 Mbps) and deadlines (50 ms-2 s)."""
+    rng = np.random.default_rng(seed)
+    conds = [edgent.Conditions(bandwidth_bps=float(b), deadline_s=float(d))
+             for b, d in zip(rng.uniform(5e4, 1e7, requests), rng.uniform(0.05, 2.0, requests), strict=True)]
+    for cond in conds[:200]:
+        edgent.plan(cands, cond)
+    times = np.empty(requests)
+    for i, cond in enumerate(conds):
+        start = time.perf_counter_ns()
+        edgent.plan(cands, cond)
+        times[i] = time.perf_counter_ns() - start
+    times *= 1e-9
+    return {"p50_s": float(np.percentile(times, 50)), "p99_s": float(np.percentile(times, 99)),
+            "mean_s": float(times.mean()), "requests": requests, "candidates": int(cands.exit.size)}
+
+
+def planner_bench(requests: int = 20000) -> dict[str, Any]:
+    """Decision time of the Edgent search for the shipped bundle and for a 500-layer synthetic chain."""
+    device = resources.load_latency_model(resources.PI3_MODEL)
+    edge = resources.load_latency_model(resources.DESKTOP_MODEL)
+    bundle = resources.default_bundle()
+    ours = edgent.compile_candidates(edgent.exits_from_manifest(bundle.manifest), device, edge)
+    synth = edgent.compile_candidates(synthetic_chain(), device, edge)
+    return {"bundle": decision_times(ours, requests), "synthetic_500": decision_times(synth, requests),
+            "host": {"machine": platform.machine(), "python": platform.python_version()},
+            "latency_models": [device.name, edge.name]}
+
+

@@ -1,0 +1,294 @@
+"""``coinfer``: the tool CLI (inspect, split, train, profile, fit, plan, sweep, bench)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from coinfer import bench, resources
+from models import graph
+from models.bundle import DEFAULT_BUNDLE, MANIFEST, load_bundle
+from models.errors import ModelError
+from planner import edgent, units
+from planner.errors import PlannerError
+from planner.latency import FIT_VARIABLES, TABLE_I_VARIABLES, Sample, fit
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except (ModelError, PlannerError) as exc:
+        print(f"coinfer: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="coinfer", description="coinfer: device-edge DNN co-inference tools")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("layers", help="list a model's layers and valid cut points")
+    s.add_argument("model", help="ONNX file or bundle directory")
+    s.add_argument("--output", help="restrict to the sub-model computing this output (e.g. exit3)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(func=cmd_layers)
+
+    s = sub.add_parser("split", help="split a model at a cut into head and tail ONNX files")
+    s.add_argument("model", help="ONNX file or bundle directory")
+    s.add_argument("--at", required=True,
+                   help="cut name from `coinfer layers` (tensors joined by '+' for a multi-tensor cut)")
+    s.add_argument("--head", required=True, type=Path)
+    s.add_argument("--tail", required=True, type=Path)
+    s.add_argument("--output", help="restrict to the sub-model computing this output first")
+    s.set_defaults(func=cmd_split)
+
+    s = sub.add_parser("train", help="train the branchy AlexNet on Fashion-MNIST and write its bundle (needs torch)")
+    s.add_argument("--out", type=Path, default=DEFAULT_BUNDLE)
+    s.add_argument("--epochs", type=float, default=3.0, help="joint training of all exits")
+    s.add_argument("--finetune-epochs", type=float, default=1.0, help="then the last segment alone")
+    s.add_argument("--subset", type=int, default=None, help="train on the first N training images only")
+    s.add_argument("--batch", type=int, default=128)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("profile", help="measure per-layer latency on this host")
+    s.add_argument("models", nargs="*", type=Path, help="bundles or ONNX files (default: the shipped bundle)")
+    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--sweep", type=int, default=0, metavar="N", help="also profile N random synthetic chains")
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--runs", type=int, default=50)
+    s.add_argument("--warmup", type=int, default=10)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_profile)
+
+    s = sub.add_parser("fit", help="fit per-layer-type latency models from profiles")
+    s.add_argument("profiles", nargs="+", type=Path)
+    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--name", default=None)
+    s.add_argument("--table-i", action="store_true", help="use only Edgent's Table I variables (no FLOPs term)")
+    s.set_defaults(func=cmd_fit)
+
+    for name, helptext in (("plan", "choose exit and cut for one request"),
+                           ("sweep", "plan over a bandwidth or deadline sweep")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("bundle", nargs="?", type=Path, default=DEFAULT_BUNDLE)
+        s.add_argument("--device-model", type=Path, default=resources.PI3_MODEL)
+        s.add_argument("--edge-model", type=Path, default=resources.DESKTOP_MODEL)
+        s.add_argument("--rtt", default=None, help="fixed round-trip cost, e.g. 5ms (default 0)")
+        s.add_argument("--json", action="store_true")
+        if name == "plan":
+            s.add_argument("--bandwidth", required=True, help="uplink, e.g. 500kbps or 1.5Mbps")
+            s.add_argument("--deadline", required=True, help="e.g. 300ms or 1s")
+            s.set_defaults(func=cmd_plan)
+        else:
+            s.add_argument("--bandwidths", default="50kbps,100kbps,200kbps,400kbps,500kbps,750kbps,1Mbps,1.5Mbps,2Mbps")
+            s.add_argument("--deadlines", default="1s", help="comma-separated; sweeps whichever list is longer")
+            s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("bench", help="benchmarks that write numbers to a file")
+    s.add_argument("what", choices=["planner"])
+    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--requests", type=int, default=20000)
+    s.set_defaults(func=cmd_bench)
+    return p
+
+
+def _model_arg(path: Path, output: str | None) -> onnx.ModelProto:
+    model = load_bundle(path).model if (path / MANIFEST).exists() else graph.load_model(path)
+    return graph.prepare(graph.extract_outputs(model, [output])) if output else model
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    model = _model_arg(Path(args.model), args.output)
+    layers, cuts = graph.layers(model), graph.cuts(model)
+    if args.json:
+        print(json.dumps({"model": str(args.model), "layers": [lay.to_json() for lay in layers],
+                          "cuts": [c.to_json() for c in cuts]}, indent=1))
+        return 0
+    cut_after = {c.index: c for c in cuts}
+    print(f"{'#':>3}  {'layer':<16} {'op':<12} {'type':<8} {'out bytes':>10} {'MFLOPs':>8}  cut after")
+    for lay in layers:
+        cut = cut_after.get(lay.index + 1)
+        print(f"{lay.index:>3}  {lay.name:<16} {lay.op_type:<12} {lay.kind:<8} {lay.features['output_bytes']:>10.0f} "
+              f"{lay.features['flops'] / 1e6:>8.2f}  {cut.name if cut else ''}")
+    print(f"{len(layers)} layers, {len(cuts)} single-tensor cuts")
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    model = _model_arg(Path(args.model), args.output)
+    head, tail = graph.split(model, graph.find_cut(model, args.at))
+    onnx.save(head, str(args.head))
+    onnx.save(tail, str(args.tail))
+    print(f"head: {len(head.graph.node)} layers -> {args.head}\ntail: {len(tail.graph.node)} layers -> {args.tail}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        from models.train import export_bundle, train
+    except ImportError as exc:
+        print(f"coinfer: error: training needs torch ({exc}); install the extra: pip install 'coinfer[train]'",
+              file=sys.stderr)
+        return 2
+    model, report = train(epochs=args.epochs, finetune_epochs=args.finetune_epochs, batch=args.batch,
+                          subset=args.subset, seed=args.seed)
+    out = export_bundle(model, args.out, report)
+    for e in load_bundle(out).exits:
+        print(f"exit {e.index}: {len(e.layers):>2} layers, test accuracy {e.accuracy:.4f}")
+    print(f"bundle written to {out}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from models import profile, synth
+
+    models: list[tuple[str, onnx.ModelProto]] = []
+    for path in args.models or [DEFAULT_BUNDLE]:
+        if (path / MANIFEST).exists():
+            b = load_bundle(path)
+            models.append((b.name, b.model))
+        else:
+            models.append((path.stem, graph.load_model(path)))
+    rng = np.random.default_rng(args.seed)
+    models += [(f"random_chain_{i}", synth.random_chain(rng, i)) for i in range(args.sweep)]
+
+    def progress(i: int, n: int, name: str) -> None:
+        print(f"[{i + 1}/{n}] profiling {name}", file=sys.stderr, flush=True)
+
+    doc = profile.profile_models(models, threads=args.threads, warmup=args.warmup, runs=args.runs,
+                                 progress=progress)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    n_layers = sum(len(m["layers"]) for m in doc["models"])
+    print(f"profiled {len(models)} model(s), {n_layers} layers, {args.threads} thread(s) -> {args.out}")
+    return 0
+
+
+def samples_from_profiles(docs: Sequence[dict[str, Any]]) -> tuple[list[Sample], float]:
+    """Layer samples (plus one "load" sample per model) and the median per-run overhead."""
+    import statistics
+
+    samples, overheads = [], []
+    for doc in docs:
+        if doc.get("format") != "coinfer.profile/1":
+            raise PlannerError("not a coinfer.profile/1 document")
+        for m in doc["models"]:
+            for lay in m["layers"]:
+                feats = {k: float(v) for k, v in lay.items() if isinstance(v, (int, float))}
+                samples.append(Sample(kind=lay["type"], features=feats, latency_s=float(lay["latency_s"])))
+            samples.append(Sample(kind="load", features={"model_bytes": float(m["model_bytes"])},
+                                  latency_s=float(m["load_s"])))
+            overheads.append(m["run_s"] - sum(lay["latency_s"] for lay in m["layers"]))
+    return samples, max(0.0, statistics.median(overheads)) if overheads else 0.0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    docs = []
+    for path in args.profiles:
+        try:
+            docs.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise PlannerError(f"cannot read profile {path}: {exc}") from exc
+    samples, overhead = samples_from_profiles(docs)
+    host = docs[0].get("host", {})
+    model = fit(samples, name=args.name or f"{host.get('hostname', 'host')}-{docs[0].get('threads', 1)}t",
+                variables=TABLE_I_VARIABLES if args.table_i else FIT_VARIABLES,
+                stage_overhead_s=overhead, meta={"host": host, "threads": docs[0].get("threads"),
+                                                 "profiles": [str(p) for p in args.profiles]})
+    args.out.write_text(json.dumps(model.to_json(), indent=1) + "\n")
+    print(f"{'type':<8} {'n':>5} {'held out':>8} {'R2':>7} {'MdAPE':>7}  variables")
+    for kind, tm in model.types.items():
+        r2, mdape = tm.fit.get("r2"), tm.fit.get("mdape")
+        print(f"{kind:<8} {tm.fit.get('n', 0):>5} {tm.fit.get('n_test', 0):>8} "
+              f"{'-' if r2 is None else f'{r2:.3f}':>7} {'-' if mdape is None else f'{mdape:.1%}':>7}  "
+              f"{', '.join(tm.variables)}")
+    print(f"stage overhead {overhead * 1e6:.1f} us; latency model -> {args.out}")
+    return 0
+
+
+def _setup(args: argparse.Namespace) -> tuple[str, edgent.Candidates, float]:
+    bundle = load_bundle(args.bundle)
+    device = resources.load_latency_model(args.device_model)
+    edge = resources.load_latency_model(args.edge_model)
+    cands = edgent.compile_candidates(edgent.exits_from_manifest(bundle.manifest), device, edge)
+    rtt = units.parse_duration(args.rtt) if args.rtt else 0.0
+    return bundle.name, cands, rtt
+
+
+def _plan_row(label: str, p: edgent.Plan) -> str:
+    if p.exit is None:
+        return f"{label:<15} {'infeasible':>10}"
+    def ms(v: float | None) -> str:
+        return f"{(v or 0.0) * 1e3:8.1f}"
+
+    return (f"{label:<15} {'yes' if p.feasible else 'MISS':>10} {p.exit:>4} {p.cut:>3}/{p.n_layers:<3} {p.where:<6} "
+            f"{ms(p.predicted_s)} {ms(p.device_s)} {ms(p.transfer_s)} {ms(p.edge_s)} {p.accuracy:8.4f}")
+
+
+HEADER = (f"{'method':<15} {'meets':>10} {'exit':>4} {'cut':>7} {'where':<6} {'total ms':>8} {'device':>8} "
+          f"{'transfer':>8} {'edge':>8} {'accuracy':>8}")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    name, cands, rtt = _setup(args)
+    cond = edgent.Conditions(bandwidth_bps=units.parse_bandwidth(args.bandwidth),
+                             deadline_s=units.parse_duration(args.deadline), rtt_s=rtt)
+    chosen, base = edgent.plan(cands, cond), edgent.baselines(cands, cond)
+    if args.json:
+        print(json.dumps({**chosen.to_json(), "bandwidth_bps": cond.bandwidth_bps, "deadline_s": cond.deadline_s,
+                          "baselines": {k: v.to_json() for k, v in base.items()}}, indent=1))
+        return 0
+    print(f"{name}: uplink {args.bandwidth}, deadline {args.deadline}")
+    print(HEADER)
+    print(_plan_row("coinfer", chosen))
+    for k, v in base.items():
+        print(_plan_row(k, v))
+    return 0 if chosen.feasible else 1
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    name, cands, rtt = _setup(args)
+    bws = [units.parse_bandwidth(b) for b in args.bandwidths.split(",")]
+    dls = [units.parse_duration(d) for d in args.deadlines.split(",")]
+    rows = [(bw, dl) for bw in bws for dl in dls]
+    results = []
+    for bw, dl in rows:
+        cond = edgent.Conditions(bandwidth_bps=bw, deadline_s=dl, rtt_s=rtt)
+        results.append({"bandwidth_bps": bw, "deadline_s": dl, **edgent.plan(cands, cond).to_json()})
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    print(f"{name}: device {args.device_model.stem}, edge {args.edge_model.stem}")
+    print(f"{'uplink':>9} {'deadline':>9} {'exit':>5} {'cut':>7} {'where':<6} {'predicted ms':>12} {'accuracy':>8}")
+    for r in results:
+        cut = f"{r['cut']}/{r['n_layers']}" if r["exit"] else "-"
+        pred = f"{r['predicted_s'] * 1e3:12.1f}" if r["exit"] else f"{'infeasible':>12}"
+        acc = f"{r['accuracy']:8.4f}" if r["exit"] else f"{'-':>8}"
+        print(f"{units.format_bandwidth(r['bandwidth_bps']):>9} {r['deadline_s'] * 1e3:>7.0f}ms "
+              f"{r['exit'] or '-':>5} {cut:>7} {r['where']:<6} {pred} {acc}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    doc = bench.planner_bench(requests=args.requests)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    for k in ("bundle", "synthetic_500"):
+        print(f"{k:<14} p50 {doc[k]['p50_s'] * 1e6:7.1f} us   p99 {doc[k]['p99_s'] * 1e6:7.1f} us")
+    print(f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

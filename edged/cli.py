@@ -1,0 +1,9 @@
+"""Console entry point of edged."""
+
+import sys
+
+
+def main() -> int:
+    print("edged: the daemon is not built yet (see the 'edged and deviced' issue); "
+          "use `coinfer plan` / `coinfer sweep` for planning", file=sys.stderr)
+    return 1

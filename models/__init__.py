@@ -1,0 +1,1 @@
+"""Model tooling: multi-exit networks, ONNX graph inspection and splitting, profiling, bundles."""

@@ -1,0 +1,161 @@
+"""Model bundles: ONNX file(s) plus a ``manifest.json`` describing layers, exits, cuts and hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+
+from models import data, graph
+from models.errors import BundleError, ModelLoadError
+
+FORMAT = "coinfer.bundle/1"
+MODEL_FILE = "model.onnx"
+MANIFEST = "manifest.json"
+BUNDLES_DIR = Path(__file__).parent / "bundles"
+DEFAULT_BUNDLE = BUNDLES_DIR / "fmnist-branchy-alexnet"
+
+
+@dataclass(frozen=True, slots=True)
+class ExitInfo:
+    """One exit of a bundle: its output tensor, layers in execution order, cuts and test accuracy."""
+
+    index: int  # 1-based
+    output: str
+    layers: tuple[str, ...]
+    cuts: tuple[graph.Cut, ...]
+    accuracy: float
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """A loaded, hash-verified bundle."""
+
+    path: Path
+    name: str
+    digest: str  # sha256 of manifest.json, which pins every file's own sha256
+    manifest: dict[str, Any]
+    model: onnx.ModelProto
+    layers: dict[str, graph.Layer]
+    exits: tuple[ExitInfo, ...]
+
+    @property
+    def input_name(self) -> str:
+        return str(self.manifest["input"]["name"])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.manifest["input"]["shape"])
+
+    def exit_model(self, index: int) -> onnx.ModelProto:
+        """The prepared sub-model computing exit ``index`` (1-based) alone."""
+        info = self.exit(index)
+        return graph.prepare(graph.extract_outputs(self.model, [info.output]))
+
+    def exit(self, index: int) -> ExitInfo:
+        if not 1 <= index <= len(self.exits):
+            raise BundleError(f"exit {index} out of range 1..{len(self.exits)}")
+        return self.exits[index - 1]
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_bundle(path: Path | str = DEFAULT_BUNDLE) -> Bundle:
+    """Read a bundle directory, verify every file's sha256 and the manifest, and load the model."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    try:
+        raw = manifest_path.read_bytes()
+        manifest = json.loads(raw)
+    except FileNotFoundError as exc:
+        raise BundleError(f"{manifest_path} not found: not a coinfer bundle") from exc
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot read {manifest_path}: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{manifest_path}: not a {FORMAT} manifest")
+    try:
+        files: dict[str, dict[str, Any]] = manifest["files"]
+        for name, meta in files.items():
+            file_path = path / name
+            if not file_path.is_file():
+                raise BundleError(f"bundle file {file_path} is missing")
+            if sha256_file(file_path) != meta["sha256"]:
+                raise BundleError(f"{file_path}: sha256 mismatch (corrupt or modified bundle)")
+        try:
+            model = graph.load_model(path / manifest["model"])
+        except ModelLoadError as exc:
+            raise BundleError(str(exc)) from exc
+        layers = {lay.name: lay for lay in graph.layers(model)}
+        exits = tuple(
+            ExitInfo(index=int(e["index"]), output=str(e["output"]), layers=tuple(e["layers"]),
+                     accuracy=float(e["accuracy"]),
+                     cuts=tuple(graph.Cut(name=c["name"], tensors=frozenset(c["tensors"]),
+                                          index=int(c["index"]), bytes=int(c["bytes"])) for c in e["cuts"]))
+            for e in manifest["exits"]
+        )
+        name = str(manifest["name"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{manifest_path}: malformed manifest ({exc!r})") from exc
+    return Bundle(path=path, name=name, digest=hashlib.sha256(raw).hexdigest(), manifest=manifest,
+                  model=model, layers=layers, exits=exits)
+
+
+def exit_accuracies(model: onnx.ModelProto, outputs: Sequence[str], x: npt.NDArray[np.float32],
+                    y: npt.NDArray[np.int64], batch: int = 500) -> list[float]:
+    """Top-1 accuracy of each output of ``model`` on (x, y), run with onnxruntime at batch size ``batch``."""
+    import onnxruntime as ort
+
+    dynamic = onnx.ModelProto.FromString(model.SerializeToString())
+    for vi in [*dynamic.graph.input, *dynamic.graph.output]:
+        vi.type.tensor_type.shape.dim[0].dim_param = "batch"
+    del dynamic.graph.value_info[:]
+    session = ort.InferenceSession(dynamic.SerializeToString(), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    correct = np.zeros(len(outputs))
+    for i in range(0, len(x), batch):
+        logits = session.run(list(outputs), {input_name: x[i:i + batch]})
+        correct += [(lg.argmax(1) == y[i:i + batch]).sum() for lg in logits]
+    return [float(c / len(x)) for c in correct]
+
+
+def write_bundle(model: onnx.ModelProto, out_dir: Path, *, name: str, test_images: npt.NDArray[np.float32],
+                 test_labels: npt.NDArray[np.int64], training: dict[str, object]) -> Path:
+    """Write ``model`` and its manifest (layers, exits with measured accuracy and cuts, hashes)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prepared = graph.prepare(model)
+    outputs = [o.name for o in prepared.graph.output]
+    accuracy = exit_accuracies(prepared, outputs, test_images, test_labels)
+    exits = []
+    for i, (output, acc) in enumerate(zip(outputs, accuracy, strict=True)):
+        sub = graph.prepare(graph.extract_outputs(prepared, [output]))
+        exits.append({"index": i + 1, "output": output, "layers": [n.name for n in sub.graph.node],
+                      "accuracy": round(acc, 4), "test_images": len(test_labels),
+                      "flops": sum(lay.features["flops"] for lay in graph.layers(sub)),
+                      "cuts": [c.to_json() for c in graph.cuts(sub)]})
+    model_path = out_dir / MODEL_FILE
+    onnx.save(model, str(model_path))
+    inp = prepared.graph.input[0]
+    manifest = {
+        "format": FORMAT,
+        "name": name,
+        "model": MODEL_FILE,
+        "files": {MODEL_FILE: {"sha256": sha256_file(model_path), "bytes": model_path.stat().st_size}},
+        "input": {"name": inp.name, "dtype": "float32",
+                  "shape": [d.dim_value for d in inp.type.tensor_type.shape.dim],
+                  "preprocess": {"scale": 1 / 255, "mean": data.MEAN, "std": data.STD},
+                  "dataset": "fashion-mnist", "classes": list(data.CLASSES)},
+        "layers": [lay.to_json() for lay in graph.layers(prepared)],
+        "exits": exits,
+        "training": training,
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return out_dir

@@ -1,0 +1,74 @@
+"""Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package: an IDX reader and preprocessing."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from models.errors import DatasetError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+# Training-set statistics of pixel/255; the bundle's manifest records them too.
+MEAN = 0.2860
+STD = 0.3530
+
+_IDX_DTYPES: dict[int, npt.DTypeLike] = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: Path) -> npt.NDArray[np.generic]:
+    """Read an IDX file (optionally gzip-compressed) into an array of its declared shape."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, gzip.BadGzipFile, EOFError) as exc:
+        raise DatasetError(f"cannot read IDX file {path}: {exc}") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DatasetError(f"{path} is not an IDX file (bad magic)")
+    code, ndim = raw[2], raw[3]
+    if code not in _IDX_DTYPES:
+        raise DatasetError(f"{path}: unknown IDX element type 0x{code:02x}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[code])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DatasetError(f"{path}: {len(raw) - header} data bytes, shape {shape} needs {expected}")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def load_fashion_mnist(
+    split: str = "test", root: Path = FASHION_MNIST_DIR
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
+    """Images (N, 28, 28) uint8 and labels (N,) of the ``train`` or ``test`` split."""
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise DatasetError(f"unknown split {split!r}: use 'train' or 'test'")
+    images_path = root / f"{prefix}-images-idx3-ubyte.gz"
+    labels_path = root / f"{prefix}-labels-idx1-ubyte.gz"
+    for path in (images_path, labels_path):
+        if not path.exists():
+            raise DatasetError(
+                f"{path} not found: install Debian's dataset-fashion-mnist package "
+                "(apt-get install dataset-fashion-mnist)"
+            )
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise DatasetError(f"mismatched Fashion-MNIST files: {images.shape} vs {labels.shape}")
+    return images.astype(np.uint8), labels.astype(np.int64)
+
+
+def preprocess(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    """uint8 images (N, 28, 28) -> normalised float32 tensors (N, 1, 28, 28)."""
+    x = images.astype(np.float32) / 255.0
+    return ((x - MEAN) / STD).reshape(-1, 1, *images.shape[-2:]).astype(np.float32)

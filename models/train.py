@@ -1,0 +1,193 @@
+"""Train the branchy AlexNet on Fashion-MNIST with torch (the ``train`` extra) and write its bundle."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models import branchy
+from models.data import load_fashion_mnist, preprocess
+from models.onnxbuild import LayerSpec, out_shape
+
+# BranchyNet trains all exits jointly on a weighted sum of their losses; the last exit weighs most.
+EXIT_LOSS_WEIGHTS = (0.3, 0.3, 0.3, 0.3, 1.0)
+
+
+def _module(spec: LayerSpec, shape: tuple[int, ...]) -> nn.Module:
+    if spec.kind == "conv":
+        return nn.Conv2d(shape[0], spec.out, spec.k, stride=spec.stride, padding=spec.pad)
+    if spec.kind == "relu":
+        return nn.ReLU()
+    if spec.kind == "pool":
+        return nn.MaxPool2d(spec.k, stride=spec.stride, padding=spec.pad)
+    if spec.kind == "lrn":
+        return nn.LocalResponseNorm(spec.size, alpha=1e-4, beta=0.75, k=1.0)
+    if spec.kind == "dropout":
+        return nn.Dropout(spec.p)
+    if spec.kind == "flatten":
+        return nn.Flatten()
+    return nn.Linear(shape[0], spec.out)
+
+
+class BranchyAlexNet(nn.Module):
+    """Torch twin of ``models.branchy``: ``forward`` returns the logits of every exit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleDict()
+        self.trunk: list[list[str]] = []
+        self.branches: list[list[str]] = []
+        shape = branchy.INPUT_SHAPE
+        for i, segment in enumerate(branchy.TRUNK):
+            self.trunk.append(self._add(segment, shape))
+            shape = branchy.segment_shapes()[i]
+            if i < len(branchy.BRANCHES):
+                self.branches.append(self._add(branchy.BRANCHES[i], shape))
+
+    def _add(self, specs: tuple[LayerSpec, ...], shape: tuple[int, ...]) -> list[str]:
+        for spec in specs:
+            self.layers[spec.name] = _module(spec, shape)
+            shape = out_shape(spec, shape)
+        return [spec.name for spec in specs]
+
+    def _run(self, names: list[str], x: torch.Tensor) -> torch.Tensor:
+        for name in names:
+            x = self.layers[name](x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for i, names in enumerate(self.trunk):
+            x = self._run(names, x)
+            if i < len(self.branches):
+                outs.append(self._run(self.branches[i], x))
+        outs.append(x)
+        return outs
+
+    def numpy_weights(self) -> dict[str, npt.NDArray[np.float32]]:
+        """Parameters keyed as ``models.onnxbuild`` expects (``<layer>.weight``, ``<layer>.bias``)."""
+        return {k.removeprefix("layers."): v.detach().cpu().numpy().astype(np.float32)
+                for k, v in self.state_dict().items()}
+
+
+def evaluate(model: BranchyAlexNet, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64],
+             batch: int = 1000) -> list[float]:
+    """Accuracy of every exit on (x, y)."""
+    model.eval()
+    correct = np.zeros(branchy.NUM_EXITS)
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            outs = model(torch.from_numpy(x[i:i + batch]))
+            for e, logits in enumerate(outs):
+                correct[e] += (logits.argmax(1).numpy() == y[i:i + batch]).sum()
+    return [float(c / len(x)) for c in correct]
+
+
+def train(*, epochs: float = 3.0, batch: int = 128, lr: float = 2e-3, subset: int | None = None,
+          finetune_epochs: float = 1.0, seed: int = 0, threads: int | None = None, progress: bool = True,
+          log: Callable[[str], None] = print) -> tuple[BranchyAlexNet, dict[str, object]]:
+    """Joint training of all exits, then ``finetune_final``; returns the model and a training report."""
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    images, labels = load_fashion_mnist("train")
+    x_all, y_all = preprocess(images), labels
+    if subset:
+        x_all, y_all = x_all[:subset], y_all[:subset]
+    model = BranchyAlexNet()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps_per_epoch = int(np.ceil(len(x_all) / batch))
+    total = round(epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total)
+    loss_fn = nn.CrossEntropyLoss()
+    rng = np.random.default_rng(seed)
+    weights = torch.tensor(EXIT_LOSS_WEIGHTS)
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc="train", unit="step", disable=not progress)
+    step = 0
+    while step < total:
+        order = rng.permutation(len(x_all))
+        model.train()
+        for i in range(0, len(order), batch):
+            if step >= total:
+                break
+            idx = order[i:i + batch]
+            outs = model(torch.from_numpy(x_all[idx]))
+            target = torch.from_numpy(y_all[idx])
+            loss = sum(w * loss_fn(o, target) for w, o in zip(weights, outs, strict=True))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    report: dict[str, object] = {"epochs": epochs, "steps": total, "batch": batch, "lr": lr, "seed": seed,
+              "train_images": len(x_all), "train_seconds": round(time.perf_counter() - start, 1),
+              "torch_threads": torch.get_num_threads()}
+    log(f"trained {total} steps in {report['train_seconds']} s")
+    if finetune_epochs > 0:
+        report.update(finetune_final(model, x_all, y_all, epochs=finetune_epochs, batch=batch,
+                                     progress=progress))
+    return model, report
+
+
+def finetune_final(model: BranchyAlexNet, x_all: npt.NDArray[np.float32], y_all: npt.NDArray[np.int64], *,
+                   epochs: float = 1.0, batch: int = 128, lr: float = 5e-4, seed: int = 1,
+                   progress: bool = True) -> dict[str, object]:
+    """Train only the last segment on the last exit's loss, the rest frozen (the side exits are unchanged).
+
+    Joint training spends part of the shared layers' capacity on the side exits; a short second stage
+    lets the final exit catch up, as staged BranchyNet training does.
+    """
+    torch.manual_seed(seed)
+    last = model.trunk[-1]
+    params = [p for name in last for p in model.layers[name].parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    total = round(epochs * np.ceil(len(x_all) / batch))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    loss_fn = nn.CrossEntropyLoss()
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc="finetune", unit="step", disable=not progress)
+    step = 0
+    model.train()
+    while step < total:
+        order = rng.permutation(len(x_all))
+        for i in range(0, len(order), batch):
+            if step >= total:
+                break
+            idx = order[i:i + batch]
+            with torch.no_grad():
+                x = torch.from_numpy(x_all[idx])
+                for names in model.trunk[:-1]:
+                    x = model._run(names, x)
+            loss = loss_fn(model._run(last, x), torch.from_numpy(y_all[idx]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return {"finetune_epochs": epochs, "finetune_steps": total, "finetune_lr": lr,
+            "finetune_seconds": round(time.perf_counter() - start, 1)}
+
+
+def export_bundle(model: BranchyAlexNet, out_dir: Path, report: dict[str, object]) -> Path:
+    """Evaluate on the full test split and write the bundle (ONNX + manifest) to ``out_dir``."""
+    from models.bundle import write_bundle
+
+    images, labels = load_fashion_mnist("test")
+    onnx_model = branchy.build_onnx(model.numpy_weights())
+    return write_bundle(onnx_model, out_dir, name="fmnist-branchy-alexnet",
+                        test_images=preprocess(images), test_labels=labels, training=report)

@@ -1,0 +1,177 @@
+"""Per-layer-type linear latency models (Edgent Table I), stored as plain JSON coefficients.
+
+A model maps a layer type ("conv", "relu", ...) to a linear function of that layer's variables;
+types it does not know fall back to its "other" entry. Predictions are clamped at zero: the
+published Raspberry Pi convolution model has a negative intercept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from planner.errors import LatencyModelError
+
+FORMAT = "coinfer.latency/1"
+FALLBACK = "other"
+UNIT_SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+# Edgent Table I: the independent variables per layer type.
+TABLE_I_VARIABLES: dict[str, tuple[str, ...]] = {
+    "conv": ("input_bytes", "filter_term"),
+    "relu": ("input_bytes",),
+    "pool": ("input_bytes", "output_bytes"),
+    "lrn": ("input_bytes",),
+    "dropout": ("input_bytes",),
+    "fc": ("input_bytes", "output_bytes"),
+    "load": ("model_bytes",),
+    FALLBACK: ("flops", "input_bytes", "output_bytes"),
+}
+# What ``fit`` uses by default: Table I plus FLOPs for conv and fc, whose cost is a product of sizes
+# that Table I's additive variables cannot express.
+FIT_VARIABLES: dict[str, tuple[str, ...]] = {
+    **TABLE_I_VARIABLES,
+    "conv": ("input_bytes", "filter_term", "flops"),
+    "fc": ("input_bytes", "output_bytes", "flops"),
+}
+MIN_HOLDOUT_SAMPLES = 8
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TypeModel:
+    """latency = intercept + sum(coef[i] * variables[i]), in the owning model's unit."""
+
+    variables: tuple[str, ...]
+    coef: tuple[float, ...]
+    intercept: float
+    fit: Mapping[str, float | int | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.variables) != len(self.coef):
+            raise LatencyModelError(f"{len(self.variables)} variables but {len(self.coef)} coefficients")
+
+    def raw(self, features: Mapping[str, float]) -> float:
+        try:
+            return self.intercept + sum(c * features[v] for c, v in zip(self.coef, self.variables, strict=True))
+        except KeyError as exc:
+            raise LatencyModelError(f"layer lacks variable {exc.args[0]!r}") from exc
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LatencyModel:
+    """Latency models of one host, one ``TypeModel`` per layer type."""
+
+    name: str
+    types: Mapping[str, TypeModel]
+    unit: str = "ms"
+    stage_overhead: float = 0.0  # per executed stage (one runtime call), in ``unit``
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.unit not in UNIT_SECONDS:
+            raise LatencyModelError(f"unknown latency unit {self.unit!r}; expected one of {list(UNIT_SECONDS)}")
+
+    def predict(self, kind: str, features: Mapping[str, float]) -> float:
+        """Predicted latency in seconds of one layer, never negative."""
+        model = self.types.get(kind) or self.types.get(FALLBACK)
+        if model is None:
+            raise LatencyModelError(f"latency model {self.name!r} has no {kind!r} entry and no {FALLBACK!r} fallback")
+        return max(0.0, model.raw(features)) * UNIT_SECONDS[self.unit]
+
+    def predict_many(self, layers: Iterable[tuple[str, Mapping[str, float]]]) -> np.ndarray:
+        """Predicted latency in seconds of each (type, features) layer."""
+        return np.array([self.predict(kind, feats) for kind, feats in layers], dtype=np.float64)
+
+    @property
+    def stage_overhead_s(self) -> float:
+        return self.stage_overhead * UNIT_SECONDS[self.unit]
+
+    def to_json(self) -> dict[str, Any]:
+        """The plain-JSON document ``from_json`` reads back."""
+        return {
+            "format": FORMAT, "name": self.name, "latency_unit": self.unit,
+            "stage_overhead": self.stage_overhead, **({"meta": dict(self.meta)} if self.meta else {}),
+            "types": {k: {"variables": list(m.variables), "coef": list(m.coef), "intercept": m.intercept,
+                          **({"fit": dict(m.fit)} if m.fit else {})} for k, m in self.types.items()},
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> LatencyModel:
+        """Validate and build from a parsed JSON document; unknown keys are rejected."""
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise LatencyModelError(f"not a {FORMAT} document")
+        _reject_unknown(doc, {"format", "name", "latency_unit", "stage_overhead", "meta", "types"}, "model")
+        types_doc = doc.get("types")
+        if not isinstance(types_doc, dict) or not types_doc:
+            raise LatencyModelError("'types' must be a non-empty object")
+        types = {}
+        for kind, entry in types_doc.items():
+            if not isinstance(entry, dict):
+                raise LatencyModelError(f"types.{kind} must be an object")
+            _reject_unknown(entry, {"variables", "coef", "intercept", "fit"}, f"types.{kind}")
+            try:
+                types[str(kind)] = TypeModel(variables=tuple(str(v) for v in entry["variables"]),
+                                             coef=tuple(float(c) for c in entry["coef"]),
+                                             intercept=float(entry["intercept"]), fit=dict(entry.get("fit", {})))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise LatencyModelError(f"types.{kind}: {exc!r}") from exc
+        try:
+            return cls(name=str(doc.get("name", "unnamed")), types=types, unit=str(doc.get("latency_unit", "ms")),
+                       stage_overhead=float(doc.get("stage_overhead", 0.0)), meta=dict(doc.get("meta", {})))
+        except (TypeError, ValueError) as exc:
+            raise LatencyModelError(f"bad model fields: {exc!r}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One measured layer: its type, its variables and its latency in seconds."""
+
+    kind: str
+    features: Mapping[str, float]
+    latency_s: float
+
+
+def fit(samples: Sequence[Sample], *, name: str, variables: Mapping[str, tuple[str, ...]] = FIT_VARIABLES,
+        holdout: float = 0.25, seed: int = 0, stage_overhead_s: float = 0.0,
+        meta: Mapping[str, Any] | None = None) -> LatencyModel:
+    """Fit one least-squares regression per layer type; types without variables pool into "other".
+
+    Fit quality is measured on a random held-out share of each type's samples (R², median absolute
+    percentage error); the stored coefficients are then refitted on all samples.
+    """
+    from sklearn.linear_model import LinearRegression
+    from sklearn.metrics import r2_score
+
+    groups: dict[str, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.kind if s.kind in variables else FALLBACK, []).append(s)
+    rng = np.random.default_rng(seed)
+    types = {}
+    for kind, group in sorted(groups.items()):
+        names = variables[kind]
+        x = np.array([[s.features.get(v, 0.0) for v in names] for s in group], dtype=np.float64)
+        y = np.array([s.latency_s * 1e3 for s in group])  # fit in milliseconds
+        if len(group) < len(names) + 1:
+            raise LatencyModelError(f"type {kind!r}: {len(group)} samples cannot fit {len(names)} variables")
+        stats: dict[str, float | int | None] = {"n": len(group), "r2": None, "mdape": None, "n_test": 0}
+        if len(group) >= MIN_HOLDOUT_SAMPLES:
+            order = rng.permutation(len(group))
+            n_test = max(2, round(holdout * len(group)))
+            test, train = order[:n_test], order[n_test:]
+            reg = LinearRegression().fit(x[train], y[train])
+            pred = np.maximum(reg.predict(x[test]), 0.0)
+            stats.update(r2=round(float(r2_score(y[test], pred)), 4), n_test=int(n_test),
+                         mdape=round(float(np.median(np.abs(pred - y[test]) / np.maximum(y[test], 1e-9))), 4))
+        reg = LinearRegression().fit(x, y)
+        types[kind] = TypeModel(variables=names, coef=tuple(float(c) for c in reg.coef_),
+                                intercept=float(reg.intercept_), fit=stats)
+    return LatencyModel(name=name, types=types, unit="ms", stage_overhead=stage_overhead_s * 1e3,
+                        meta=dict(meta or {}))
+
+
+def _reject_unknown(doc: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(doc) - allowed)
+    if unknown:
+        raise LatencyModelError(f"{where}: unknown key(s) {unknown}")

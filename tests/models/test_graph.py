@@ -1,0 +1,111 @@
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from models import graph, synth
+from models.bundle import Bundle
+from models.errors import CutError, ModelLoadError
+from models.profile import random_feed
+
+
+def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feed), strict=True))
+
+
+def _assert_split_composes(model: onnx.ModelProto, cut: graph.Cut, feed: dict[str, np.ndarray],
+                           whole: dict[str, np.ndarray], *, exact: bool = True) -> None:
+    head, tail = graph.split(model, cut)
+    assert {o.name for o in head.graph.output} == set(cut.tensors)
+    assert len(head.graph.node) + len(tail.graph.node) == len(model.graph.node)
+    mid = _run(head, feed)
+    out = _run(tail, mid)
+    for name, value in whole.items():
+        if exact:
+            assert np.array_equal(out[name], value), f"cut {cut.name}: output {name} differs"
+        else:
+            np.testing.assert_allclose(out[name], value, rtol=1e-5, atol=1e-5, err_msg=f"cut {cut.name}")
+
+
+def test_every_cut_of_every_exit_is_bit_identical(bundle: Bundle) -> None:
+    rng = np.random.default_rng(0)
+    for info in bundle.exits:
+        model = bundle.exit_model(info.index)
+        feed = random_feed(model, rng)
+        whole = _run(model, feed)
+        cuts = graph.cuts(model)
+        # a sub-model of one exit is a chain: every layer boundary is a cut
+        assert len(cuts) == len(info.layers) - 1 == len(info.cuts)
+        for cut in cuts:
+            _assert_split_composes(model, cut, feed, whole)
+
+
+@pytest.mark.parametrize("factory", [synth.residual_net, synth.inception_net, synth.mlp,
+                                     lambda: synth.random_chain(np.random.default_rng(5), 5)])
+def test_other_models_split_at_every_cut(factory: object) -> None:
+    model = graph.prepare(factory())  # type: ignore[operator]
+    feed = random_feed(model, np.random.default_rng(1))
+    whole = _run(model, feed)
+    cuts = graph.cuts(model)
+    assert cuts
+    for cut in cuts:
+        # onnxruntime fuses Conv+Add(+Relu) across a residual join only when both are in one session,
+        # so these models agree to float rounding rather than bit for bit
+        _assert_split_composes(model, cut, feed, whole, exact=False)
+
+
+def test_residual_cuts_skip_the_inside_of_blocks() -> None:
+    model = graph.prepare(synth.residual_net(blocks=2))
+    names = {c.name for c in graph.cuts(model)}
+    assert {"stem_relu", "b0_out", "b1_out"} <= names
+    # inside a block the skip connection also crosses, so conv1/relu1 outputs are not single-tensor cuts
+    assert not names & {"b0_conv1", "b0_relu1", "b0_conv2"}
+
+
+def test_multi_tensor_cut_inside_a_residual_block() -> None:
+    model = graph.prepare(synth.residual_net(blocks=2))
+    cut = graph.find_cut(model, "stem_relu+b0_relu1")
+    assert cut.tensors == {"stem_relu", "b0_relu1"} and cut.bytes == 2 * 16 * 16 * 16 * 4
+    feed = random_feed(model, np.random.default_rng(2))
+    _assert_split_composes(model, cut, feed, _run(model, feed), exact=False)
+
+
+def test_non_separating_cut_is_rejected() -> None:
+    model = graph.prepare(synth.residual_net(blocks=2))
+    with pytest.raises(CutError, match="not a cut"):
+        graph.find_cut(model, "b0_relu1")
+    with pytest.raises(CutError, match="does not separate"):
+        graph.split(model, ["b0_relu1"])
+
+
+def test_unknown_cut_is_rejected() -> None:
+    model = graph.prepare(synth.mlp())
+    with pytest.raises(CutError, match="unknown cut"):
+        graph.find_cut(model, "nope")
+    with pytest.raises(CutError, match="unknown cut tensor"):
+        graph.split(model, ["nope"])
+    with pytest.raises(CutError, match="unknown output"):
+        graph.extract_outputs(model, ["nope"])
+
+
+def test_corrupt_and_missing_files(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage that is not a protobuf \xff\xff\xff")
+    with pytest.raises(ModelLoadError, match="not a valid ONNX model"):
+        graph.load_model(bad)
+    with pytest.raises(ModelLoadError, match="not found"):
+        graph.load_model(tmp_path / "missing.onnx")
+
+
+def test_layer_features_follow_edgent_table_i(bundle: Bundle) -> None:
+    conv2 = bundle.layers["conv2"].features
+    assert conv2["input_bytes"] == 32 * 14 * 14 * 4
+    assert conv2["filter_term"] == 5 * 5 * 128  # (filter size / stride)^2 * filters
+    assert conv2["flops"] == 2 * 128 * 14 * 14 * 32 * 25
+    pool1 = bundle.layers["pool1"].features
+    assert (pool1["input_bytes"], pool1["output_bytes"]) == (32 * 28 * 28 * 4, 32 * 14 * 14 * 4)
+    assert bundle.layers["conv1"].kind == "conv" and bundle.layers["lrn1"].kind == "lrn"

@@ -1,0 +1,32 @@
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from models import branchy
+from models.data import load_fashion_mnist, preprocess
+from models.train import BranchyAlexNet, evaluate, train
+
+
+def test_onnx_built_from_torch_weights_matches_torch() -> None:
+    torch.manual_seed(0)
+    model = BranchyAlexNet().eval()
+    images, _ = load_fashion_mnist("test")
+    x = preprocess(images[:8])
+    with torch.no_grad():
+        expected = [o.numpy() for o in model(torch.from_numpy(x))]
+    onnx_model = branchy.build_onnx(model.numpy_weights())
+    session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for i in range(len(x)):
+        got = session.run(list(branchy.EXIT_NAMES), {"input": x[i:i + 1]})
+        for e in range(branchy.NUM_EXITS):
+            np.testing.assert_allclose(got[e][0], expected[e][i], rtol=1e-4, atol=1e-4)
+
+
+def test_a_few_training_steps_learn_something() -> None:
+    model, report = train(epochs=1.0, batch=64, subset=640, lr=2e-3, finetune_epochs=0.5, progress=False,
+                          log=lambda _: None)
+    assert report["steps"] == 10 and report["train_images"] == 640 and report["finetune_steps"] == 5
+    images, labels = load_fashion_mnist("test")
+    accuracy = evaluate(model, preprocess(images[:1000]), labels[:1000])
+    assert len(accuracy) == branchy.NUM_EXITS
+    assert max(accuracy) > 0.3  # chance is 0.1

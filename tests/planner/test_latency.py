@@ -1,0 +1,76 @@
+import json
+
+import numpy as np
+import pytest
+
+from planner.errors import LatencyModelError
+from planner.latency import TABLE_I_VARIABLES, LatencyModel, Sample, fit
+
+
+def test_reference_pi3_matches_table_ii(pi3: LatencyModel) -> None:
+    # ReLU on the Pi: 1.5e-5 * x + 0.488 ms
+    assert pi3.predict("relu", {"input_bytes": 100_000}) == pytest.approx((1.5e-5 * 1e5 + 0.488) * 1e-3)
+    # Convolution: 6.13e-3*x1 + 2.67e-2*x2 - 9.909 ms
+    got = pi3.predict("conv", {"input_bytes": 25_088, "filter_term": 3200})
+    assert got == pytest.approx((6.13e-3 * 25_088 + 2.67e-2 * 3200 - 9.909) * 1e-3)
+
+
+def test_prediction_is_clamped_at_zero(pi3: LatencyModel) -> None:
+    # a tiny convolution would come out negative from the Pi's intercept of -9.909 ms
+    assert pi3.predict("conv", {"input_bytes": 10, "filter_term": 1}) == 0.0
+
+
+def test_unknown_type_falls_back_to_other(desktop: LatencyModel) -> None:
+    feats = {"input_bytes": 4096.0}
+    assert desktop.predict("flatten", feats) == desktop.predict("other", feats) > 0
+
+
+def test_missing_fallback_is_an_error() -> None:
+    doc = {"format": "coinfer.latency/1", "name": "x", "types": {"relu": {"variables": ["input_bytes"],
+                                                                          "coef": [1.0], "intercept": 0.0}}}
+    model = LatencyModel.from_json(doc)
+    with pytest.raises(LatencyModelError, match="no 'conv' entry"):
+        model.predict("conv", {"input_bytes": 1.0})
+
+
+def test_json_round_trip(pi3: LatencyModel) -> None:
+    again = LatencyModel.from_json(json.loads(json.dumps(pi3.to_json())))
+    assert again == pi3
+
+
+@pytest.mark.parametrize("doc", [
+    {},
+    {"format": "coinfer.latency/1", "types": {}},
+    {"format": "coinfer.latency/1", "types": {"relu": {"variables": ["a"], "coef": [1, 2], "intercept": 0}}},
+    {"format": "coinfer.latency/1", "types": {"relu": {"variables": ["a"], "coef": [1], "intercept": 0, "x": 1}}},
+    {"format": "coinfer.latency/1", "surprise": 1, "types": {"relu": {"variables": [], "coef": [], "intercept": 0}}},
+    {"format": "coinfer.latency/1", "latency_unit": "h", "types": {"r": {"variables": [], "coef": [], "intercept": 0}}},
+    ["not", "an", "object"],
+])
+def test_malformed_documents_are_rejected(doc: object) -> None:
+    with pytest.raises(LatencyModelError):
+        LatencyModel.from_json(doc)
+
+
+def test_fit_recovers_known_coefficients() -> None:
+    rng = np.random.default_rng(3)
+    samples = []
+    for _ in range(60):
+        x1, x2 = float(rng.uniform(1e3, 1e6)), float(rng.uniform(10, 5000))
+        ms = 2e-5 * x1 + 3e-3 * x2 + 0.5
+        samples.append(Sample(kind="conv", features={"input_bytes": x1, "filter_term": x2}, latency_s=ms * 1e-3))
+    for _ in range(20):
+        x = float(rng.uniform(1e3, 1e6))
+        samples.append(Sample(kind="relu", features={"input_bytes": x}, latency_s=(1e-5 * x + 0.1) * 1e-3))
+    model = fit(samples, name="synthetic", variables=TABLE_I_VARIABLES)
+    conv = model.types["conv"]
+    assert conv.coef == pytest.approx((2e-5, 3e-3), rel=1e-6)
+    assert conv.intercept == pytest.approx(0.5, rel=1e-6)
+    assert conv.fit["r2"] == pytest.approx(1.0) and conv.fit["n_test"] == 15
+    assert model.predict("relu", {"input_bytes": 1e5}) == pytest.approx(1.1e-3)
+
+
+def test_fit_rejects_too_few_samples() -> None:
+    with pytest.raises(LatencyModelError, match="cannot fit"):
+        fit([Sample(kind="conv", features={"input_bytes": 1.0, "filter_term": 1.0}, latency_s=1.0)], name="x",
+            variables=TABLE_I_VARIABLES)
