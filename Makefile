@@ -14,9 +14,9 @@ STAMP := $(VENV)/.installed
 
 run: $(STAMP) system-deps
 	@echo "== plans for the shipped bundle with Edgent's reference models (Raspberry Pi 3 -> desktop) =="
-	$(VENV)/bin/coinfer sweep --deadlines 1s
+	$(VENV)/bin/coinfer sweep --deadlines 200ms
 	@echo
-	$(VENV)/bin/coinfer sweep --bandwidths 500kbps --deadlines 100ms,200ms,300ms,400ms,500ms,600ms,800ms,1s
+	$(VENV)/bin/coinfer sweep --bandwidths 100kbps --deadlines 100ms,200ms,300ms,400ms,500ms,600ms,800ms,1s
 	@echo
 	$(VENV)/bin/coinfer plan --bandwidth 400kbps --deadline 300ms
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from coinfer import bench, resources
@@ -151,8 +152,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from models import profile, synth
 
     models: list[tuple[str, onnx.ModelProto]] = []
@@ -214,6 +213,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(f"{kind:<8} {tm.fit.get('n', 0):>5} {tm.fit.get('n_test', 0):>8} "
               f"{'-' if r2 is None else f'{r2:.3f}':>7} {'-' if mdape is None else f'{mdape:.1%}':>7}  "
               f"{', '.join(tm.variables)}")
+    errors = [abs(sum(model.predict(lay["type"], lay) for lay in m["layers"]) - m["run_s"]) / m["run_s"]
+              for doc in docs for m in doc["models"]]
+    print(f"whole models ({len(errors)}): predicted vs measured run, median error {np.median(errors):.1%}, "
+          f"p95 {np.percentile(errors, 95):.1%}")
     print(f"stage overhead {overhead * 1e6:.1f} us; latency model -> {args.out}")
     return 0
 

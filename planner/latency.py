@@ -138,8 +138,9 @@ def fit(samples: Sequence[Sample], *, name: str, variables: Mapping[str, tuple[s
         meta: Mapping[str, Any] | None = None) -> LatencyModel:
     """Fit one least-squares regression per layer type; types without variables pool into "other".
 
-    Fit quality is measured on a random held-out share of each type's samples (R², median absolute
-    percentage error); the stored coefficients are then refitted on all samples.
+    Least squares weighted by 1/latency, so that small layers are fitted in relative rather than only
+    absolute terms. Fit quality is measured on a random held-out share of each type's samples (R²,
+    median absolute percentage error); the stored coefficients are then refitted on all samples.
     """
     from sklearn.linear_model import LinearRegression
     from sklearn.metrics import r2_score
@@ -153,6 +154,7 @@ def fit(samples: Sequence[Sample], *, name: str, variables: Mapping[str, tuple[s
         names = variables[kind]
         x = np.array([[s.features.get(v, 0.0) for v in names] for s in group], dtype=np.float64)
         y = np.array([s.latency_s * 1e3 for s in group])  # fit in milliseconds
+        weight = 1.0 / np.maximum(y, 1e-6)
         if len(group) < len(names) + 1:
             raise LatencyModelError(f"type {kind!r}: {len(group)} samples cannot fit {len(names)} variables")
         stats: dict[str, float | int | None] = {"n": len(group), "r2": None, "mdape": None, "n_test": 0}
@@ -160,11 +162,11 @@ def fit(samples: Sequence[Sample], *, name: str, variables: Mapping[str, tuple[s
             order = rng.permutation(len(group))
             n_test = max(2, round(holdout * len(group)))
             test, train = order[:n_test], order[n_test:]
-            reg = LinearRegression().fit(x[train], y[train])
+            reg = LinearRegression().fit(x[train], y[train], sample_weight=weight[train])
             pred = np.maximum(reg.predict(x[test]), 0.0)
             stats.update(r2=round(float(r2_score(y[test], pred)), 4), n_test=int(n_test),
                          mdape=round(float(np.median(np.abs(pred - y[test]) / np.maximum(y[test], 1e-9))), 4))
-        reg = LinearRegression().fit(x, y)
+        reg = LinearRegression().fit(x, y, sample_weight=weight)
         types[kind] = TypeModel(variables=names, coef=tuple(float(c) for c in reg.coef_),
                                 intercept=float(reg.intercept_), fit=stats)
     return LatencyModel(name=name, types=types, unit="ms", stage_overhead=stage_overhead_s * 1e3,
