@@ -1,0 +1,89 @@
+"""MQTT topic names: the only place in coinfer that builds or parses a topic string."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from protocol.errors import MalformedMessage
+
+_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+DEFAULT_PREFIX = "coinfer"
+POOL_GROUP = "edged"
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """An edge or device id: 1-64 characters of letters, digits, ``_ . -`` (no MQTT wildcards or ``/``)."""
+    if not isinstance(value, str) or not _ID.match(value):
+        raise MalformedMessage(f"bad {what} {value!r}: use 1-64 letters, digits, '_', '.' or '-'")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic names under one prefix (a deployment, or one test)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(c in self.prefix for c in "#+$") or self.prefix.startswith("/"):
+            raise ValueError(f"bad topic prefix {self.prefix!r}")
+
+    # edge side
+    def edge_status(self, edge_id: str) -> str:
+        return f"{self.prefix}/edge/{check_id(edge_id)}/status"
+
+    def edge_advert(self, edge_id: str) -> str:
+        return f"{self.prefix}/edge/{check_id(edge_id)}/advert"
+
+    def edge_request(self, edge_id: str, device_id: str) -> str:
+        return f"{self.prefix}/edge/{check_id(edge_id)}/req/{check_id(device_id)}"
+
+    def edge_requests(self, edge_id: str) -> str:
+        return f"{self.prefix}/edge/{check_id(edge_id)}/req/+"
+
+    def edge_probe(self, edge_id: str, device_id: str) -> str:
+        return f"{self.prefix}/edge/{check_id(edge_id)}/probe/{check_id(device_id)}"
+
+    def edge_probes(self, edge_id: str) -> str:
+        return f"{self.prefix}/edge/{check_id(edge_id)}/probe/+"
+
+    def pool_request(self, device_id: str) -> str:
+        """Untargeted work: whichever edged of the shared-subscription pool takes it."""
+        return f"{self.prefix}/pool/req/{check_id(device_id)}"
+
+    def pool_requests(self, group: str = POOL_GROUP) -> str:
+        return f"$share/{check_id(group)}/{self.prefix}/pool/req/+"
+
+    def all_edge_status(self) -> str:
+        return f"{self.prefix}/edge/+/status"
+
+    def all_edge_adverts(self) -> str:
+        return f"{self.prefix}/edge/+/advert"
+
+    # device side
+    def device_responses(self, device_id: str) -> str:
+        return f"{self.prefix}/dev/{check_id(device_id)}/resp"
+
+    def device_infer(self, device_id: str) -> str:
+        """Where local applications send requests to a device's deviced."""
+        return f"{self.prefix}/dev/{check_id(device_id)}/infer"
+
+    def device_status(self, device_id: str) -> str:
+        return f"{self.prefix}/dev/{check_id(device_id)}/status"
+
+    def app_responses(self, device_id: str, client_id: str) -> str:
+        """Response topic of one application client of a device."""
+        return f"{self.prefix}/dev/{check_id(device_id)}/app/{check_id(client_id)}"
+
+    def edge_id_of(self, topic: str) -> str:
+        """The edge id in an ``.../edge/<id>/...`` topic."""
+        parts = topic.split("/")
+        base = self.prefix.count("/") + 1
+        if len(parts) < base + 3 or parts[base] != "edge":
+            raise MalformedMessage(f"not an edge topic: {topic!r}")
+        return check_id(parts[base + 1], "edge id")
+
+    def device_id_of(self, topic: str) -> str:
+        """The last level of a request or probe topic: the sending device's id."""
+        return check_id(topic.rsplit("/", 1)[-1], "device id")
