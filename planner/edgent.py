@@ -200,15 +200,24 @@ def baselines(c: Candidates, cond: Conditions) -> dict[str, Plan]:
     device_only = int(span[c.cut[span] == c.n_layers[span]][0])
     edge_only = int(span[c.cut[span] == 0][0])
     partition = first + int(np.argmin(total[first:stop]))
-    on_device = np.flatnonzero(~c.uses_edge & (total <= cond.deadline_s))
-    exit_only = INFEASIBLE
-    if on_device.size:
-        best = max(on_device, key=lambda i: (c.accuracy[i], c.exit[i]))
-        exit_only = _plan_at(c, int(best), total, transfer, cond)
+    local = local_plan(c, cond)
+    exit_only = local if local.feasible else INFEASIBLE
     return {"device_only": _plan_at(c, device_only, total, transfer, cond),
             "edge_only": _plan_at(c, edge_only, total, transfer, cond),
             "partition_only": _plan_at(c, partition, total, transfer, cond),
             "exit_only": exit_only}
+
+
+def local_plan(c: Candidates, cond: Conditions) -> Plan:
+    """The most accurate exit that meets the deadline on the device alone; else the fastest (infeasible)."""
+    total, transfer = latencies(c, cond)
+    on_device = np.flatnonzero(~c.uses_edge)
+    fits = on_device[total[on_device] <= cond.deadline_s]
+    if fits.size:
+        best = max(fits, key=lambda i: (c.accuracy[i], c.exit[i]))
+    else:
+        best = on_device[int(np.argmin(total[on_device]))]
+    return _plan_at(c, int(best), total, transfer, cond)
 
 
 def _plan_at(c: Candidates, i: int, total: npt.NDArray[np.float64], transfer: npt.NDArray[np.float64],

@@ -1,0 +1,61 @@
+"""deviced configuration: ``[deviced]`` and ``[broker]`` tables of a TOML file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models.bundle import DEFAULT_BUNDLE
+from planner.units import parse_bandwidth, parse_duration
+from protocol.config import ConfigError, broker, read_toml, resolve, section
+from protocol.session import BrokerConfig
+from protocol.topics import DEFAULT_PREFIX, check_id
+
+REFERENCE_DIR = Path(__file__).resolve().parent.parent / "planner" / "reference"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DevicedConfig:
+    device_id: str = "device-1"
+    topic_prefix: str = DEFAULT_PREFIX
+    bundle: Path = DEFAULT_BUNDLE
+    latency_model: Path = REFERENCE_DIR / "edgent2018-raspberry-pi-3.json"  # this device's own
+    edge_id: str = ""  # "": any edge serving the bundle; else only this one
+    threads: int = 1
+    initial_bandwidth: str = "1Mbps"
+    default_deadline: str = "300ms"
+    probe_interval_s: float = 10.0  # 0: no active probes (passive estimates only)
+    probe_sizes: tuple[int, ...] = (1024, 16384)
+    metrics_port: int = 0
+    # Emulation for single-machine runs, stated in every output that uses it (0 / 1: off).
+    emulate_uplink: str = ""  # e.g. "500kbps": delay each upload as if sent at this rate
+    emulate_slowdown: float = 1.0  # stretch local compute by this factor (a Pi-class device)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+
+    def __post_init__(self) -> None:
+        check_id(self.device_id, "device_id")
+        if self.edge_id:
+            check_id(self.edge_id, "edge_id")
+        parse_bandwidth(self.initial_bandwidth)
+        parse_duration(self.default_deadline)
+        if self.emulate_uplink:
+            parse_bandwidth(self.emulate_uplink)
+        if self.emulate_slowdown < 1.0 or self.threads < 1:
+            raise ValueError("emulate_slowdown must be >= 1 and threads >= 1")
+        if len(set(self.probe_sizes)) < 2:
+            raise ValueError("probe_sizes needs two different sizes")
+
+
+def load(path: Path) -> DevicedConfig:
+    doc = read_toml(path)
+    unknown = sorted(set(doc) - {"deviced", "broker"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown table(s) {unknown}")
+    base = path.resolve().parent
+    table = dict(doc.get("deviced", {}))
+    for key in ("bundle", "latency_model"):
+        if key in table:
+            table[key] = resolve(base, table[key])
+    if "probe_sizes" in table:
+        table["probe_sizes"] = tuple(table["probe_sizes"])
+    return section(DevicedConfig, {"deviced": table}, "deviced", broker=broker(doc))

@@ -1,0 +1,82 @@
+"""What a device knows of the edge servers: their retained status and adverts, and which one to use."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import structlog
+
+from planner import edgent
+from planner.errors import PlannerError
+from planner.latency import LatencyModel
+from protocol import PROTOCOL_VERSION
+from protocol.messages import Advert, Status
+
+log = structlog.get_logger()
+SUSPECT_S = 5.0
+
+
+@dataclass(slots=True)
+class EdgeView:
+    edge_id: str
+    online: bool = False
+    advert: Advert | None = None
+    candidates: edgent.Candidates | None = None  # our exits costed with this edge's latency model
+    model_key: str = ""
+    suspect_until: float = 0.0  # a request timed out: avoid this edge until then
+
+    @property
+    def queue_wait_s(self) -> float:
+        """Expected wait in this edge's queue before our request is served."""
+        if self.advert is None:
+            return 0.0
+        return self.advert.queue_depth * self.advert.service_s / self.advert.workers
+
+
+class EdgeDirectory:
+    """Edges by id; ``choose`` returns a usable one (online, right protocol, serves our bundle)."""
+
+    def __init__(self, *, digest: str, exits: list[edgent.ExitInfo], device_model: LatencyModel,
+                 wanted: str = "") -> None:
+        self.digest = digest
+        self.exits = exits
+        self.device_model = device_model
+        self.wanted = wanted
+        self.edges: dict[str, EdgeView] = {}
+
+    def on_status(self, edge_id: str, status: Status) -> None:
+        view = self.edges.setdefault(edge_id, EdgeView(edge_id))
+        if view.online != (status.state == "online"):
+            log.info("edge_status", edge_id=edge_id, state=status.state)
+        view.online = status.state == "online"
+        view.suspect_until = 0.0
+
+    def on_advert(self, edge_id: str, advert: Advert) -> None:
+        view = self.edges.setdefault(edge_id, EdgeView(edge_id))
+        view.advert = advert
+        key = json.dumps(advert.latency_model, sort_keys=True)
+        if key != view.model_key:
+            try:
+                edge_model = LatencyModel.from_json(advert.latency_model)
+                view.candidates = edgent.compile_candidates(self.exits, self.device_model, edge_model)
+                view.model_key = key
+            except PlannerError as exc:
+                view.candidates = None
+                log.warning("edge_advert_unusable", edge_id=edge_id, error=str(exc))
+
+    def usable(self, view: EdgeView, now: float) -> bool:
+        return (view.online and now >= view.suspect_until and view.advert is not None and view.candidates is not None
+                and view.advert.protocol == PROTOCOL_VERSION and self.digest in view.advert.bundles
+                and (not self.wanted or view.edge_id == self.wanted))
+
+    def choose(self, now: float) -> EdgeView | None:
+        """The usable edge with the shortest expected queue at monotonic time ``now``, or None."""
+        usable = [v for v in self.edges.values() if self.usable(v, now)]
+        return min(usable, key=lambda v: (v.queue_wait_s, v.edge_id)) if usable else None
+
+    def mark_suspect(self, edge_id: str, now: float) -> None:
+        """A request to ``edge_id`` went unanswered: prefer others (or the device) for ``SUSPECT_S``."""
+        if edge_id in self.edges:
+            self.edges[edge_id].suspect_until = now + SUSPECT_S
+            log.warning("edge_suspect", edge_id=edge_id, for_s=SUSPECT_S)

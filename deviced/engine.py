@@ -1,0 +1,276 @@
+"""The device side of co-inference: plan, run the head, offload the rest, fall back locally in time."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import aiomqtt
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from deviced.config import DevicedConfig
+from deviced.edges import EdgeDirectory, EdgeView
+from deviced.metrics import DeviceMetrics
+from models.bundle import Bundle
+from models.runtime import HEAD, TAIL, Stage, StageRunner
+from planner import bandwidth, edgent
+from planner.latency import LatencyModel
+from planner.units import parse_bandwidth
+from protocol import session
+from protocol.errors import ProtocolError
+from protocol.messages import ErrorReply, InferRequest, InferResult, Message, Probe, encode
+from protocol.topics import Topics
+
+log = structlog.get_logger()
+PROBE_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """How one request ended: its answer, where it was computed, and predicted vs measured times."""
+
+    request_id: str
+    logits: npt.NDArray[np.float32]
+    exit: int
+    where: str  # device | edge | split | fallback
+    plan: edgent.Plan
+    edge_id: str | None
+    fallback: str | None  # why the edge part was abandoned
+    latency_s: float
+    deadline_s: float
+    bandwidth_bps: float  # estimate used for the plan
+
+    @property
+    def met(self) -> bool:
+        return self.latency_s <= self.deadline_s
+
+    def record(self) -> dict[str, Any]:
+        """The per-request record (logged as ``request_done``)."""
+        return {"request_id": self.request_id, "exit": self.exit, "where": self.where, "edge_id": self.edge_id,
+                "fallback": self.fallback, "latency_s": round(self.latency_s, 6), "deadline_s": self.deadline_s,
+                "met": self.met, "bandwidth_bps": round(self.bandwidth_bps), "plan": self.plan.to_json()}
+
+
+class Device:
+    """One device's co-inference engine; ``attach`` gives it an MQTT client, ``handle`` feeds it messages."""
+
+    def __init__(self, cfg: DevicedConfig, *, bundle: Bundle, runner: StageRunner, device_model: LatencyModel,
+                 metrics: DeviceMetrics | None = None) -> None:
+        self.cfg = cfg
+        self.bundle = bundle
+        self.runner = runner
+        self.topics = Topics(cfg.topic_prefix)
+        self.metrics = metrics or DeviceMetrics()
+        self.exits = edgent.exits_from_manifest(bundle.manifest)
+        self.local = edgent.compile_candidates(self.exits, device_model, device_model)
+        self.edges = EdgeDirectory(digest=bundle.digest, exits=self.exits, device_model=device_model,
+                                   wanted=cfg.edge_id)
+        self.link = bandwidth.LinkEstimate(bandwidth_bps=parse_bandwidth(cfg.initial_bandwidth))
+        self.client: aiomqtt.Client | None = None
+        self._pending: dict[str, asyncio.Future[Message]] = {}
+        self._ids = itertools.count()
+        self._prefix = f"{cfg.device_id}-{os.getpid()}-{int(time.time()) % 100000}"
+        self._uplink = asyncio.Lock()
+        self._emulated_bps = parse_bandwidth(cfg.emulate_uplink) if cfg.emulate_uplink else 0.0
+        self.metrics.bandwidth.set(self.link.bandwidth_bps)
+
+    # ---- requests -------------------------------------------------------------------------------
+    async def infer(self, x: npt.NDArray[np.float32], deadline_s: float) -> Outcome:
+        """Answer one input within ``deadline_s`` if possible; always ends with a result."""
+        start = time.monotonic()
+        request_id = f"{self._prefix}-{next(self._ids)}"
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(self.bundle.input_shape)
+        feed = {self.bundle.input_name: x}
+        edge = self.edges.choose(start) if self.client is not None else None
+        link = self.link
+        if edge is None or edge.candidates is None:
+            plan = self._local_plan(deadline_s)
+            return await self._finish_local(request_id, feed, plan, start, deadline_s, link, None, "no_edge")
+        cond = edgent.Conditions(bandwidth_bps=link.bandwidth_bps, deadline_s=deadline_s, rtt_s=link.rtt_s,
+                                 edge_queue_s=edge.queue_wait_s)
+        plan = edgent.plan(edge.candidates, cond)
+        if not plan.feasible:
+            plan = edgent.plan(edge.candidates, replace(cond, deadline_s=1e9))
+            plan = self._local_plan(deadline_s) if plan.where == "device" else plan
+        self._observe_plan(plan)
+        assert plan.exit is not None and plan.cut is not None and plan.n_layers is not None
+        if plan.cut == plan.n_layers:
+            return await self._finish_local(request_id, feed, plan, start, deadline_s, link, None, None)
+        tensors = feed if plan.cut == 0 else await self._run(self.runner.stage(plan.exit, plan.cut, HEAD), feed)
+        reply, sent_bytes, sent_at = await self._offload(request_id, edge, plan, tensors, start, deadline_s)
+        if isinstance(reply, InferResult):
+            received = time.monotonic()
+            out_bytes = sum(v.nbytes for v in reply.outputs.values())
+            wire_s = received - sent_at - reply.queue_s - reply.compute_s
+            self._update_link(self.link.with_transfer(sent_bytes + out_bytes, wire_s))
+            logits = next(iter(reply.outputs.values()))
+            where = "edge" if plan.cut == 0 else "split"
+            return self._done(request_id, logits, plan.exit, where, plan, edge.edge_id, None, start, deadline_s, link)
+        reason = reply.code.value if isinstance(reply, ErrorReply) else "timeout"
+        if reason == "timeout":
+            self.edges.mark_suspect(edge.edge_id, time.monotonic())
+        return await self._fallback(request_id, feed, tensors, plan, start, deadline_s, link, edge.edge_id, reason)
+
+    async def _offload(self, request_id: str, edge: EdgeView, plan: edgent.Plan,
+                       tensors: Mapping[str, npt.NDArray[Any]], start: float,
+                       deadline_s: float) -> tuple[Message | None, int, float]:
+        """Publish the cut tensors and wait no longer than local completion still allows."""
+        assert self.client is not None and plan.exit is not None and plan.cut is not None
+        left = deadline_s - (time.monotonic() - start)
+        req = InferRequest(request_id=request_id, device_id=self.cfg.device_id, bundle=self.bundle.digest,
+                           exit=plan.exit, cut=plan.cut, tensors=tensors, budget_s=max(left, 0.0))
+        payload = encode(req)
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            await self._emulate_upload(len(payload))
+            sent_at = time.monotonic()
+            props = session.request_properties(response_topic=self.topics.device_responses(self.cfg.device_id),
+                                               correlation=request_id, expiry_s=max(left, 0.001))
+            try:
+                await self.client.publish(self.topics.edge_request(edge.edge_id, self.cfg.device_id), payload,
+                                          qos=1, properties=props)
+            except session.MQTT_ERRORS:
+                return None, len(payload), sent_at
+            finish_local = self._device_s(plan.exit, plan.cut, plan.n_layers or 0)
+            wait = deadline_s - (time.monotonic() - start) - finish_local
+            if wait <= 0:  # finishing locally cannot meet the deadline any more: give the edge until then
+                wait = max(deadline_s - (time.monotonic() - start), 0.0)
+            try:
+                return await asyncio.wait_for(future, timeout=wait), len(payload), sent_at
+            except TimeoutError:
+                return None, len(payload), sent_at
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def _fallback(self, request_id: str, feed: Mapping[str, npt.NDArray[Any]],
+                        tensors: Mapping[str, npt.NDArray[Any]], plan: edgent.Plan, start: float, deadline_s: float,
+                        link: bandwidth.LinkEstimate, edge_id: str, reason: str) -> Outcome:
+        """Finish locally: the rest of the planned exit from the cut, or an earlier exit from scratch."""
+        assert plan.exit is not None and plan.cut is not None and plan.n_layers is not None
+        self.metrics.fallbacks.labels(reason).inc()
+        left = deadline_s - (time.monotonic() - start)
+        rest = self._device_s(plan.exit, plan.cut, plan.n_layers)
+        local = self._local_plan(left)
+        if rest <= left or (not local.feasible and rest <= (local.predicted_s or 0.0)):
+            if plan.cut == 0:
+                out = await self._run(self.runner.stage(plan.exit, plan.n_layers, HEAD), feed)
+            else:
+                out = await self._run(self.runner.stage(plan.exit, plan.cut, TAIL), tensors)
+            logits, exit_index = next(iter(out.values())), plan.exit
+        else:
+            assert local.exit is not None
+            out = await self._run(self.runner.stage(local.exit, len(self.exits[local.exit - 1].layers), HEAD), feed)
+            logits, exit_index = next(iter(out.values())), local.exit
+        return self._done(request_id, logits, exit_index, "fallback", plan, edge_id, reason, start, deadline_s, link)
+
+    async def _finish_local(self, request_id: str, feed: Mapping[str, npt.NDArray[Any]], plan: edgent.Plan,
+                            start: float, deadline_s: float, link: bandwidth.LinkEstimate, edge_id: str | None,
+                            reason: str | None) -> Outcome:
+        assert plan.exit is not None
+        if reason:
+            self.metrics.fallbacks.labels(reason).inc()
+        n = len(self.exits[plan.exit - 1].layers)
+        out = await self._run(self.runner.stage(plan.exit, n, HEAD), feed)
+        return self._done(request_id, next(iter(out.values())), plan.exit, "device", plan, edge_id, reason, start,
+                          deadline_s, link)
+
+    def _local_plan(self, deadline_s: float) -> edgent.Plan:
+        """The most accurate exit that fits on the device alone, else the fastest one (flagged infeasible)."""
+        return edgent.local_plan(self.local, edgent.Conditions(bandwidth_bps=1.0, deadline_s=max(deadline_s, 1e-9)))
+
+    def _device_s(self, exit_index: int, first: int, stop: int) -> float:
+        """Predicted device time of layers [first, stop) of an exit."""
+        sel = (self.local.exit == exit_index - 1) & ~self.local.uses_edge
+        full = float(self.local.device_s[sel][0])
+        head = self.local.device_s[(self.local.exit == exit_index - 1) & (self.local.cut == first)]
+        return max(full - (float(head[0]) if first and head.size else 0.0), 0.0) if stop else 0.0
+
+    def _done(self, request_id: str, logits: npt.NDArray[Any], exit_index: int, where: str, plan: edgent.Plan,
+              edge_id: str | None, reason: str | None, start: float, deadline_s: float,
+              link: bandwidth.LinkEstimate) -> Outcome:
+        outcome = Outcome(request_id=request_id, logits=np.asarray(logits), exit=exit_index, where=where, plan=plan,
+                          edge_id=edge_id, fallback=reason, latency_s=time.monotonic() - start,
+                          deadline_s=deadline_s, bandwidth_bps=link.bandwidth_bps)
+        self.metrics.latency.observe(outcome.latency_s)
+        self.metrics.requests.labels(where).inc()
+        if not outcome.met:
+            self.metrics.deadline_misses.inc()
+        log.info("request_done", **outcome.record())
+        return outcome
+
+    def _observe_plan(self, plan: edgent.Plan) -> None:
+        self.metrics.exit.set(plan.exit or 0)
+        self.metrics.cut.set(plan.cut or 0)
+        self.metrics.accuracy.set(plan.accuracy or 0)
+
+    async def _run(self, stage: Stage, feed: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        """Run a stage off the event loop; with ``emulate_slowdown`` > 1 stretch it like a slower CPU."""
+        start = time.monotonic()
+        out = await asyncio.to_thread(stage.run, feed)
+        if self.cfg.emulate_slowdown > 1.0:
+            await asyncio.sleep((self.cfg.emulate_slowdown - 1.0) * (time.monotonic() - start))
+        return out
+
+    async def _emulate_upload(self, nbytes: int) -> None:
+        if self._emulated_bps:
+            async with self._uplink:
+                await asyncio.sleep(8.0 * nbytes / self._emulated_bps)
+
+    def _update_link(self, link: bandwidth.LinkEstimate) -> None:
+        self.link = link
+        self.metrics.bandwidth.set(link.bandwidth_bps)
+
+    # ---- probes and incoming messages -------------------------------------------------------------
+    async def probe(self, edge_id: str) -> bandwidth.LinkEstimate | None:
+        """Time probes of two sizes to ``edge_id``; update and return the estimate (None if unanswered)."""
+        if self.client is None:
+            return None
+        samples = []
+        for size in self.cfg.probe_sizes:
+            probe_id = f"{self._prefix}-p{next(self._ids)}"
+            future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+            self._pending[probe_id] = future
+            payload = encode(Probe(probe_id=probe_id, device_id=self.cfg.device_id, padding=bytes(size)))
+            try:
+                start = time.monotonic()
+                await self._emulate_upload(len(payload))
+                props = session.request_properties(response_topic=self.topics.device_responses(self.cfg.device_id),
+                                                   correlation=probe_id, expiry_s=PROBE_TIMEOUT_S)
+                await self.client.publish(self.topics.edge_probe(edge_id, self.cfg.device_id), payload, qos=1,
+                                          properties=props)
+                await asyncio.wait_for(future, timeout=PROBE_TIMEOUT_S)
+                samples.append((len(payload), time.monotonic() - start))
+            except TimeoutError:
+                return None
+            finally:
+                self._pending.pop(probe_id, None)
+        estimate = bandwidth.from_probes(samples)
+        self._update_link(replace(estimate, samples=self.link.samples + len(samples)))
+        log.info("link_probed", edge_id=edge_id, bandwidth_bps=round(estimate.bandwidth_bps), rtt_s=estimate.rtt_s)
+        return self.link
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Dispatch one incoming message: edge status/adverts, or a reply to a pending request or probe."""
+        from protocol.messages import Advert, ProbeReply, Status, decode
+
+        try:
+            msg = decode(payload)
+            if isinstance(msg, Status) and topic.endswith("/status"):
+                self.edges.on_status(self.topics.edge_id_of(topic), msg)
+            elif isinstance(msg, Advert):
+                self.edges.on_advert(self.topics.edge_id_of(topic), msg)
+            elif isinstance(msg, (InferResult, ErrorReply, ProbeReply)):
+                key = msg.probe_id if isinstance(msg, ProbeReply) else msg.request_id
+                future = self._pending.get(key)
+                if future is not None and not future.done():
+                    future.set_result(msg)
+        except ProtocolError as exc:
+            log.warning("message_rejected", topic=topic, error=str(exc))

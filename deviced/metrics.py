@@ -1,0 +1,27 @@
+"""deviced's Prometheus metrics (own registry per instance)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
+
+
+class DeviceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.latency = Histogram("coinfer_device_request_duration_seconds", "End-to-end latency of a request",
+                                 buckets=BUCKETS, registry=r)
+        self.requests = Counter("coinfer_device_requests_total", "Requests finished, by where", ["where"], registry=r)
+        self.deadline_misses = Counter("coinfer_device_deadline_misses_total", "Requests over their deadline",
+                                       registry=r)
+        self.fallbacks = Counter("coinfer_device_fallbacks_total", "Requests finished locally after planning the edge",
+                                 ["reason"], registry=r)
+        self.bandwidth = Gauge("coinfer_device_bandwidth_estimate_bps", "Uplink estimate", registry=r)
+        self.exit = Gauge("coinfer_device_plan_exit", "Exit of the last plan (1-based)", registry=r)
+        self.cut = Gauge("coinfer_device_plan_cut", "Layers on the device in the last plan", registry=r)
+        self.accuracy = Gauge("coinfer_device_expected_accuracy", "Expected accuracy of the last plan", registry=r)
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, registry=self.registry)

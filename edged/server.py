@@ -1,0 +1,237 @@
+"""The edge daemon: serves tail stages of the bundles it holds to devices over MQTT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+import aiomqtt
+import structlog
+
+from edged.config import EdgedConfig
+from edged.metrics import EdgeMetrics
+from models.bundle import Bundle, load_bundle
+from models.errors import CutError, ModelError
+from models.runtime import TAIL, StageInputError, StageRunner
+from protocol import session
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import (
+    Advert,
+    ErrorReply,
+    InferRequest,
+    InferResult,
+    Message,
+    Probe,
+    ProbeReply,
+    Status,
+    decode,
+    encode,
+)
+from protocol.topics import Topics
+
+log = structlog.get_logger()
+SERVICE_EWMA = 0.2
+LOAD_POLL_S = 0.25
+
+
+@dataclass(slots=True)
+class Job:
+    request: InferRequest
+    reply_to: str
+    correlation: bytes | None
+    arrived: float
+
+
+@dataclass(slots=True)
+class EdgeState:
+    """What one edged holds: bundles by digest, their stage runners, and its live load."""
+
+    cfg: EdgedConfig
+    bundles: dict[str, Bundle]
+    runners: dict[str, StageRunner]
+    latency_model: dict[str, object]
+    metrics: EdgeMetrics
+    queue: asyncio.Queue[Job] = field(default_factory=asyncio.Queue)
+    in_service: int = 0
+    service_s: float = 0.005
+
+    @classmethod
+    def load(cls, cfg: EdgedConfig) -> EdgeState:
+        bundles = {b.digest: b for b in (load_bundle(p) for p in cfg.bundles)}
+        try:
+            latency_model = json.loads(cfg.latency_model.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot read latency model {cfg.latency_model}: {exc}") from exc
+        return cls(cfg=cfg, bundles=bundles, latency_model=latency_model, metrics=EdgeMetrics(),
+                   runners={d: StageRunner(b, threads=cfg.threads) for d, b in bundles.items()})
+
+    @property
+    def depth(self) -> int:
+        return self.queue.qsize() + self.in_service
+
+    def expected_wait_s(self) -> float:
+        """Time until a request arriving now would be done: the queue ahead of it plus its own service."""
+        return (self.depth / self.cfg.workers + 1) * self.service_s
+
+    def advert(self) -> Advert:
+        return Advert(edge_id=self.cfg.edge_id, bundles={d: b.name for d, b in self.bundles.items()},
+                      latency_model=self.latency_model, queue_depth=self.depth, service_s=self.service_s,
+                      workers=self.cfg.workers)
+
+
+async def run(cfg: EdgedConfig, *, shutdown: asyncio.Event) -> None:
+    """Serve until ``shutdown`` is set, then drain in-flight requests and mark this edge offline."""
+    state = EdgeState.load(cfg)
+    if cfg.metrics_port:
+        state.metrics.serve(cfg.metrics_port)
+    topics = Topics(cfg.topic_prefix)
+    backoff = session.Backoff()
+    log.info("edged_started", edge_id=cfg.edge_id, bundles=[b.name for b in state.bundles.values()])
+    while not shutdown.is_set():
+        try:
+            async with session.client(cfg.broker, identifier=f"edged-{cfg.edge_id}",
+                                      will_topic=topics.edge_status(cfg.edge_id), sender=cfg.edge_id) as client:
+                backoff.reset()
+                log.info("mqtt_connected", host=cfg.broker.host, port=cfg.broker.port)
+                await _serve(client, state, topics, shutdown)
+        except* session.MQTT_ERRORS as group:
+            delay = backoff.next()
+            log.warning("mqtt_disconnected", error=str(group.exceptions[0]), retry_in_s=round(delay, 2))
+            await session.sleep_unless(shutdown, delay)
+    log.info("edged_stopped", edge_id=cfg.edge_id)
+
+
+async def _serve(client: aiomqtt.Client, state: EdgeState, topics: Topics, shutdown: asyncio.Event) -> None:
+    edge_id = state.cfg.edge_id
+    await client.publish(topics.edge_status(edge_id), encode(Status(state="online", sender=edge_id)),
+                         qos=1, retain=True)
+    await client.publish(topics.edge_advert(edge_id), encode(state.advert()), qos=1, retain=True)
+    filters = [topics.edge_requests(edge_id), topics.edge_probes(edge_id)]
+    if state.cfg.pool:
+        filters.append(topics.pool_requests())
+    for f in filters:
+        await client.subscribe(f, qos=1)
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(_receive(client, state, topics), name="receive"),
+                 tg.create_task(_adverts(client, state, topics), name="adverts")]
+        tasks += [tg.create_task(_worker(client, state), name=f"worker-{i}") for i in range(state.cfg.workers)]
+        await shutdown.wait()
+        log.info("edged_draining", queued=state.depth)
+        for f in filters:
+            await client.unsubscribe(f)
+        try:
+            await asyncio.wait_for(state.queue.join(), timeout=state.cfg.drain_timeout_s)
+        except TimeoutError:
+            log.warning("drain_timeout", left=state.depth)
+        await client.publish(topics.edge_status(edge_id), encode(Status(state="offline", sender=edge_id)),
+                             qos=1, retain=True)
+        for task in tasks:
+            task.cancel()
+
+
+async def _receive(client: aiomqtt.Client, state: EdgeState, topics: Topics) -> None:
+    async for message in client.messages:
+        reply_to, correlation = session.response_of(message)
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        try:
+            msg = decode(payload, expect=(InferRequest, Probe))
+            if reply_to is None:
+                reply_to = topics.device_responses(topics.device_id_of(str(message.topic)))
+        except ProtocolError as exc:
+            await _error(client, state, reply_to, correlation, "", exc.code, str(exc))
+            continue
+        if isinstance(msg, Probe):
+            state.metrics.probes.inc()
+            reply = ProbeReply(probe_id=msg.probe_id, edge_id=state.cfg.edge_id, size=len(msg.padding))
+            await client.publish(reply_to, encode(reply), qos=1, properties=session.reply_properties(correlation))
+            continue
+        if isinstance(msg, InferRequest):
+            await _admit(client, state, msg, reply_to, correlation)
+
+
+async def _admit(client: aiomqtt.Client, state: EdgeState, req: InferRequest, reply_to: str,
+                 correlation: bytes | None) -> None:
+    """Check a request against what this edge serves and its load; queue it or answer at once."""
+    runner = state.runners.get(req.bundle)
+    if runner is None:
+        await _error(client, state, reply_to, correlation, req.request_id, ErrorCode.UNKNOWN_BUNDLE,
+                     f"bundle {req.bundle[:12]} is not served by {state.cfg.edge_id}")
+        return
+    try:
+        stage = runner.stage(req.exit, req.cut, TAIL)
+    except (CutError, ModelError) as exc:
+        await _error(client, state, reply_to, correlation, req.request_id, ErrorCode.BAD_PLAN, str(exc))
+        return
+    if set(req.tensors) != set(stage.inputs):
+        await _error(client, state, reply_to, correlation, req.request_id, ErrorCode.BAD_TENSOR,
+                     f"exit {req.exit} cut {req.cut} needs tensors {sorted(stage.inputs)}, got {sorted(req.tensors)}")
+        return
+    wait = state.expected_wait_s()
+    if wait > req.budget_s:
+        await _error(client, state, reply_to, correlation, req.request_id, ErrorCode.BUSY,
+                     f"expected {wait * 1e3:.1f} ms here, budget {req.budget_s * 1e3:.1f} ms")
+        return
+    state.queue.put_nowait(Job(request=req, reply_to=reply_to, correlation=correlation, arrived=time.monotonic()))
+    state.metrics.queue_depth.set(state.depth)
+
+
+async def _worker(client: aiomqtt.Client, state: EdgeState) -> None:
+    while True:
+        job = await state.queue.get()
+        state.in_service += 1
+        req = job.request
+        try:
+            queued = time.monotonic() - job.arrived
+            if queued > req.budget_s:
+                await _error(client, state, job.reply_to, job.correlation, req.request_id, ErrorCode.EXPIRED,
+                             f"waited {queued * 1e3:.1f} ms, budget {req.budget_s * 1e3:.1f} ms")
+                continue
+            stage = state.runners[req.bundle].stage(req.exit, req.cut, TAIL)
+            start = time.monotonic()
+            try:
+                outputs = await asyncio.to_thread(stage.run, req.tensors)
+            except StageInputError as exc:
+                await _error(client, state, job.reply_to, job.correlation, req.request_id, ErrorCode.BAD_TENSOR,
+                             str(exc))
+                continue
+            except Exception as exc:  # the runtime failed on this request: answer it, keep serving
+                log.exception("stage_failed", request_id=req.request_id)
+                await _error(client, state, job.reply_to, job.correlation, req.request_id, ErrorCode.INTERNAL,
+                             f"runtime error: {type(exc).__name__}")
+                continue
+            compute = time.monotonic() - start
+            state.service_s = (1 - SERVICE_EWMA) * state.service_s + SERVICE_EWMA * compute
+            state.metrics.stage_seconds.observe(compute)
+            result = InferResult(request_id=req.request_id, edge_id=state.cfg.edge_id, exit=req.exit,
+                                 outputs=outputs, queue_s=queued, compute_s=compute)
+            await client.publish(job.reply_to, encode(result), qos=1,
+                                 properties=session.reply_properties(job.correlation))
+            state.metrics.requests.labels("ok").inc()
+            state.metrics.request_seconds.observe(time.monotonic() - job.arrived)
+        finally:
+            state.in_service -= 1
+            state.metrics.queue_depth.set(state.depth)
+            state.queue.task_done()
+
+
+async def _adverts(client: aiomqtt.Client, state: EdgeState, topics: Topics) -> None:
+    """Republish the retained advert when the load changes, and at least every ``advert_interval_s``."""
+    last_depth, last_sent = state.depth, time.monotonic()
+    while True:
+        await asyncio.sleep(LOAD_POLL_S)
+        now = time.monotonic()
+        if state.depth != last_depth or now - last_sent >= state.cfg.advert_interval_s:
+            last_depth, last_sent = state.depth, now
+            await client.publish(topics.edge_advert(state.cfg.edge_id), encode(state.advert()), qos=1, retain=True)
+
+
+async def _error(client: aiomqtt.Client, state: EdgeState, reply_to: str | None, correlation: bytes | None,
+                 request_id: str, code: ErrorCode, text: str) -> None:
+    state.metrics.requests.labels(code.value).inc()
+    log.warning("request_rejected", request_id=request_id, code=code.value, reason=text)
+    if reply_to is None:
+        return  # unreadable and unaddressed: nobody to answer; counted and logged
+    reply: Message = ErrorReply(request_id=request_id, code=code, message=text[:2000], sender=state.cfg.edge_id)
+    await client.publish(reply_to, encode(reply), qos=1, properties=session.reply_properties(correlation))

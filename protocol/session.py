@@ -1,0 +1,115 @@
+"""The MQTT v5 session both daemons use: client options, last will, reconnect backoff, logging, signals.
+
+This is the wire contract's binding to aiomqtt (pinned < 3); message content stays in ``messages``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import sys
+from dataclasses import dataclass
+
+import aiomqtt
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from protocol.messages import Status, encode
+
+BACKOFF_INITIAL_S = 0.2
+BACKOFF_MAX_S = 10.0
+KEEPALIVE_S = 10
+PASSWORD_ENV = "COINFER_MQTT_PASSWORD"
+MQTT_ERRORS = (aiomqtt.MqttError,)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerConfig:
+    """Where the broker is and who we are to it; the password comes from the environment only."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str = ""
+    tls: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"bad broker port {self.port}")
+
+
+def client(cfg: BrokerConfig, *, identifier: str, will_topic: str, sender: str) -> aiomqtt.Client:
+    """A fresh client whose last will marks ``will_topic`` offline (retained)."""
+    will = aiomqtt.Will(will_topic, encode(Status(state="offline", sender=sender)), qos=1, retain=True)
+    return aiomqtt.Client(
+        cfg.host, cfg.port, identifier=identifier, protocol=aiomqtt.ProtocolVersion.V5, will=will,
+        username=cfg.username or None, password=os.environ.get(PASSWORD_ENV) or None,
+        keepalive=KEEPALIVE_S, tls_params=aiomqtt.TLSParameters() if cfg.tls else None,
+    )
+
+
+def request_properties(*, response_topic: str, correlation: str, expiry_s: float) -> Properties:
+    """MQTT v5 publish properties of a request: where to answer, its id, and when it expires."""
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.ResponseTopic = response_topic
+    props.CorrelationData = correlation.encode()
+    props.MessageExpiryInterval = max(1, int(expiry_s + 0.999))
+    return props
+
+
+def reply_properties(correlation: bytes | None) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if correlation:
+        props.CorrelationData = correlation
+    return props
+
+
+def response_of(message: aiomqtt.Message) -> tuple[str | None, bytes | None]:
+    """(response topic, correlation data) of a received request."""
+    props = message.properties
+    topic = getattr(props, "ResponseTopic", None) if props else None
+    corr = getattr(props, "CorrelationData", None) if props else None
+    return topic, corr
+
+
+class Backoff:
+    """Jittered exponential reconnect delays, capped."""
+
+    def __init__(self) -> None:
+        self._next = BACKOFF_INITIAL_S
+
+    def reset(self) -> None:
+        self._next = BACKOFF_INITIAL_S
+
+    def next(self) -> float:
+        delay = self._next * random.uniform(0.5, 1.0)
+        self._next = min(self._next * 2, BACKOFF_MAX_S)
+        return delay
+
+
+async def sleep_unless(shutdown: asyncio.Event, seconds: float) -> None:
+    """Sleep ``seconds`` or until ``shutdown`` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(shutdown.wait(), timeout=seconds)
+
+
+def configure_logging(level: str = "info") -> None:
+    """structlog to stdout as JSON lines (journald collects them); call once in ``main``."""
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso"), structlog.processors.format_exc_info,
+                    structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout), cache_logger_on_first_use=True,
+    )
+
+
+def install_signal_handlers(shutdown: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set ``shutdown`` (the daemon then drains and exits)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, shutdown.set)

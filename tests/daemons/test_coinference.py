@@ -1,0 +1,43 @@
+import numpy as np
+
+from deviced.config import DevicedConfig
+from deviced.service import Client
+from models.bundle import Bundle
+from models.data import load_fashion_mnist, preprocess
+from tests.daemons.conftest import Broker, EdgeProcess
+
+
+def _whole(bundle: Bundle, client: Client, exit_index: int, x: np.ndarray) -> np.ndarray:
+    n = len(bundle.exit(exit_index).layers)
+    out = client.device.runner.stage(exit_index, n, "head").run({"input": x.reshape(1, 1, 28, 28)})
+    return next(iter(out.values()))
+
+
+async def test_coinferred_answer_equals_whole_model(broker: Broker, prefix: str, edge: EdgeProcess,
+                                                    bundle: Bundle) -> None:
+    images, labels = load_fashion_mnist("test")
+    x = preprocess(images[:30])
+    cfg = DevicedConfig(device_id="pi-1", topic_prefix=prefix, broker=broker.config, probe_interval_s=0,
+                        initial_bandwidth="1Mbps")
+    async with Client(cfg) as client:
+        assert await client.wait_for_edge(5)
+        outcomes = [await client.infer(x[i], deadline=1.0) for i in range(len(x))]
+    wheres = {o.where for o in outcomes}
+    assert "edge" in wheres or "split" in wheres, wheres
+    for i, o in enumerate(outcomes):
+        assert o.fallback is None
+        assert np.array_equal(o.logits, _whole(bundle, client, o.exit, x[i])), i
+    correct = sum(int(np.argmax(o.logits)) == labels[i] for i, o in enumerate(outcomes))
+    assert correct >= 20  # ~91% expected
+
+
+async def test_no_broker_still_answers_locally(bundle: Bundle) -> None:
+    from protocol.session import BrokerConfig
+    from tests.daemons.conftest import free_port
+
+    cfg = DevicedConfig(device_id="pi-2", broker=BrokerConfig(port=free_port()), probe_interval_s=0)
+    x = preprocess(load_fashion_mnist("test")[0][:1])
+    async with Client(cfg) as client:
+        outcome = await client.infer(x[0], deadline=1.0)
+    assert outcome.where == "device" and outcome.fallback == "no_edge"
+    assert np.array_equal(outcome.logits, _whole(bundle, client, outcome.exit, x[0]))
