@@ -139,9 +139,11 @@ class Device:
                                           qos=1, properties=props)
             except session.MQTT_ERRORS:
                 return None, len(payload), sent_at
-            finish_local = self._device_s(plan.exit, plan.cut, plan.n_layers or 0)
+            # the quickest local way out: the rest of this exit from the cut, or the fastest exit from scratch
+            finish_local = min(self._device_s(plan.exit, plan.cut, plan.n_layers or 0),
+                               self._local_plan(0.0).predicted_s or 0.0)
             wait = deadline_s - (time.monotonic() - start) - finish_local
-            if wait <= 0:  # finishing locally cannot meet the deadline any more: give the edge until then
+            if wait <= 0:  # no local way meets the deadline any more: give the edge until then
                 wait = max(deadline_s - (time.monotonic() - start), 0.0)
             try:
                 return await asyncio.wait_for(future, timeout=wait), len(payload), sent_at

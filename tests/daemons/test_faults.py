@@ -1,0 +1,95 @@
+"""Faults against real processes: edged killed mid-request, the broker restarted mid-run. Nothing is lost."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deviced.config import DevicedConfig
+from deviced.engine import Outcome
+from deviced.service import Client
+from edged.config import EdgedConfig
+from models.data import load_fashion_mnist, preprocess
+from tests.daemons.conftest import REPO, Broker, EdgeProcess, free_port
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[Broker]:
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text((REPO / "mosquitto.conf").read_text().replace("listener 18830", f"listener {port}"))
+    b = Broker(port=port, conf=conf)
+    b.start()
+    yield b
+    b.stop()
+
+
+def _edged_process(tmp_path: Path, broker: Broker, prefix: str) -> subprocess.Popen[bytes]:
+    conf = tmp_path / "edged.toml"
+    conf.write_text(f'[edged]\nedge_id = "edge-k"\ntopic_prefix = "{prefix}"\n\n'
+                    f'[broker]\nhost = "127.0.0.1"\nport = {broker.port}\n')
+    return subprocess.Popen([sys.executable, "-m", "edged.cli", "--config", str(conf)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL)
+
+
+def _inputs(n: int) -> np.ndarray:
+    return preprocess(load_fashion_mnist("test")[0][:n])
+
+
+async def test_edged_killed_mid_request(tmp_path: Path, broker: Broker, prefix: str) -> None:
+    proc = _edged_process(tmp_path, broker, prefix)
+    x = _inputs(40)
+    outcomes: list[Outcome] = []
+    try:
+        cfg = DevicedConfig(device_id="pi-k", topic_prefix=prefix, broker=broker.config, probe_interval_s=0)
+        async with Client(cfg) as client:
+            assert await client.wait_for_edge(20)
+            for i in range(10):
+                outcomes.append(await client.infer(x[i], deadline=0.5))
+            assert all(o.where in ("edge", "split") for o in outcomes)
+            in_flight = [asyncio.create_task(client.infer(x[10 + i], deadline=0.5)) for i in range(10)]
+            await asyncio.sleep(0.002)
+            proc.send_signal(signal.SIGKILL)
+            outcomes += await asyncio.gather(*in_flight)
+            for i in range(20, 40):
+                outcomes.append(await client.infer(x[i], deadline=0.5))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(outcomes) == 40 and all(o.logits.shape == (1, 10) for o in outcomes)  # nothing lost
+    after = outcomes[20:]
+    assert any(o.fallback == "timeout" for o in outcomes[10:])
+    assert all(o.where in ("fallback", "device") for o in after)
+    # local completion fits a 0.5 s budget on this machine: every request still met its deadline
+    assert sum(o.met for o in outcomes) == 40, [round(o.latency_s, 3) for o in outcomes if not o.met]
+
+
+async def test_broker_restart_mid_run(own_broker: Broker, prefix: str) -> None:
+    edge = EdgeProcess(EdgedConfig(edge_id="edge-r", topic_prefix=prefix, broker=own_broker.config))
+    x = _inputs(30)
+    outcomes: list[Outcome] = []
+    try:
+        cfg = DevicedConfig(device_id="pi-r", topic_prefix=prefix, broker=own_broker.config, probe_interval_s=0)
+        async with Client(cfg) as client:
+            assert await client.wait_for_edge(10)
+            for i in range(10):
+                outcomes.append(await client.infer(x[i], deadline=0.5))
+            own_broker.stop()
+            for i in range(10, 20):
+                outcomes.append(await client.infer(x[i], deadline=0.5))
+            own_broker.start()
+            assert await client.wait_for_edge(20)  # reconnected, the advert came back
+            for i in range(20, 30):
+                outcomes.append(await client.infer(x[i], deadline=0.5))
+    finally:
+        await edge.stop()
+    assert len(outcomes) == 30 and all(o.logits.shape == (1, 10) for o in outcomes)
+    assert all(o.where in ("edge", "split") for o in outcomes[:10])
+    assert all(o.where in ("device", "fallback") for o in outcomes[10:20])
+    assert all(o.where in ("edge", "split") for o in outcomes[20:])
