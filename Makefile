@@ -13,12 +13,11 @@ STAMP := $(VENV)/.installed
 .PHONY: run test lint typecheck unit bench system-deps clean
 
 run: $(STAMP) system-deps
-	@echo "== plans for the shipped bundle with Edgent's reference models (Raspberry Pi 3 -> desktop) =="
+	@echo "== co-inference: mosquitto + edged + deviced on this machine, real Fashion-MNIST images =="
+	$(VENV)/bin/coinfer demo --links 50kbps,200kbps,2Mbps --deadline 200ms --images 300
+	@echo
+	@echo "== what the planner chooses over a bandwidth sweep (Edgent reference models, Pi 3 -> desktop) =="
 	$(VENV)/bin/coinfer sweep --deadlines 200ms
-	@echo
-	$(VENV)/bin/coinfer sweep --bandwidths 100kbps --deadlines 100ms,200ms,300ms,400ms,500ms,600ms,800ms,1s
-	@echo
-	$(VENV)/bin/coinfer plan --bandwidth 400kbps --deadline 300ms
 
 test: $(STAMP) system-deps lint typecheck unit
 

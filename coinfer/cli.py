@@ -96,6 +96,13 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--deadlines", default="1s", help="comma-separated; sweeps whichever list is longer")
             s.set_defaults(func=cmd_sweep)
 
+    s = sub.add_parser("demo", help="mosquitto + edged + deviced on this machine, co-inference on real images")
+    s.add_argument("--links", default="100kbps,2Mbps", help="emulated uplink speeds, comma-separated")
+    s.add_argument("--deadline", default="200ms")
+    s.add_argument("--images", type=int, default=300)
+    s.add_argument("--mosquitto-conf", type=Path, default=Path(__file__).resolve().parent.parent / "mosquitto.conf")
+    s.set_defaults(func=cmd_demo)
+
     s = sub.add_parser("bench", help="benchmarks that write numbers to a file")
     s.add_argument("what", choices=["planner"])
     s.add_argument("--out", required=True, type=Path)
@@ -282,6 +289,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"{units.format_bandwidth(r['bandwidth_bps']):>9} {r['deadline_s'] * 1e3:>7.0f}ms "
               f"{r['exit'] or '-':>5} {cut:>7} {r['where']:<6} {pred} {acc}")
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from coinfer import demo
+
+    links = args.links.split(",")
+    demo.check_links(links)
+    return demo.run_demo(links=links, deadline_s=units.parse_duration(args.deadline), images=args.images,
+                         mosquitto_conf=args.mosquitto_conf)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

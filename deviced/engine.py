@@ -130,8 +130,8 @@ class Device:
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            await self._emulate_upload(len(payload))
             sent_at = time.monotonic()
+            await self._emulate_upload(len(payload))
             props = session.request_properties(response_topic=self.topics.device_responses(self.cfg.device_id),
                                                correlation=request_id, expiry_s=max(left, 0.001))
             try:

@@ -1,0 +1,126 @@
+"""``coinfer demo`` (what ``make run`` runs): mosquitto, edged and deviced on this machine, real images."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from deviced.config import DevicedConfig
+from deviced.engine import Outcome
+from deviced.service import Client
+from models.data import load_fashion_mnist, preprocess
+from planner.units import format_bandwidth, parse_bandwidth
+from protocol.session import BrokerConfig, configure_logging
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_PORT = 18830
+
+
+def run_demo(*, links: Sequence[str], deadline_s: float, images: int, mosquitto_conf: Path) -> int:
+    """Co-infer ``images`` test images at each emulated uplink speed and print what happened."""
+    configure_logging("warning")
+    x_all, labels = load_fashion_mnist("test")
+    x = preprocess(x_all[:images])
+    with tempfile.TemporaryDirectory(prefix="coinfer-demo-") as tmp, _broker(mosquitto_conf, Path(tmp)) as port, \
+            _edged(Path(tmp), port):
+        print(f"mosquitto on 127.0.0.1:{port} ({mosquitto_conf.name}), edged in its own process, deviced in this "
+              f"one; {images} Fashion-MNIST test images per uplink speed, deadline {deadline_s * 1e3:.0f} ms")
+        print("emulated: the uplink, in the application (each upload delayed by bytes / rate); the device's "
+              "compute is this host's, planned with Edgent's Raspberry Pi 3 latency model; the device starts from "
+              "the nominal link rate and refines it from its own transfers (no probes)")
+        print(f"\n{'uplink':>8} {'deadline':>8} {'n':>4}  {'plans (exit@where: count)':<34} {'pred ms':>8} "
+              f"{'p50 ms':>7} {'p95 ms':>7} {'met':>6} {'accuracy':>8} {'fallbacks':>9} {'bw est':>9}")
+        for link in links:
+            outcomes, estimate = asyncio.run(_run_link(port, link, deadline_s, x))
+            _print_row(link, deadline_s, outcomes, labels[:images], estimate)
+    return 0
+
+
+async def _run_link(port: int, link: str, deadline_s: float, x: np.ndarray) -> tuple[list[Outcome], float]:
+    cfg = DevicedConfig(device_id="demo-device", broker=BrokerConfig(port=port), emulate_uplink=link,
+                        initial_bandwidth=link, probe_interval_s=0)
+    async with Client(cfg) as client:
+        if not await client.wait_for_edge(30):
+            raise RuntimeError("edged did not come online")
+        outcomes = [await client.infer(xi, deadline=deadline_s) for xi in x]
+        return outcomes, client.device.link.bandwidth_bps
+
+
+def _print_row(link: str, deadline_s: float, outcomes: list[Outcome], labels: np.ndarray, estimate: float) -> None:
+    plans = Counter(f"{o.plan.exit}@{o.plan.where}" for o in outcomes)
+    lat = np.array([o.latency_s for o in outcomes]) * 1e3
+    pred = np.mean([o.plan.predicted_s or 0.0 for o in outcomes]) * 1e3
+    correct = np.mean([int(np.argmax(o.logits)) == int(y) for o, y in zip(outcomes, labels, strict=True)])
+    met = np.mean([o.met for o in outcomes])
+    fallbacks = sum(o.fallback not in (None, "no_edge") for o in outcomes)
+    plan_text = ", ".join(f"{k}: {v}" for k, v in plans.most_common(3))
+    print(f"{link:>8} {deadline_s * 1e3:>6.0f}ms {len(outcomes):>4}  {plan_text:<34} {pred:>8.1f} "
+          f"{np.percentile(lat, 50):>7.1f} {np.percentile(lat, 95):>7.1f} {met:>6.1%} {correct:>8.4f} "
+          f"{fallbacks:>9} {format_bandwidth(round(estimate, -3)):>9}", flush=True)
+
+
+@contextlib.contextmanager
+def _broker(conf: Path, tmp: Path) -> Iterator[int]:
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else _free_port()
+    local = tmp / "mosquitto.conf"
+    local.write_text(conf.read_text().replace(f"listener {DEFAULT_PORT} ", f"listener {port} "))
+    proc = subprocess.Popen([binary, "-c", str(local)], stdout=subprocess.DEVNULL)
+    try:
+        _wait_port(port, proc)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def _edged(tmp: Path, port: int) -> Iterator[None]:
+    conf = tmp / "edged.toml"
+    conf.write_text(f'[edged]\nedge_id = "demo-edge"\n\n[broker]\nport = {port}\n')
+    proc = subprocess.Popen([sys.executable, "-m", "edged.cli", "--config", str(conf), "--log-level", "warning"],
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mosquitto exited with status {proc.returncode}")
+        if not _port_free(port):
+            return
+        time.sleep(0.05)
+    raise RuntimeError("mosquitto did not start listening")
+
+
+def check_links(links: Sequence[str]) -> None:
+    for link in links:
+        parse_bandwidth(link)
