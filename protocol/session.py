@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
+from typing import TextIO
 
 import aiomqtt
 import structlog
@@ -100,14 +101,14 @@ async def sleep_unless(shutdown: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(shutdown.wait(), timeout=seconds)
 
 
-def configure_logging(level: str = "info") -> None:
-    """structlog to stdout as JSON lines (journald collects them); call once in ``main``."""
+def configure_logging(level: str = "info", stream: TextIO = sys.stdout) -> None:
+    """structlog as JSON lines to stdout (journald collects them) or ``stream``; call once in ``main``."""
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
                     structlog.processors.TimeStamper(fmt="iso"), structlog.processors.format_exc_info,
                     structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout), cache_logger_on_first_use=True,
+        logger_factory=structlog.PrintLoggerFactory(stream), cache_logger_on_first_use=True,
     )
 
 

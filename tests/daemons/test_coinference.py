@@ -1,10 +1,14 @@
+import json
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from deviced.config import DevicedConfig
 from deviced.service import Client
 from models.bundle import Bundle
 from models.data import load_fashion_mnist, preprocess
-from tests.daemons.conftest import Broker, EdgeProcess
+from tests.daemons.conftest import Broker, EdgeProcess, free_port
 
 
 def _whole(bundle: Bundle, client: Client, exit_index: int, x: np.ndarray) -> np.ndarray:
@@ -41,3 +45,20 @@ async def test_no_broker_still_answers_locally(bundle: Bundle) -> None:
         outcome = await client.infer(x[0], deadline=1.0)
     assert outcome.where == "device" and outcome.fallback == "no_edge"
     assert np.array_equal(outcome.logits, _whole(bundle, client, outcome.exit, x[0]))
+
+
+def test_deviced_infer_cli_answers_without_a_broker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from deviced.cli import main
+
+    images = load_fashion_mnist("test")[0][:2]
+    np.save(tmp_path / "x.npy", images)
+    conf = tmp_path / "d.toml"
+    conf.write_text(f'[deviced]\ndevice_id = "cli-1"\n\n[broker]\nport = {free_port()}\n')
+    assert main(["infer", str(tmp_path / "x.npy"), "--config", str(conf), "--deadline", "1s", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2 and all(r["fallback"] == "no_edge" and r["met"] for r in lines)
+    (tmp_path / "bad.npy").write_bytes(b"not numpy")
+    assert main(["infer", str(tmp_path / "bad.npy"), "--config", str(conf)]) == 2
+    conf.write_text('[deviced]\nsurprise = 1\n')
+    assert main(["infer", str(tmp_path / "x.npy"), "--config", str(conf)]) == 2
+    assert "unknown key" in capsys.readouterr().err
