@@ -108,7 +108,7 @@ def configure_logging(level: str = "info", stream: TextIO = sys.stdout) -> None:
                     structlog.processors.TimeStamper(fmt="iso"), structlog.processors.format_exc_info,
                     structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream), cache_logger_on_first_use=True,
+        logger_factory=structlog.PrintLoggerFactory(stream),
     )
 
 

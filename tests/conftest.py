@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+import structlog
 
 from coinfer import resources
 from models.bundle import Bundle
@@ -22,3 +25,10 @@ def pi3() -> LatencyModel:
 @pytest.fixture(scope="session")
 def desktop() -> LatencyModel:
     return resources.load_latency_model(resources.DESKTOP_MODEL)
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """A CLI under test configures structlog for its (captured, then closed) stream: undo that after."""
+    yield
+    structlog.reset_defaults()
