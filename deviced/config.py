@@ -7,7 +7,7 @@ from pathlib import Path
 
 from models.bundle import DEFAULT_BUNDLE
 from planner.units import parse_bandwidth, parse_duration
-from protocol.config import ConfigError, broker, read_toml, resolve, section
+from protocol.config import load_daemon
 from protocol.session import BrokerConfig
 from protocol.topics import DEFAULT_PREFIX, check_id
 
@@ -47,15 +47,4 @@ class DevicedConfig:
 
 
 def load(path: Path) -> DevicedConfig:
-    doc = read_toml(path)
-    unknown = sorted(set(doc) - {"deviced", "broker"})
-    if unknown:
-        raise ConfigError(f"{path}: unknown table(s) {unknown}")
-    base = path.resolve().parent
-    table = dict(doc.get("deviced", {}))
-    for key in ("bundle", "latency_model"):
-        if key in table:
-            table[key] = resolve(base, table[key])
-    if "probe_sizes" in table:
-        table["probe_sizes"] = tuple(table["probe_sizes"])
-    return section(DevicedConfig, {"deviced": table}, "deviced", broker=broker(doc))
+    return load_daemon(DevicedConfig, path, "deviced", paths=("bundle", "latency_model"), lists=("probe_sizes",))

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.bundle import DEFAULT_BUNDLE
-from protocol.config import ConfigError, broker, read_toml, resolve, section
+from protocol.config import load_daemon
 from protocol.session import BrokerConfig
 from protocol.topics import DEFAULT_PREFIX, check_id
 
@@ -36,14 +36,4 @@ class EdgedConfig:
 
 
 def load(path: Path) -> EdgedConfig:
-    doc = read_toml(path)
-    unknown = sorted(set(doc) - {"edged", "broker"})
-    if unknown:
-        raise ConfigError(f"{path}: unknown table(s) {unknown}")
-    base = path.resolve().parent
-    table = dict(doc.get("edged", {}))
-    if "bundles" in table:
-        table["bundles"] = tuple(resolve(base, b) for b in table["bundles"])
-    if "latency_model" in table:
-        table["latency_model"] = resolve(base, table["latency_model"])
-    return section(EdgedConfig, {"edged": table}, "edged", broker=broker(doc))
+    return load_daemon(EdgedConfig, path, "edged", paths=("latency_model",), path_lists=("bundles",))

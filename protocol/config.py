@@ -39,11 +39,31 @@ def section(cls: type[T], doc: dict[str, Any], name: str, **extra: Any) -> T:
         raise ConfigError(f"[{name}]: {exc}") from exc
 
 
-def broker(doc: dict[str, Any]) -> BrokerConfig:
-    return section(BrokerConfig, doc, "broker")
+def load_daemon(cls: type[T], path: Path, name: str, *, paths: tuple[str, ...] = (),
+                path_lists: tuple[str, ...] = (), lists: tuple[str, ...] = ()) -> T:
+    """A daemon's config from table ``name`` and ``[broker]`` of a TOML file.
+
+    Keys in ``paths`` (and each item of ``path_lists``) are resolved relative to the file's directory;
+    arrays in ``path_lists`` and ``lists`` become tuples.
+    """
+    doc = read_toml(path)
+    unknown = sorted(set(doc) - {name, "broker"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown table(s) {unknown}")
+    base = path.resolve().parent
+    table = dict(doc.get(name, {}))
+    for key in paths:
+        if key in table:
+            table[key] = _resolve(base, table[key])
+    for key in path_lists:
+        if key in table:
+            table[key] = tuple(_resolve(base, v) for v in table[key])
+    for key in lists:
+        if key in table:
+            table[key] = tuple(table[key])
+    return section(cls, {name: table}, name, broker=section(BrokerConfig, doc, "broker"))
 
 
-def resolve(base: Path, value: str | Path) -> Path:
-    """A path from a config file, relative to the file's directory."""
+def _resolve(base: Path, value: str | Path) -> Path:
     p = Path(value)
     return p if p.is_absolute() else (base / p).resolve()
