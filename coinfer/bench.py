@@ -66,3 +66,75 @@ def planner_bench(requests: int = 20000) -> dict[str, Any]:
             "latency_models": [device.name, edge.name]}
 
 
+
+
+TRANSPORT_SIZES = (4096, 65536, 1 << 20)
+
+
+def transport_bench(sizes: tuple[int, ...] = TRANSPORT_SIZES, repeats: int = 30) -> dict[str, Any]:
+    """One activation of each size, device -> edge on loopback: MQTT (encode, broker, decode) vs raw TCP."""
+    import asyncio
+    import tempfile
+    from pathlib import Path
+
+    from coinfer import demo
+
+    with tempfile.TemporaryDirectory(prefix="coinfer-bench-") as tmp, \
+            demo._broker(demo.REPO / "mosquitto.conf", Path(tmp)) as port:
+        rows = asyncio.run(_transport(port, sizes, repeats))
+    return {"rows": rows, "repeats": repeats, "host": {"machine": platform.machine()},
+            "note": "medians; loopback; MQTT v5 QoS 1 through mosquitto incl. msgpack encode/decode and validation; "
+                    "TCP = the same bytes length-prefixed over one asyncio stream"}
+
+
+async def _transport(port: int, sizes: tuple[int, ...], repeats: int) -> list[dict[str, float]]:
+    import asyncio
+    import socket
+
+    from protocol.messages import InferRequest, decode, encode
+    from protocol.session import BrokerConfig, client
+
+    rows = []
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                n = int.from_bytes(await reader.readexactly(8), "little")
+                await received.put(await reader.readexactly(n))
+            except asyncio.IncompleteReadError:
+                return
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    tcp_port = server.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", tcp_port)
+    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    async with client(BrokerConfig(port=port), identifier="bench-transport", will_topic="bench/status",
+                      sender="bench") as mqtt:
+        await mqtt.subscribe("bench/act", qos=1)
+        messages = mqtt.messages.__aiter__()
+        for size in sizes:
+            tensor = np.frombuffer(np.random.default_rng(size).bytes(size), dtype=np.float32).reshape(1, -1)
+            mqtt_t, tcp_t = [], []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                payload = encode(InferRequest(request_id="b", device_id="bench", bundle="0" * 64, exit=1, cut=1,
+                                              tensors={"t": tensor}, budget_s=1.0))
+                await mqtt.publish("bench/act", payload, qos=1)
+                message = await anext(messages)
+                assert isinstance(message.payload, bytes)
+                decode(message.payload)
+                mqtt_t.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                data = tensor.tobytes()
+                writer.write(len(data).to_bytes(8, "little") + data)
+                await writer.drain()
+                await received.get()
+                tcp_t.append(time.perf_counter() - start)
+            m, t = float(np.median(mqtt_t)), float(np.median(tcp_t))
+            rows.append({"bytes": size, "mqtt_s": m, "tcp_s": t, "ratio": m / t})
+    writer.close()
+    await writer.wait_closed()
+    server.close()
+    await server.wait_closed()
+    return rows

@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("bench", help="benchmarks that write numbers to a file")
-    s.add_argument("what", choices=["planner"])
+    s.add_argument("what", choices=["planner", "transport"])
     s.add_argument("--out", required=True, type=Path)
     s.add_argument("--requests", type=int, default=20000)
     s.set_defaults(func=cmd_bench)
@@ -301,6 +301,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "transport":
+        doc = bench.transport_bench()
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        for row in doc["rows"]:
+            print(f"{row['bytes']:>8} B  mqtt {row['mqtt_s'] * 1e3:7.3f} ms  tcp {row['tcp_s'] * 1e3:7.3f} ms  "
+                  f"ratio {row['ratio']:5.2f}")
+        print(f"-> {args.out}")
+        return 0
     doc = bench.planner_bench(requests=args.requests)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     for k in ("bundle", "synthetic_500"):

@@ -82,3 +82,12 @@ def test_bench_planner_writes_distribution(tmp_path: Path) -> None:
         assert 0 < doc[key]["p50_s"] <= doc[key]["p99_s"]
     assert doc["synthetic_500"]["candidates"] > doc["bundle"]["candidates"]
     assert np.isfinite(doc["bundle"]["mean_s"])
+
+
+def test_bench_transport_rows() -> None:
+    from coinfer import bench
+
+    doc = bench.transport_bench(sizes=(4096, 65536), repeats=3)
+    assert [r["bytes"] for r in doc["rows"]] == [4096, 65536]
+    for row in doc["rows"]:
+        assert row["mqtt_s"] > 0 and row["tcp_s"] > 0 and row["ratio"] == pytest.approx(row["mqtt_s"] / row["tcp_s"])
