@@ -10,7 +10,7 @@ from models.bundle import DEFAULT_BUNDLE, Bundle, load_bundle
 from planner.errors import LatencyModelError
 from planner.latency import LatencyModel
 
-REFERENCE_DIR = Path(planner.__file__).resolve().parent / "reference"
+REFERENCE_DIR = planner.REFERENCE_DIR
 PI3_MODEL = REFERENCE_DIR / "edgent2018-raspberry-pi-3.json"
 DESKTOP_MODEL = REFERENCE_DIR / "edgent2018-desktop.json"
 

@@ -6,12 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.bundle import DEFAULT_BUNDLE
+from planner import REFERENCE_DIR
 from planner.units import parse_bandwidth, parse_duration
 from protocol.config import load_daemon
 from protocol.session import BrokerConfig
 from protocol.topics import DEFAULT_PREFIX, check_id
-
-REFERENCE_DIR = Path(__file__).resolve().parent.parent / "planner" / "reference"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

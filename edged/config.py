@@ -6,11 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.bundle import DEFAULT_BUNDLE
+from planner import REFERENCE_DIR
 from protocol.config import load_daemon
 from protocol.session import BrokerConfig
 from protocol.topics import DEFAULT_PREFIX, check_id
 
-DEFAULT_LATENCY_MODEL = Path(__file__).resolve().parent.parent / "planner" / "reference" / "edgent2018-desktop.json"
+DEFAULT_LATENCY_MODEL = REFERENCE_DIR / "edgent2018-desktop.json"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
