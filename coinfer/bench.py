@@ -80,7 +80,7 @@ def transport_bench(sizes: tuple[int, ...] = TRANSPORT_SIZES, repeats: int = 30)
     from coinfer import demo
 
     with tempfile.TemporaryDirectory(prefix="coinfer-bench-") as tmp, \
-            demo._broker(demo.REPO / "mosquitto.conf", Path(tmp)) as port:
+            demo.broker_process(demo.REPO / "mosquitto.conf", Path(tmp)) as port:
         rows = asyncio.run(_transport(port, sizes, repeats))
     return {"rows": rows, "repeats": repeats, "host": {"machine": platform.machine()},
             "note": "medians; loopback; MQTT v5 QoS 1 through mosquitto incl. msgpack encode/decode and validation; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -184,8 +185,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def samples_from_profiles(docs: Sequence[dict[str, Any]]) -> tuple[list[Sample], float]:
     """Layer samples (plus one "load" sample per model) and the median per-run overhead."""
-    import statistics
-
     samples, overheads = [], []
     for doc in docs:
         if doc.get("format") != "coinfer.profile/1":

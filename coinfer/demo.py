@@ -33,8 +33,8 @@ def run_demo(*, links: Sequence[str], deadline_s: float, images: int, mosquitto_
     configure_logging("warning")
     x_all, labels = load_fashion_mnist("test")
     x = preprocess(x_all[:images])
-    with tempfile.TemporaryDirectory(prefix="coinfer-demo-") as tmp, _broker(mosquitto_conf, Path(tmp)) as port, \
-            _edged(Path(tmp), port):
+    with (tempfile.TemporaryDirectory(prefix="coinfer-demo-") as tmp,
+          broker_process(mosquitto_conf, Path(tmp)) as port, _edged(Path(tmp), port)):
         print(f"mosquitto on 127.0.0.1:{port} ({mosquitto_conf.name}), edged in its own process, deviced in this "
               f"one; {images} Fashion-MNIST test images per uplink speed, deadline {deadline_s * 1e3:.0f} ms")
         print("emulated: the uplink, in the application (each upload delayed by bytes / rate); the device's "
@@ -72,7 +72,7 @@ def _print_row(link: str, deadline_s: float, outcomes: list[Outcome], labels: np
 
 
 @contextlib.contextmanager
-def _broker(conf: Path, tmp: Path) -> Iterator[int]:
+def broker_process(conf: Path, tmp: Path) -> Iterator[int]:
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else _free_port()
     local = tmp / "mosquitto.conf"

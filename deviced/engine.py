@@ -25,7 +25,18 @@ from planner.latency import LatencyModel
 from planner.units import parse_bandwidth
 from protocol import session
 from protocol.errors import ProtocolError
-from protocol.messages import ErrorReply, InferRequest, InferResult, Message, Probe, encode
+from protocol.messages import (
+    Advert,
+    ErrorReply,
+    InferRequest,
+    InferResult,
+    Message,
+    Probe,
+    ProbeReply,
+    Status,
+    decode,
+    encode,
+)
 from protocol.topics import Topics
 
 log = structlog.get_logger()
@@ -79,6 +90,7 @@ class Device:
         self._prefix = f"{cfg.device_id}-{os.getpid()}-{int(time.time()) % 100000}"
         self._uplink = asyncio.Lock()
         self._emulated_bps = parse_bandwidth(cfg.emulate_uplink) if cfg.emulate_uplink else 0.0
+        self._fastest_local_s = self._local_plan(0.0).predicted_s or 0.0  # the quickest way to any answer
         self.metrics.bandwidth.set(self.link.bandwidth_bps)
 
     # ---- requests -------------------------------------------------------------------------------
@@ -140,8 +152,7 @@ class Device:
             except session.MQTT_ERRORS:
                 return None, len(payload), sent_at
             # the quickest local way out: the rest of this exit from the cut, or the fastest exit from scratch
-            finish_local = min(self._device_s(plan.exit, plan.cut, plan.n_layers or 0),
-                               self._local_plan(0.0).predicted_s or 0.0)
+            finish_local = min(self._device_rest_s(plan.exit, plan.cut), self._fastest_local_s)
             wait = deadline_s - (time.monotonic() - start) - finish_local
             if wait <= 0:  # no local way meets the deadline any more: give the edge until then
                 wait = max(deadline_s - (time.monotonic() - start), 0.0)
@@ -159,7 +170,7 @@ class Device:
         assert plan.exit is not None and plan.cut is not None and plan.n_layers is not None
         self.metrics.fallbacks.labels(reason).inc()
         left = deadline_s - (time.monotonic() - start)
-        rest = self._device_s(plan.exit, plan.cut, plan.n_layers)
+        rest = self._device_rest_s(plan.exit, plan.cut)
         local = self._local_plan(left)
         if rest <= left or (not local.feasible and rest <= (local.predicted_s or 0.0)):
             if plan.cut == 0:
@@ -188,12 +199,12 @@ class Device:
         """The most accurate exit that fits on the device alone, else the fastest one (flagged infeasible)."""
         return edgent.local_plan(self.local, edgent.Conditions(bandwidth_bps=1.0, deadline_s=max(deadline_s, 1e-9)))
 
-    def _device_s(self, exit_index: int, first: int, stop: int) -> float:
-        """Predicted device time of layers [first, stop) of an exit."""
-        sel = (self.local.exit == exit_index - 1) & ~self.local.uses_edge
-        full = float(self.local.device_s[sel][0])
-        head = self.local.device_s[(self.local.exit == exit_index - 1) & (self.local.cut == first)]
-        return max(full - (float(head[0]) if first and head.size else 0.0), 0.0) if stop else 0.0
+    def _device_rest_s(self, exit_index: int, cut: int) -> float:
+        """Predicted device time of an exit's layers after ``cut`` (the whole exit at cut 0)."""
+        rows = self.local.exit == exit_index - 1
+        full = float(self.local.device_s[rows & ~self.local.uses_edge][0])
+        head = self.local.device_s[rows & (self.local.cut == cut)] if cut else np.zeros(1)
+        return max(full - float(head[0]), 0.0)
 
     def _done(self, request_id: str, logits: npt.NDArray[Any], exit_index: int, where: str, plan: edgent.Plan,
               edge_id: str | None, reason: str | None, start: float, deadline_s: float,
@@ -261,8 +272,6 @@ class Device:
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Dispatch one incoming message: edge status/adverts, or a reply to a pending request or probe."""
-        from protocol.messages import Advert, ProbeReply, Status, decode
-
         try:
             msg = decode(payload)
             if isinstance(msg, Status) and topic.endswith("/status"):

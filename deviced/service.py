@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from pathlib import Path
 from types import TracebackType
 
@@ -16,6 +17,7 @@ from deviced.config import DevicedConfig
 from deviced.engine import Device, Outcome
 from models.bundle import load_bundle
 from models.runtime import StageRunner
+from planner.errors import LatencyModelError
 from planner.latency import LatencyModel
 from planner.units import parse_duration
 from protocol import session
@@ -26,10 +28,6 @@ log = structlog.get_logger()
 
 def build_device(cfg: DevicedConfig) -> Device:
     """Load the bundle and this device's latency model; raises ModelError / LatencyModelError."""
-    import json
-
-    from planner.errors import LatencyModelError
-
     bundle = load_bundle(cfg.bundle)
     try:
         model = LatencyModel.from_json(json.loads(Path(cfg.latency_model).read_text()))

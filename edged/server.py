@@ -22,7 +22,6 @@ from protocol.messages import (
     ErrorReply,
     InferRequest,
     InferResult,
-    Message,
     Probe,
     ProbeReply,
     Status,
@@ -233,5 +232,5 @@ async def _error(client: aiomqtt.Client, state: EdgeState, reply_to: str | None,
     log.warning("request_rejected", request_id=request_id, code=code.value, reason=text)
     if reply_to is None:
         return  # unreadable and unaddressed: nobody to answer; counted and logged
-    reply: Message = ErrorReply(request_id=request_id, code=code, message=text[:2000], sender=state.cfg.edge_id)
+    reply = ErrorReply(request_id=request_id, code=code, message=text[:2000], sender=state.cfg.edge_id)
     await client.publish(reply_to, encode(reply), qos=1, properties=session.reply_properties(correlation))

@@ -63,14 +63,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+def start_broker(directory: Path) -> Broker:
+    """mosquitto from the repository's mosquitto.conf, on a free port."""
     port = free_port()
-    conf = tmp_path_factory.mktemp("mosquitto") / "mosquitto.conf"
-    text = (REPO / "mosquitto.conf").read_text().replace("listener 18830 127.0.0.1", f"listener {port} 127.0.0.1")
-    conf.write_text(text)
+    conf = directory / "mosquitto.conf"
+    conf.write_text((REPO / "mosquitto.conf").read_text().replace("listener 18830 ", f"listener {port} "))
     b = Broker(port=port, conf=conf)
     b.start()
+    return b
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    b = start_broker(tmp_path_factory.mktemp("mosquitto"))
     yield b
     b.stop()
 

@@ -16,16 +16,12 @@ from deviced.engine import Outcome
 from deviced.service import Client
 from edged.config import EdgedConfig
 from models.data import load_fashion_mnist, preprocess
-from tests.daemons.conftest import REPO, Broker, EdgeProcess, free_port
+from tests.daemons.conftest import REPO, Broker, EdgeProcess, start_broker
 
 
 @pytest.fixture
 def own_broker(tmp_path: Path) -> Iterator[Broker]:
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text((REPO / "mosquitto.conf").read_text().replace("listener 18830", f"listener {port}"))
-    b = Broker(port=port, conf=conf)
-    b.start()
+    b = start_broker(tmp_path)
     yield b
     b.stop()
 
