@@ -72,7 +72,11 @@ TRANSPORT_SIZES = (4096, 65536, 1 << 20)
 
 
 def transport_bench(sizes: tuple[int, ...] = TRANSPORT_SIZES, repeats: int = 30) -> dict[str, Any]:
-    """One activation of each size, device -> edge on loopback: MQTT (encode, broker, decode) vs raw TCP."""
+    """One activation of each size, device -> edge on loopback: MQTT (encode, broker, decode) vs raw TCP.
+
+    ``broker_floor_s`` is the same payload through the same mosquitto from a minimal blocking-socket MQTT
+    client (no paho, no msgpack): what the broker hop alone costs, whatever the client library.
+    """
     import asyncio
     import tempfile
     from pathlib import Path
@@ -82,9 +86,12 @@ def transport_bench(sizes: tuple[int, ...] = TRANSPORT_SIZES, repeats: int = 30)
     with tempfile.TemporaryDirectory(prefix="coinfer-bench-") as tmp, \
             demo.broker_process(demo.REPO / "mosquitto.conf", Path(tmp)) as port:
         rows = asyncio.run(_transport(port, sizes, repeats))
+        for row in rows:
+            row["broker_floor_s"] = _raw_mqtt_roundtrip(port, int(row["bytes"]), repeats)
     return {"rows": rows, "repeats": repeats, "host": {"machine": platform.machine()},
-            "note": "medians; loopback; MQTT v5 QoS 1 through mosquitto incl. msgpack encode/decode and validation; "
-                    "TCP = the same bytes length-prefixed over one asyncio stream"}
+            "note": "medians; loopback; MQTT v5 at the daemons' QoS for requests through mosquitto incl. msgpack "
+                    "encode/decode and validation; TCP = the same bytes length-prefixed over one asyncio stream; "
+                    "broker_floor = raw MQTT 3.1.1 QoS 0 publish to itself through mosquitto, blocking sockets"}
 
 
 async def _transport(port: int, sizes: tuple[int, ...], repeats: int) -> list[dict[str, float]]:
@@ -92,7 +99,7 @@ async def _transport(port: int, sizes: tuple[int, ...], repeats: int) -> list[di
     import socket
 
     from protocol.messages import InferRequest, decode, encode
-    from protocol.session import BrokerConfig, client
+    from protocol.session import TRAFFIC_QOS, BrokerConfig, client
 
     rows = []
     received: asyncio.Queue[bytes] = asyncio.Queue()
@@ -120,7 +127,7 @@ async def _transport(port: int, sizes: tuple[int, ...], repeats: int) -> list[di
                 start = time.perf_counter()
                 payload = encode(InferRequest(request_id="b", device_id="bench", bundle="0" * 64, exit=1, cut=1,
                                               tensors={"t": tensor}, budget_s=1.0))
-                await mqtt.publish("bench/act", payload, qos=1)
+                await mqtt.publish("bench/act", payload, qos=TRAFFIC_QOS)
                 message = await anext(messages)
                 assert isinstance(message.payload, bytes)
                 decode(message.payload)
@@ -138,3 +145,49 @@ async def _transport(port: int, sizes: tuple[int, ...], repeats: int) -> list[di
     server.close()
     await server.wait_closed()
     return rows
+
+
+def _raw_mqtt_roundtrip(port: int, size: int, repeats: int) -> float:
+    """Median time to publish ``size`` bytes at QoS 0 and receive them back, with hand-built MQTT 3.1.1 packets."""
+    import socket
+
+    def field(b: bytes) -> bytes:
+        return len(b).to_bytes(2, "big") + b
+
+    def packet(kind: int, body: bytes) -> bytes:
+        n, length = len(body), bytearray()
+        while True:
+            n, digit = divmod(n, 128)
+            length.append(digit | (0x80 if n else 0))
+            if not n:
+                return bytes([kind]) + bytes(length) + body
+
+    def read(sock: socket.socket, n: int) -> memoryview:
+        buf = memoryview(bytearray(n))
+        got = 0
+        while got < n:
+            got += sock.recv_into(buf[got:])
+        return buf
+
+    def read_packet(sock: socket.socket) -> memoryview:
+        read(sock, 1)
+        n, scale = 0, 1
+        while True:
+            digit = read(sock, 1)[0]
+            n, scale = n + (digit & 127) * scale, scale * 128
+            if not digit & 128:
+                return read(sock, n)
+
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(packet(0x10, field(b"MQTT") + bytes([4, 2]) + (60).to_bytes(2, "big") + field(b"bench-raw")))
+        read_packet(sock)  # CONNACK
+        sock.sendall(packet(0x82, (1).to_bytes(2, "big") + field(b"bench/raw") + b"\x00"))
+        read_packet(sock)  # SUBACK
+        data, times = bytes(size), []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            sock.sendall(packet(0x30, field(b"bench/raw") + data))
+            read_packet(sock)
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))

@@ -305,7 +305,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
         for row in doc["rows"]:
             print(f"{row['bytes']:>8} B  mqtt {row['mqtt_s'] * 1e3:7.3f} ms  tcp {row['tcp_s'] * 1e3:7.3f} ms  "
-                  f"ratio {row['ratio']:5.2f}")
+                  f"ratio {row['ratio']:5.2f}  broker floor {row['broker_floor_s'] * 1e3:7.3f} ms")
         print(f"-> {args.out}")
         return 0
     doc = bench.planner_bench(requests=args.requests)

@@ -148,7 +148,7 @@ class Device:
                                                correlation=request_id, expiry_s=max(left, 0.001))
             try:
                 await self.client.publish(self.topics.edge_request(edge.edge_id, self.cfg.device_id), payload,
-                                          qos=1, properties=props)
+                                          qos=session.TRAFFIC_QOS, properties=props)
             except session.MQTT_ERRORS:
                 return None, len(payload), sent_at
             # the quickest local way out: the rest of this exit from the cut, or the fastest exit from scratch
@@ -257,8 +257,8 @@ class Device:
                 await self._emulate_upload(len(payload))
                 props = session.request_properties(response_topic=self.topics.device_responses(self.cfg.device_id),
                                                    correlation=probe_id, expiry_s=PROBE_TIMEOUT_S)
-                await self.client.publish(self.topics.edge_probe(edge_id, self.cfg.device_id), payload, qos=1,
-                                          properties=props)
+                await self.client.publish(self.topics.edge_probe(edge_id, self.cfg.device_id), payload,
+                                          qos=session.TRAFFIC_QOS, properties=props)
                 await asyncio.wait_for(future, timeout=PROBE_TIMEOUT_S)
                 samples.append((len(payload), time.monotonic() - start))
             except TimeoutError:

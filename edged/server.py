@@ -144,7 +144,8 @@ async def _receive(client: aiomqtt.Client, state: EdgeState, topics: Topics) -> 
         if isinstance(msg, Probe):
             state.metrics.probes.inc()
             reply = ProbeReply(probe_id=msg.probe_id, edge_id=state.cfg.edge_id, size=len(msg.padding))
-            await client.publish(reply_to, encode(reply), qos=1, properties=session.reply_properties(correlation))
+            await client.publish(reply_to, encode(reply), qos=session.TRAFFIC_QOS,
+                                 properties=session.reply_properties(correlation))
             continue
         if isinstance(msg, InferRequest):
             await _admit(client, state, msg, reply_to, correlation)
@@ -205,7 +206,7 @@ async def _worker(client: aiomqtt.Client, state: EdgeState) -> None:
             state.metrics.stage_seconds.observe(compute)
             result = InferResult(request_id=req.request_id, edge_id=state.cfg.edge_id, exit=req.exit,
                                  outputs=outputs, queue_s=queued, compute_s=compute)
-            await client.publish(job.reply_to, encode(result), qos=1,
+            await client.publish(job.reply_to, encode(result), qos=session.TRAFFIC_QOS,
                                  properties=session.reply_properties(job.correlation))
             state.metrics.requests.labels("ok").inc()
             state.metrics.request_seconds.observe(time.monotonic() - job.arrived)
@@ -233,4 +234,5 @@ async def _error(client: aiomqtt.Client, state: EdgeState, reply_to: str | None,
     if reply_to is None:
         return  # unreadable and unaddressed: nobody to answer; counted and logged
     reply = ErrorReply(request_id=request_id, code=code, message=text[:2000], sender=state.cfg.edge_id)
-    await client.publish(reply_to, encode(reply), qos=1, properties=session.reply_properties(correlation))
+    await client.publish(reply_to, encode(reply), qos=session.TRAFFIC_QOS,
+                                 properties=session.reply_properties(correlation))

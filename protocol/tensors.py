@@ -20,9 +20,10 @@ def encode_tensor(array: npt.NDArray[Any]) -> dict[str, Any]:
     dtype = np.dtype(array.dtype).newbyteorder("<")
     if dtype.name not in DTYPES:
         raise TensorError(f"dtype {array.dtype} not allowed on the wire; use one of {DTYPES}")
-    data = np.ascontiguousarray(array, dtype=dtype).tobytes()
-    if len(data) > MAX_TENSOR_BYTES:
-        raise MessageTooLarge(f"tensor of {len(data)} bytes exceeds {MAX_TENSOR_BYTES}")
+    # a byte view, not a copy: msgpack packs any buffer as bin, so the data is copied once, into the message
+    data = memoryview(np.ascontiguousarray(array, dtype=dtype)).cast("B")
+    if data.nbytes > MAX_TENSOR_BYTES:
+        raise MessageTooLarge(f"tensor of {data.nbytes} bytes exceeds {MAX_TENSOR_BYTES}")
     return {"dtype": dtype.name, "shape": list(array.shape), "data": data}
 
 
@@ -40,7 +41,7 @@ def decode_tensor(obj: Any, *, shape: Sequence[int] | None = None, dtype: str | 
     if (not isinstance(dims, list) or len(dims) > MAX_DIMS
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)):
         raise TensorError(f"bad shape {dims!r}")
-    if not isinstance(data, bytes):
+    if not isinstance(data, bytes | memoryview):  # bytes off the wire; a byte view straight from encode_tensor
         raise TensorError("tensor data must be bytes")
     dt = np.dtype(name).newbyteorder("<")
     expected = int(np.prod(dims, dtype=np.int64)) * dt.itemsize
