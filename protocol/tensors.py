@@ -21,7 +21,7 @@ def encode_tensor(array: npt.NDArray[Any]) -> dict[str, Any]:
     if dtype.name not in DTYPES:
         raise TensorError(f"dtype {array.dtype} not allowed on the wire; use one of {DTYPES}")
     # a byte view, not a copy: msgpack packs any buffer as bin, so the data is copied once, into the message
-    data = memoryview(np.ascontiguousarray(array, dtype=dtype)).cast("B")
+    data = np.ascontiguousarray(array, dtype=dtype).data.cast("B")
     if data.nbytes > MAX_TENSOR_BYTES:
         raise MessageTooLarge(f"tensor of {data.nbytes} bytes exceeds {MAX_TENSOR_BYTES}")
     return {"dtype": dtype.name, "shape": list(array.shape), "data": data}
