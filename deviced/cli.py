@@ -1,4 +1,4 @@
-"""``deviced infer FILE --deadline 300ms``: co-infer images from the command line."""
+"""``deviced run`` (the daemon) and ``deviced infer FILE --deadline 300ms`` (co-infer images from a shell)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from deviced import config
-from deviced.service import Client
+from deviced.service import Client, RemoteClient, RemoteError, build_device, run
 from models.data import CLASSES, preprocess, read_idx
 from models.errors import ModelError
 from planner.errors import PlannerError
@@ -30,22 +31,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--deadline", default=None, help="e.g. 300ms (default: the config's default_deadline)")
     s.add_argument("--count", type=int, default=10, help="first N images of the file")
     s.add_argument("--json", action="store_true", help="one JSON record per image")
+    s.add_argument("--via-daemon", action="store_true",
+                   help="send the images to a running `deviced run` over the broker instead of co-inferring in "
+                        "this process")
     s.add_argument("--log-level", default="warning")
-    sub.add_parser("run", help="the long-running daemon (serving local applications over MQTT): not built yet")
+    r = sub.add_parser("run", help="the long-running daemon: serves applications on the local MQTT request topic")
+    r.add_argument("--config", type=Path, help="TOML file with [deviced] and [broker] tables")
+    r.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    if args.command == "run":
-        print("deviced: the daemon's local request topic is not built yet; use `deviced infer` or the Python "
-              "client deviced.service.Client", file=sys.stderr)
-        return 1
-    session.configure_logging(args.log_level, stream=sys.stderr)  # stdout carries the answers
+    # `run` logs JSON lines to stdout (journald); `infer` keeps stdout for the answers
+    session.configure_logging(args.log_level, stream=sys.stdout if args.command == "run" else sys.stderr)
     try:
         cfg = config.load(args.config) if args.config else config.DevicedConfig()
+        if args.command == "run":
+            asyncio.run(_run(cfg))
+            return 0
         deadline = parse_duration(args.deadline or cfg.default_deadline)
-        images = _read_images(args.file)[: args.count]
-        return asyncio.run(_infer(cfg, preprocess(images), deadline, as_json=args.json))
-    except (ConfigError, ModelError, PlannerError, ValueError, OSError) as exc:
-        print(f"deviced: error: {exc}", file=sys.stderr)
+        images = preprocess(_read_images(args.file)[: args.count])
+        if args.via_daemon:
+            return asyncio.run(_infer_remote(cfg, images, deadline, as_json=args.json))
+        return asyncio.run(_infer(cfg, images, deadline, as_json=args.json))
+    except (ConfigError, ModelError, PlannerError, ValueError, OSError, RemoteError, TimeoutError) as exc:
+        print(f"deviced: error: {exc or type(exc).__name__}", file=sys.stderr)
         return 2
+
+
+async def _run(cfg: config.DevicedConfig) -> None:
+    device = build_device(cfg)
+    if cfg.metrics_port:
+        device.metrics.serve(cfg.metrics_port)
+    shutdown = asyncio.Event()
+    session.install_signal_handlers(shutdown)
+    await run(device, shutdown=shutdown)
 
 
 def _read_images(path: Path) -> np.ndarray:
@@ -62,14 +79,30 @@ async def _infer(cfg: config.DevicedConfig, x: np.ndarray, deadline: float, *, a
         await client.wait_for_edge(3.0)
         for i, xi in enumerate(x):
             o = await client.infer(xi, deadline=deadline)
-            label = int(np.argmax(o.logits))
-            if as_json:
-                print(json.dumps({"index": i, "class": label, "name": CLASSES[label], **o.record()}))
-            else:
-                verdict = "met" if o.met else "MISSED"
-                print(f"{i:>4} {CLASSES[label]:<12} exit {o.exit} on {o.where:<8} {o.latency_s * 1e3:7.1f} ms "
-                      f"({verdict} {deadline * 1e3:.0f} ms) {o.fallback or ''}")
+            _print(i, o.logits, o.record(), as_json=as_json)
     return 0
+
+
+async def _infer_remote(cfg: config.DevicedConfig, x: np.ndarray, deadline: float, *, as_json: bool) -> int:
+    async with RemoteClient(cfg.broker, cfg.device_id, prefix=cfg.topic_prefix) as client:
+        for i, xi in enumerate(x):
+            r = await client.infer(xi[None], deadline=deadline)
+            _print(i, r.outputs["logits"], {"request_id": r.request_id, "exit": r.exit, "where": r.where,
+                                            "edge_id": r.edge_id or None, "fallback": r.fallback or None,
+                                            "latency_s": round(r.latency_s, 6), "deadline_s": r.deadline_s,
+                                            "met": r.latency_s <= r.deadline_s}, as_json=as_json)
+    return 0
+
+
+def _print(i: int, logits: np.ndarray, record: dict[str, Any], *, as_json: bool) -> None:
+    label = int(np.argmax(logits))
+    if as_json:
+        print(json.dumps({"index": i, "class": label, "name": CLASSES[label], **record}))
+    else:
+        verdict = "met" if record["met"] else "MISSED"
+        print(f"{i:>4} {CLASSES[label]:<12} exit {record['exit']} on {record['where']:<8} "
+              f"{record['latency_s'] * 1e3:7.1f} ms ({verdict} {record['deadline_s'] * 1e3:.0f} ms) "
+              f"{record['fallback'] or ''}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ class DeviceMetrics:
                                        registry=r)
         self.fallbacks = Counter("coinfer_device_fallbacks_total", "Requests finished locally after planning the edge",
                                  ["reason"], registry=r)
+        self.app_errors = Counter("coinfer_device_app_errors_total", "Application requests answered with an error",
+                                  ["code"], registry=r)
         self.bandwidth = Gauge("coinfer_device_bandwidth_estimate_bps", "Uplink estimate", registry=r)
         self.exit = Gauge("coinfer_device_plan_exit", "Exit of the last plan (1-based)", registry=r)
         self.cut = Gauge("coinfer_device_plan_cut", "Layers on the device in the last plan", registry=r)

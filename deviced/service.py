@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
+import os
 from pathlib import Path
 from types import TracebackType
 
@@ -21,7 +23,10 @@ from planner.errors import LatencyModelError
 from planner.latency import LatencyModel
 from planner.units import parse_duration
 from protocol import session
-from protocol.messages import Status, encode
+from protocol.errors import ErrorCode, MalformedMessage, ProtocolError, TensorError
+from protocol.messages import AppRequest, AppResult, ErrorReply, Status, decode, encode
+from protocol.session import BrokerConfig
+from protocol.topics import DEFAULT_PREFIX, Topics
 
 log = structlog.get_logger()
 
@@ -45,7 +50,7 @@ async def run(device: Device, *, shutdown: asyncio.Event, connected: asyncio.Eve
             async with session.client(cfg.broker, identifier=f"deviced-{cfg.device_id}",
                                       will_topic=topics.device_status(cfg.device_id), sender=cfg.device_id) as client:
                 for topic in (topics.all_edge_status(), topics.all_edge_adverts(),
-                              topics.device_responses(cfg.device_id)):
+                              topics.device_responses(cfg.device_id), topics.device_infer(cfg.device_id)):
                     await client.subscribe(topic, qos=1)
                 await client.publish(topics.device_status(cfg.device_id),
                                      encode(Status(state="online", sender=cfg.device_id)), qos=1, retain=True)
@@ -74,9 +79,50 @@ async def run(device: Device, *, shutdown: asyncio.Event, connected: asyncio.Eve
 
 
 async def _receive(client: aiomqtt.Client, device: Device) -> None:
-    async for message in client.messages:
-        if isinstance(message.payload, bytes) and message.payload:
-            device.handle(str(message.topic), message.payload)
+    apps_topic = device.topics.device_infer(device.cfg.device_id)
+    async with asyncio.TaskGroup() as tg:
+        async for message in client.messages:
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            if message.topic.matches(apps_topic):
+                tg.create_task(_serve_app(client, device, message, payload))
+            elif payload:
+                device.handle(str(message.topic), payload)
+
+
+async def _serve_app(client: aiomqtt.Client, device: Device, message: aiomqtt.Message, payload: bytes) -> None:
+    """Answer one application request from the local topic with an ``AppResult`` or an ``ErrorReply``."""
+    cfg = device.cfg
+    reply_to, correlation = session.response_of(message)
+    if reply_to is not None and not device.topics.is_app_response(cfg.device_id, reply_to):
+        reply_to = None  # deviced answers only under its own app namespace, never where a request points it
+    request_id = ""
+    try:
+        if reply_to is None:
+            raise MalformedMessage(f"an app request needs a response topic under "
+                                   f"{device.topics.app_responses(cfg.device_id, '<client>')}")
+        req = decode(payload, expect=AppRequest)
+        assert isinstance(req, AppRequest)
+        request_id = req.request_id
+        x = next(iter(req.tensors.values()))
+        if x.size != int(np.prod(device.bundle.input_shape)):
+            raise TensorError(f"input of {x.size} values; the model takes {list(device.bundle.input_shape)}")
+        outcome = await device.infer(x.astype(np.float32), req.deadline_s or parse_duration(cfg.default_deadline))
+        answer: AppResult | ErrorReply = AppResult(
+            request_id=request_id, outputs={"logits": outcome.logits}, exit=outcome.exit, where=outcome.where,
+            latency_s=outcome.latency_s, deadline_s=outcome.deadline_s, fallback=outcome.fallback or "",
+            edge_id=outcome.edge_id or "")
+    except Exception as exc:  # any failure is answered; the daemon keeps serving
+        code = exc.code if isinstance(exc, ProtocolError) else ErrorCode.INTERNAL
+        device.metrics.app_errors.labels(code.value).inc()
+        log.warning("app_request_failed", request_id=request_id, code=code.value, reason=str(exc),
+                    exc_info=code is ErrorCode.INTERNAL)
+        if reply_to is None:
+            return  # nobody to answer: counted and logged
+        text = str(exc) if isinstance(exc, ProtocolError) else f"device error: {type(exc).__name__}"
+        answer = ErrorReply(request_id=request_id, code=code, message=text[:2000], sender=cfg.device_id)
+    with contextlib.suppress(*session.MQTT_ERRORS):  # disconnected: the application's own timeout covers it
+        await client.publish(reply_to, encode(answer), qos=session.TRAFFIC_QOS,
+                             properties=session.reply_properties(correlation))
 
 
 async def _probe_loop(device: Device) -> None:
@@ -127,3 +173,85 @@ class Client:
         """One request; ``deadline`` in seconds (default: the config's ``default_deadline``)."""
         return await self.device.infer(x, deadline if deadline is not None else
                                        parse_duration(self.cfg.default_deadline))
+
+
+class RemoteError(Exception):
+    """deviced answered an application request with an error reply."""
+
+    def __init__(self, reply: ErrorReply) -> None:
+        super().__init__(f"{reply.code.value}: {reply.message}")
+        self.reply = reply
+
+
+class RemoteClient:
+    """An application's handle on a running ``deviced run`` through the broker (the local request topic).
+
+    ``async with RemoteClient(BrokerConfig(port=...), "device-1") as c: result = await c.infer(x, deadline=0.3)``
+    """
+
+    def __init__(self, broker: BrokerConfig, device_id: str, *, client_id: str = "",
+                 prefix: str = DEFAULT_PREFIX) -> None:
+        self.topics = Topics(prefix)
+        self.device_id = device_id
+        self.client_id = client_id or f"app-{os.getpid()}-{next(_app_ids)}"
+        self.broker = broker
+        self._pending: dict[bytes, asyncio.Future[AppResult | ErrorReply]] = {}
+        self._ids = itertools.count()
+        self._stack = contextlib.AsyncExitStack()
+        self._client: aiomqtt.Client | None = None
+
+    async def __aenter__(self) -> RemoteClient:
+        async with contextlib.AsyncExitStack() as stack:
+            self._client = await stack.enter_async_context(session.client(self.broker, identifier=self.client_id))
+            await self._client.subscribe(self.topics.app_responses(self.device_id, self.client_id), qos=1)
+            reader = asyncio.create_task(self._read(self._client), name=f"{self.client_id}-read")
+            stack.push_async_callback(_cancel, reader)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def infer(self, x: npt.NDArray[np.float32], deadline: float = 0.0, *, timeout: float = 5.0) -> AppResult:
+        """One request; ``deadline`` in seconds (0: deviced's default). Raises RemoteError or TimeoutError."""
+        assert self._client is not None, "use RemoteClient as an async context manager"
+        request_id = f"{self.client_id}-{next(self._ids)}"[-64:]
+        correlation = request_id.encode()
+        future: asyncio.Future[AppResult | ErrorReply] = asyncio.get_running_loop().create_future()
+        self._pending[correlation] = future
+        props = session.request_properties(response_topic=self.topics.app_responses(self.device_id, self.client_id),
+                                           correlation=request_id, expiry_s=max(deadline, timeout))
+        try:
+            await self._client.publish(self.topics.device_infer(self.device_id),
+                                       encode(AppRequest(request_id=request_id, tensors={"input": x},
+                                                         deadline_s=deadline)),
+                                       qos=1, properties=props)
+            answer = await asyncio.wait_for(future, timeout=max(deadline, 0.0) + timeout)
+        finally:
+            self._pending.pop(correlation, None)
+        if isinstance(answer, ErrorReply):
+            raise RemoteError(answer)
+        return answer
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            _, correlation = session.response_of(message)
+            future = self._pending.get(correlation or b"")
+            if future is None or future.done() or not isinstance(message.payload, bytes):
+                continue
+            try:
+                answer = decode(message.payload, expect=(AppResult, ErrorReply))
+            except ProtocolError as exc:
+                future.set_exception(exc)
+            else:
+                assert isinstance(answer, AppResult | ErrorReply)
+                future.set_result(answer)
+
+
+_app_ids = itertools.count()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -164,9 +164,54 @@ class Status:
             check_id(self.sender, "sender")
 
 
-Message = InferRequest | InferResult | ErrorReply | Probe | ProbeReply | Advert | Status
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AppRequest:
+    """Application -> its device's deviced (``Topics.device_infer``): one model input and a deadline."""
+
+    kind: ClassVar[str] = "app_infer"
+    request_id: str
+    tensors: Tensors  # one tensor: the model input (deviced checks its size against the bundle)
+    deadline_s: float = 0.0  # 0: deviced's default deadline
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        _check_tensors(self.tensors)
+        if len(self.tensors) != 1:
+            raise MalformedMessage("an app request carries exactly one input tensor")
+        _check_float(self.deadline_s, "deadline_s")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AppResult:
+    """deviced -> application: the answer and how it was reached (an ``Outcome`` on the wire)."""
+
+    kind: ClassVar[str] = "app_result"
+    request_id: str
+    outputs: Tensors  # {"logits": ...}
+    exit: int
+    where: str  # device | edge | split | fallback
+    latency_s: float
+    deadline_s: float
+    fallback: str = ""  # why the edge part was abandoned, if it was
+    edge_id: str = ""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        _check_tensors(self.outputs)
+        _check_int(self.exit, "exit", 1)
+        if self.where not in ("device", "edge", "split", "fallback"):
+            raise MalformedMessage(f"bad where {self.where!r}")
+        _check_float(self.latency_s, "latency_s")
+        _check_float(self.deadline_s, "deadline_s")
+        _check_str(self.fallback, "fallback", 64)
+        if self.edge_id:
+            check_id(self.edge_id, "edge id")
+
+
+Message = (InferRequest | InferResult | ErrorReply | Probe | ProbeReply | Advert | Status | AppRequest
+           | AppResult)
 KINDS: dict[str, type[Message]] = {c.kind: c for c in (InferRequest, InferResult, ErrorReply, Probe,
-                                                        ProbeReply, Advert, Status)}
+                                                        ProbeReply, Advert, Status, AppRequest, AppResult)}
 _TENSOR_FIELDS = ("tensors", "outputs")
 
 

@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TextIO, cast
 
 import aiomqtt
 import structlog
@@ -48,9 +48,10 @@ class BrokerConfig:
             raise ValueError(f"bad broker port {self.port}")
 
 
-def client(cfg: BrokerConfig, *, identifier: str, will_topic: str, sender: str) -> aiomqtt.Client:
-    """A fresh client whose last will marks ``will_topic`` offline (retained)."""
-    will = aiomqtt.Will(will_topic, encode(Status(state="offline", sender=sender)), qos=1, retain=True)
+def client(cfg: BrokerConfig, *, identifier: str, will_topic: str = "", sender: str = "") -> aiomqtt.Client:
+    """A fresh client; with ``will_topic``, its last will marks that topic offline (retained)."""
+    will = (aiomqtt.Will(will_topic, encode(Status(state="offline", sender=sender)), qos=1, retain=True)
+            if will_topic else None)
     return aiomqtt.Client(
         cfg.host, cfg.port, identifier=identifier, protocol=aiomqtt.ProtocolVersion.V5, will=will,
         username=cfg.username or None, password=os.environ.get(PASSWORD_ENV) or None,
@@ -112,8 +113,25 @@ def configure_logging(level: str = "info", stream: TextIO = sys.stdout) -> None:
                     structlog.processors.TimeStamper(fmt="iso"), structlog.processors.format_exc_info,
                     structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=structlog.PrintLoggerFactory(cast(TextIO, _SafeStream(stream))),
     )
+
+
+class _SafeStream:
+    """A log stream that never raises into a daemon's tasks: a closed or broken stream drops the line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return 0
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
 
 
 def install_signal_handlers(shutdown: asyncio.Event) -> None:

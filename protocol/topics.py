@@ -76,6 +76,11 @@ class Topics:
         """Response topic of one application client of a device."""
         return f"{self.prefix}/dev/{check_id(device_id)}/app/{check_id(client_id)}"
 
+    def is_app_response(self, device_id: str, topic: str) -> bool:
+        """Whether ``topic`` is one of ``app_responses(device_id, ...)`` (deviced answers nowhere else)."""
+        base = f"{self.prefix}/dev/{check_id(device_id)}/app/"
+        return topic.startswith(base) and _ID.match(topic[len(base):]) is not None
+
     def edge_id_of(self, topic: str) -> str:
         """The edge id in an ``.../edge/<id>/...`` topic."""
         parts = topic.split("/")

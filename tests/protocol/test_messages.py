@@ -10,6 +10,8 @@ from protocol import PROTOCOL_VERSION
 from protocol.errors import ErrorCode, MalformedMessage, MessageTooLarge, ProtocolError, TensorError, VersionMismatch
 from protocol.messages import (
     Advert,
+    AppRequest,
+    AppResult,
     ErrorReply,
     InferRequest,
     InferResult,
@@ -45,6 +47,9 @@ MESSAGES: list[Message] = [
     Advert(edge_id="edge-a", bundles={DIGEST: "fmnist"}, latency_model={"format": "coinfer.latency/1"},
            queue_depth=2, service_s=0.004, workers=1),
     Status(state="online", sender="edge-a"),
+    AppRequest(request_id="a-1", tensors={"input": np.zeros((1, 1, 28, 28), np.float32)}, deadline_s=0.3),
+    AppResult(request_id="a-1", outputs={"logits": np.ones((1, 10), np.float32)}, exit=5, where="split",
+              latency_s=0.05, deadline_s=0.3, fallback="", edge_id="edge-a"),
 ]
 
 
@@ -141,3 +146,15 @@ def test_topics() -> None:
         t.device_responses("#")
     with pytest.raises(ValueError):
         Topics("bad/#")
+    assert t.is_app_response("pi-1", "test-1/dev/pi-1/app/ui")
+    assert not t.is_app_response("pi-1", "test-1/dev/pi-2/app/ui")
+    assert not t.is_app_response("pi-1", "test-1/dev/pi-1/app/ui/x")
+    assert not t.is_app_response("pi-1", "test-1/dev/pi-1/resp")
+
+
+def test_app_request_carries_one_input() -> None:
+    with pytest.raises(MalformedMessage, match="exactly one"):
+        AppRequest(request_id="a", tensors={"a": np.zeros(1, np.float32), "b": np.zeros(1, np.float32)})
+    with pytest.raises(MalformedMessage, match="where"):
+        AppResult(request_id="a", outputs={"l": np.zeros(1, np.float32)}, exit=1, where="moon", latency_s=0,
+                  deadline_s=0)
