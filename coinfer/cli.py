@@ -104,9 +104,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--mosquitto-conf", type=Path, default=Path(__file__).resolve().parent.parent / "mosquitto.conf")
     s.set_defaults(func=cmd_demo)
 
+    s = sub.add_parser("testbed", help="the emulated device + link (network namespaces, tc tbf, CPU cgroup; root)")
+    s.add_argument("action", choices=["up", "down"])
+    s.add_argument("--uplink", default="1Mbps")
+    s.add_argument("--cpu-quota", type=float, default=0.1)
+    s.set_defaults(func=cmd_testbed)
+
     s = sub.add_parser("bench", help="benchmarks that write numbers to a file")
-    s.add_argument("what", choices=["planner", "transport"])
-    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("what", choices=["planner", "transport", "edgent"])
+    s.add_argument("--out", required=True, type=Path, help="a JSON file (edgent: a folder)")
+    s.add_argument("--loopback", action="store_true",
+                   help="edgent: no namespaces/tc/cgroup (no root): emulate link and device in-app, labelled so")
+    s.add_argument("--cpu-quota", type=float, default=0.1, help="edgent: the device's share of one core")
+    s.add_argument("--per-point", type=int, default=20, help="edgent: requests per measured point")
     s.add_argument("--requests", type=int, default=20000)
     s.set_defaults(func=cmd_bench)
     return p
@@ -299,7 +309,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          mosquitto_conf=args.mosquitto_conf)
 
 
+def cmd_testbed(args: argparse.Namespace) -> int:
+    from coinfer import testbed
+
+    try:
+        if args.action == "down":
+            testbed.check_privileges()
+            testbed.down()
+            print("testbed removed")
+            return 0
+        bed = testbed.Testbed(testbed.Emulation(uplink_bps=units.parse_bandwidth(args.uplink),
+                                                cpu_quota=args.cpu_quota))
+        bed.up()
+    except testbed.TestbedError as exc:
+        print(f"coinfer: error: {exc}", file=sys.stderr)
+        return 2
+    for key, value in bed.describe().items():
+        print(f"{key}: {value}")
+    print(f"edge side:   {' '.join(bed.edge_argv(['CMD']))}\ndevice side: {' '.join(bed.device_argv(['CMD']))}\n"
+          f"change the link: ip netns exec {testbed.NS_DEVICE} tc qdisc change dev {testbed.VETH_DEVICE} root "
+          f"{' '.join(testbed.tbf_args(5e5))}\nremove: coinfer testbed down")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "edgent":
+        from coinfer import experiments, testbed
+
+        settings = experiments.Settings(requests=args.per_point, loopback=args.loopback,
+                                        emulation=testbed.Emulation(cpu_quota=args.cpu_quota))
+        try:
+            experiments.run(args.out, settings, log=lambda text: print(text, flush=True))
+        except testbed.TestbedError as exc:
+            print(f"coinfer: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.what == "transport":
         doc = bench.transport_bench()
         args.out.write_text(json.dumps(doc, indent=1) + "\n")

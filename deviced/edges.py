@@ -15,6 +15,9 @@ from protocol.messages import Advert, Status
 
 log = structlog.get_logger()
 SUSPECT_S = 5.0
+# A short deadline makes the device stop waiting early, so one unanswered request says little about the
+# edge; this many in a row with nothing heard from it in between does.
+SUSPECT_AFTER = 3
 
 
 @dataclass(slots=True)
@@ -25,6 +28,7 @@ class EdgeView:
     candidates: edgent.Candidates | None = None  # our exits costed with this edge's latency model
     model_key: str = ""
     suspect_until: float = 0.0  # a request timed out: avoid this edge until then
+    unanswered: int = 0  # requests in a row that timed out with nothing heard from the edge
 
     @property
     def queue_wait_s(self) -> float:
@@ -75,8 +79,19 @@ class EdgeDirectory:
         usable = [v for v in self.edges.values() if self.usable(v, now)]
         return min(usable, key=lambda v: (v.queue_wait_s, v.edge_id)) if usable else None
 
-    def mark_suspect(self, edge_id: str, now: float) -> None:
-        """A request to ``edge_id`` went unanswered: prefer others (or the device) for ``SUSPECT_S``."""
-        if edge_id in self.edges:
-            self.edges[edge_id].suspect_until = now + SUSPECT_S
+    def on_timeout(self, edge_id: str, now: float) -> None:
+        """A request to ``edge_id`` went unanswered in time; after ``SUSPECT_AFTER`` in a row with nothing
+        heard from it, prefer others (or the device) for ``SUSPECT_S``."""
+        view = self.edges.get(edge_id)
+        if view is None:
+            return
+        view.unanswered += 1
+        if view.unanswered >= SUSPECT_AFTER:
+            view.suspect_until, view.unanswered = now + SUSPECT_S, 0
             log.warning("edge_suspect", edge_id=edge_id, for_s=SUSPECT_S)
+
+    def heard_from(self, edge_id: str) -> None:
+        """Any reply from ``edge_id``, even one too late to use: it is alive."""
+        view = self.edges.get(edge_id)
+        if view is not None:
+            view.unanswered = 0

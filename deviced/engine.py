@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,6 +41,7 @@ from protocol.topics import Topics
 
 log = structlog.get_logger()
 PROBE_TIMEOUT_S = 2.0
+Policy = Callable[[edgent.Candidates, edgent.Conditions], edgent.Plan]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,8 +95,12 @@ class Device:
         self.metrics.bandwidth.set(self.link.bandwidth_bps)
 
     # ---- requests -------------------------------------------------------------------------------
-    async def infer(self, x: npt.NDArray[np.float32], deadline_s: float) -> Outcome:
-        """Answer one input within ``deadline_s`` if possible; always ends with a result."""
+    async def infer(self, x: npt.NDArray[np.float32], deadline_s: float, *,
+                    policy: Policy | None = None) -> Outcome:
+        """Answer one input within ``deadline_s`` if possible; always ends with a result.
+
+        ``policy`` replaces the Edgent search (experiments: the baselines, or one forced plan).
+        """
         start = time.monotonic()
         request_id = f"{self._prefix}-{next(self._ids)}"
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(self.bundle.input_shape)
@@ -107,27 +112,32 @@ class Device:
             return await self._finish_local(request_id, feed, plan, start, deadline_s, link, None, "no_edge")
         cond = edgent.Conditions(bandwidth_bps=link.bandwidth_bps, deadline_s=deadline_s, rtt_s=link.rtt_s,
                                  edge_queue_s=edge.queue_wait_s)
-        plan = edgent.plan(edge.candidates, cond)
-        if not plan.feasible:
-            plan = edgent.plan(edge.candidates, replace(cond, deadline_s=1e9))
-            plan = self._local_plan(deadline_s) if plan.where == "device" else plan
+        if policy is not None:
+            plan = policy(edge.candidates, cond)
+            if plan.exit is None:  # the policy has no plan: its fastest way, on the device
+                plan = self._local_plan(deadline_s)
+        else:
+            plan = edgent.plan(edge.candidates, cond)
+            if not plan.feasible:
+                plan = edgent.plan(edge.candidates, replace(cond, deadline_s=1e9))
+                plan = self._local_plan(deadline_s) if plan.where == "device" else plan
         self._observe_plan(plan)
         assert plan.exit is not None and plan.cut is not None and plan.n_layers is not None
         if plan.cut == plan.n_layers:
             return await self._finish_local(request_id, feed, plan, start, deadline_s, link, None, None)
-        tensors = feed if plan.cut == 0 else await self._run(self.runner.stage(plan.exit, plan.cut, HEAD), feed)
+        tensors = feed if plan.cut == 0 else await self.run_stage(self.runner.stage(plan.exit, plan.cut, HEAD), feed)
         reply, sent_bytes, sent_at = await self._offload(request_id, edge, plan, tensors, start, deadline_s)
         if isinstance(reply, InferResult):
             received = time.monotonic()
             out_bytes = sum(v.nbytes for v in reply.outputs.values())
             wire_s = received - sent_at - reply.queue_s - reply.compute_s
-            self._update_link(self.link.with_transfer(sent_bytes + out_bytes, wire_s))
+            self.update_link(self.link.with_transfer(sent_bytes + out_bytes, wire_s))
             logits = next(iter(reply.outputs.values()))
             where = "edge" if plan.cut == 0 else "split"
             return self._done(request_id, logits, plan.exit, where, plan, edge.edge_id, None, start, deadline_s, link)
         reason = reply.code.value if isinstance(reply, ErrorReply) else "timeout"
         if reason == "timeout":
-            self.edges.mark_suspect(edge.edge_id, time.monotonic())
+            self.edges.on_timeout(edge.edge_id, time.monotonic())
         return await self._fallback(request_id, feed, tensors, plan, start, deadline_s, link, edge.edge_id, reason)
 
     async def _offload(self, request_id: str, edge: EdgeView, plan: edgent.Plan,
@@ -174,13 +184,13 @@ class Device:
         local = self._local_plan(left)
         if rest <= left or (not local.feasible and rest <= (local.predicted_s or 0.0)):
             if plan.cut == 0:
-                out = await self._run(self.runner.stage(plan.exit, plan.n_layers, HEAD), feed)
+                out = await self.run_stage(self.runner.stage(plan.exit, plan.n_layers, HEAD), feed)
             else:
-                out = await self._run(self.runner.stage(plan.exit, plan.cut, TAIL), tensors)
+                out = await self.run_stage(self.runner.stage(plan.exit, plan.cut, TAIL), tensors)
             logits, exit_index = next(iter(out.values())), plan.exit
         else:
             assert local.exit is not None
-            out = await self._run(self.runner.stage(local.exit, len(self.exits[local.exit - 1].layers), HEAD), feed)
+            out = await self.run_stage(self.runner.stage(local.exit, len(self.exits[local.exit - 1].layers), HEAD), feed)
             logits, exit_index = next(iter(out.values())), local.exit
         return self._done(request_id, logits, exit_index, "fallback", plan, edge_id, reason, start, deadline_s, link)
 
@@ -191,7 +201,7 @@ class Device:
         if reason:
             self.metrics.fallbacks.labels(reason).inc()
         n = len(self.exits[plan.exit - 1].layers)
-        out = await self._run(self.runner.stage(plan.exit, n, HEAD), feed)
+        out = await self.run_stage(self.runner.stage(plan.exit, n, HEAD), feed)
         return self._done(request_id, next(iter(out.values())), plan.exit, "device", plan, edge_id, reason, start,
                           deadline_s, link)
 
@@ -224,7 +234,7 @@ class Device:
         self.metrics.cut.set(plan.cut or 0)
         self.metrics.accuracy.set(plan.accuracy or 0)
 
-    async def _run(self, stage: Stage, feed: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+    async def run_stage(self, stage: Stage, feed: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         """Run a stage off the event loop; with ``emulate_slowdown`` > 1 stretch it like a slower CPU."""
         start = time.monotonic()
         out = await asyncio.to_thread(stage.run, feed)
@@ -232,12 +242,16 @@ class Device:
             await asyncio.sleep((self.cfg.emulate_slowdown - 1.0) * (time.monotonic() - start))
         return out
 
+    def set_emulated_uplink(self, bps: float) -> None:
+        """Change the in-application uplink emulation (0: off) while running."""
+        self._emulated_bps = bps
+
     async def _emulate_upload(self, nbytes: int) -> None:
         if self._emulated_bps:
             async with self._uplink:
                 await asyncio.sleep(8.0 * nbytes / self._emulated_bps)
 
-    def _update_link(self, link: bandwidth.LinkEstimate) -> None:
+    def update_link(self, link: bandwidth.LinkEstimate) -> None:
         self.link = link
         self.metrics.bandwidth.set(link.bandwidth_bps)
 
@@ -266,7 +280,7 @@ class Device:
             finally:
                 self._pending.pop(probe_id, None)
         estimate = bandwidth.from_probes(samples)
-        self._update_link(replace(estimate, samples=self.link.samples + len(samples)))
+        self.update_link(replace(estimate, samples=self.link.samples + len(samples)))
         log.info("link_probed", edge_id=edge_id, bandwidth_bps=round(estimate.bandwidth_bps), rtt_s=estimate.rtt_s)
         return self.link
 
@@ -279,6 +293,7 @@ class Device:
             elif isinstance(msg, Advert):
                 self.edges.on_advert(self.topics.edge_id_of(topic), msg)
             elif isinstance(msg, (InferResult, ErrorReply, ProbeReply)):
+                self.edges.heard_from(msg.sender if isinstance(msg, ErrorReply) else msg.edge_id)
                 key = msg.probe_id if isinstance(msg, ProbeReply) else msg.request_id
                 future = self._pending.get(key)
                 if future is not None and not future.done():

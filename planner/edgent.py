@@ -208,6 +208,15 @@ def baselines(c: Candidates, cond: Conditions) -> dict[str, Plan]:
             "exit_only": exit_only}
 
 
+def fixed_plan(c: Candidates, cond: Conditions, exit_index: int, cut: int) -> Plan:
+    """The plan running exit ``exit_index`` (1-based) with ``cut`` layers on the device, as predicted now."""
+    hits = np.flatnonzero((c.exit == exit_index - 1) & (c.cut == cut))
+    if hits.size == 0:
+        raise PlannerError(f"exit {exit_index} has no cut after {cut} layers")
+    total, transfer = latencies(c, cond)
+    return _plan_at(c, int(hits[0]), total, transfer, cond)
+
+
 def local_plan(c: Candidates, cond: Conditions) -> Plan:
     """The most accurate exit that meets the deadline on the device alone; else the fastest (infeasible)."""
     total, transfer = latencies(c, cond)

@@ -88,6 +88,15 @@ class LatencyModel:
     def stage_overhead_s(self) -> float:
         return self.stage_overhead * UNIT_SECONDS[self.unit]
 
+    def scaled(self, factor: float, stage_overhead_s: float, *, name: str, meta: Mapping[str, Any]) -> LatencyModel:
+        """This model slowed down ``factor`` times, with a new per-stage overhead (see ``calibrate_stages``)."""
+        if not factor > 0 or stage_overhead_s < 0:
+            raise LatencyModelError(f"bad scaling {factor} / overhead {stage_overhead_s}")
+        types = {k: TypeModel(variables=m.variables, coef=tuple(c * factor for c in m.coef),
+                              intercept=m.intercept * factor, fit=m.fit) for k, m in self.types.items()}
+        return LatencyModel(name=name, types=types, unit=self.unit,
+                            stage_overhead=stage_overhead_s / UNIT_SECONDS[self.unit], meta=meta)
+
     def to_json(self) -> dict[str, Any]:
         """The plain-JSON document ``from_json`` reads back."""
         return {
@@ -177,3 +186,21 @@ def _reject_unknown(doc: Mapping[str, Any], allowed: set[str], where: str) -> No
     unknown = sorted(set(doc) - allowed)
     if unknown:
         raise LatencyModelError(f"{where}: unknown key(s) {unknown}")
+
+
+def calibrate_stages(predicted_s: Sequence[float], measured_s: Sequence[float]) -> tuple[float, float]:
+    """(slowdown, per-stage overhead in s) with ``measured = slowdown * predicted + overhead``.
+
+    For a host whose per-layer timings do not add up to what whole stages take (a CPU quota throttles a
+    process in whole periods, wherever it is), measured whole stages calibrate a model fitted elsewhere.
+    Least squares weighted by 1/measured, so that small and large stages count alike in relative terms.
+    """
+    x, y = np.asarray(predicted_s, dtype=np.float64), np.asarray(measured_s, dtype=np.float64)
+    if x.size < 2 or x.size != y.size or np.ptp(x) <= 0 or (y <= 0).any():
+        raise LatencyModelError("calibration needs stages of at least two different predicted sizes")
+    w = 1.0 / y
+    design = np.stack([x, np.ones_like(x)], axis=1) * w[:, None]
+    (slope, overhead), *_ = np.linalg.lstsq(design, y * w, rcond=None)
+    if slope <= 0:
+        raise LatencyModelError(f"calibration found a non-positive slowdown {slope:.3g}")
+    return float(slope), max(float(overhead), 0.0)

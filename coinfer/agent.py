@@ -1,0 +1,193 @@
+"""The device side of ``coinfer bench edgent``: deviced in one process, driven by JSON lines on stdin.
+
+It runs inside the testbed's device namespace and CPU cgroup. Each command line gets one JSON answer line
+on stdout (logs go to stderr). Commands::
+
+    {"op": "probe", "repeats": 5}                          -> {"bandwidth_bps", "rtt_s"}
+    {"op": "uplink", "bps": 5e5}                           -> {} (loopback mode: the in-app emulation)
+    {"op": "run", "method": "coinfer", "deadline_s": 0.05, "first": 0, "count": 20}
+    {"op": "run", "method": "fixed", "exit": 5, "cut": 0, ...}      -> {"records": [...]}
+    {"op": "stream", "mode": "coinfer"|"fixed", "deadline_s": 0.05, "duration_s": 30, "probe_every_s": 2}
+    {"op": "stages", "repeats": 10}   -> {"stages": [{"exit", "cut", "median_s"}]} (head stages, timed)
+
+``method`` is ``coinfer`` (the Edgent search with deviced's own fallback), one of the baselines, or
+``fixed``; a baseline or fixed plan is chosen at the request's deadline and then run to completion (no
+fallback), and ``met`` is judged against that deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coinfer.experiments import trace_bps
+from deviced.config import DevicedConfig
+from deviced.engine import Outcome, Policy
+from deviced.service import Client
+from models.data import load_fashion_mnist, preprocess
+from models.runtime import HEAD
+from planner import edgent
+from planner.bandwidth import LinkEstimate
+from protocol.session import BrokerConfig, configure_logging
+
+RUN_TO_COMPLETION_S = 60.0  # execution deadline of forced plans: they finish wherever they run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="coinfer-agent", description=__doc__.split("\n\n")[0])
+    p.add_argument("--broker-host", default="127.0.0.1")
+    p.add_argument("--broker-port", type=int, required=True)
+    p.add_argument("--device-model", type=Path, required=True)
+    p.add_argument("--images", type=int, default=500)
+    p.add_argument("--emulate-uplink", default="", help="loopback mode only")
+    p.add_argument("--emulate-slowdown", type=float, default=1.0, help="loopback mode only")
+    args = p.parse_args(argv)
+    configure_logging("warning", stream=sys.stderr)
+    cfg = DevicedConfig(device_id="testbed-device", latency_model=args.device_model, probe_interval_s=0,
+                        broker=BrokerConfig(host=args.broker_host, port=args.broker_port),
+                        emulate_uplink=args.emulate_uplink, emulate_slowdown=args.emulate_slowdown)
+    return asyncio.run(_serve(cfg, args.images))
+
+
+async def _serve(cfg: DevicedConfig, n_images: int) -> int:
+    images, labels = load_fashion_mnist("test")
+    x, y = preprocess(images[:n_images]), labels[:n_images]
+    loop = asyncio.get_running_loop()
+    async with Client(cfg) as client:
+        _answer({"ready": await client.wait_for_edge(60)})
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            cmd = json.loads(line)
+            try:
+                _answer(await _command(client, cmd, x, y))
+            except Exception as exc:  # answered, so the orchestrator sees what failed
+                _answer({"error": f"{type(exc).__name__}: {exc}"})
+    return 0
+
+
+def _answer(doc: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(doc) + "\n")
+    sys.stdout.flush()
+
+
+async def _command(client: Client, cmd: dict[str, Any], x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    device = client.device
+    op = cmd["op"]
+    if op == "uplink":
+        device.set_emulated_uplink(float(cmd["bps"]))
+        return {}
+    if op == "probe":
+        return await _probe(client, int(cmd.get("repeats", 5)))
+    if op == "run":
+        deadline = float(cmd["deadline_s"])
+        policy, exec_deadline = _policy(cmd, deadline)
+        records = []
+        for i in range(int(cmd["first"]), int(cmd["first"]) + int(cmd["count"])):
+            j = i % len(x)
+            outcome = await device.infer(x[j], exec_deadline, policy=policy)
+            records.append(_record(outcome, deadline, int(y[j]), method=cmd["method"]))
+        return {"records": records}
+    if op == "stream":
+        return await _stream(client, cmd, x, y)
+    if op == "stages":
+        return {"stages": await _stages(client, x, int(cmd.get("repeats", 10)))}
+    raise ValueError(f"unknown op {op!r}")
+
+
+async def _probe(client: Client, repeats: int) -> dict[str, Any]:
+    device = client.device
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10.0  # an edge marked suspect after a timeout is usable again within seconds
+    while (edge := device.edges.choose(loop.time())) is None and loop.time() < end:
+        await asyncio.sleep(0.1)
+    if edge is None:
+        raise RuntimeError("no edge server known")
+    found = [e for _ in range(repeats) if (e := await device.probe(edge.edge_id)) is not None]
+    if not found:
+        raise RuntimeError("no probe was answered")
+    estimate = LinkEstimate(bandwidth_bps=statistics.median(e.bandwidth_bps for e in found),
+                            rtt_s=statistics.median(e.rtt_s for e in found), samples=len(found))
+    device.update_link(estimate)
+    return {"bandwidth_bps": estimate.bandwidth_bps, "rtt_s": estimate.rtt_s, "probes": len(found)}
+
+
+async def _stages(client: Client, x: np.ndarray, repeats: int) -> list[dict[str, Any]]:
+    """Median wall time of head stages (exit, cut) run the way deviced runs them: for calibration."""
+    device, rows = client.device, []
+    feed = {device.bundle.input_name: x[0].reshape(device.bundle.input_shape)}
+    for e, info in enumerate(device.exits, 1):
+        n = len(info.layers)
+        for cut in sorted({max(1, n // 4), n // 2, 3 * n // 4, n}):
+            stage = device.runner.stage(e, cut, HEAD)
+            await device.run_stage(stage, feed)  # warm: session creation is not a stage time
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                await device.run_stage(stage, feed)
+                times.append(time.perf_counter() - start)
+            rows.append({"exit": e, "cut": cut, "median_s": statistics.median(times)})
+    return rows
+
+
+def _policy(cmd: dict[str, Any], deadline: float) -> tuple[Policy | None, float]:
+    """(policy, execution deadline) of a ``run`` command."""
+    method = cmd["method"]
+    if method == "coinfer":
+        return None, deadline
+    if method == "fixed":
+        return functools.partial(_fixed, exit_index=int(cmd["exit"]), cut=int(cmd["cut"])), RUN_TO_COMPLETION_S
+    if method not in edgent.BASELINES:
+        raise ValueError(f"unknown method {method!r}")
+    return (lambda c, cond: edgent.baselines(c, replace(cond, deadline_s=deadline))[method]), RUN_TO_COMPLETION_S
+
+
+async def _stream(client: Client, cmd: dict[str, Any], x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Requests back to back for ``duration_s`` while the orchestrator changes the link under them."""
+    device, deadline = client.device, float(cmd["deadline_s"])
+    fixed: Policy | None = None
+    records, start, next_probe, i = [], time.monotonic(), 0.0, 0
+    every = float(cmd.get("probe_every_s", 0))
+    emulate_trace = bool(cmd.get("emulate_trace"))  # loopback mode: the trace is played in-app, here
+    while (now := time.monotonic() - start) < float(cmd["duration_s"]):
+        if emulate_trace:
+            device.set_emulated_uplink(trace_bps(now))
+        if cmd["mode"] == "coinfer" and every and now >= next_probe:
+            edge = device.edges.choose(asyncio.get_running_loop().time())
+            if edge is not None:
+                await device.probe(edge.edge_id)
+            next_probe = now + every
+        j = i % len(x)
+        if cmd["mode"] == "coinfer":
+            outcome = await device.infer(x[j], deadline)
+        else:
+            outcome = await device.infer(x[j], RUN_TO_COMPLETION_S if fixed else deadline, policy=fixed)
+            if fixed is None:  # the plan the first request got, kept for the whole trace
+                fixed = functools.partial(_fixed, exit_index=outcome.plan.exit or 1, cut=outcome.plan.cut or 0)
+        records.append({**_record(outcome, deadline, int(y[j]), method=cmd["mode"]), "t": round(now, 4)})
+        i += 1
+    return {"records": records}
+
+
+def _fixed(c: edgent.Candidates, cond: edgent.Conditions, *, exit_index: int, cut: int) -> edgent.Plan:
+    return edgent.fixed_plan(c, cond, exit_index, cut)
+
+
+def _record(o: Outcome, deadline: float, label: int, *, method: str) -> dict[str, Any]:
+    return {"method": method, "deadline_s": deadline, "plan_exit": o.plan.exit, "plan_cut": o.plan.cut,
+            "where": o.where, "exit": o.exit, "predicted_s": o.plan.predicted_s, "latency_s": o.latency_s,
+            "met": o.latency_s <= deadline, "correct": int(np.argmax(o.logits)) == label, "fallback": o.fallback,
+            "bandwidth_est_bps": o.bandwidth_bps}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The emulated testbed: a device and an edge server on one Linux machine.
+
+Two network namespaces (device, edge) joined by a veth pair; the device's uplink shaped with ``tc tbf``
+(changeable while running); the device's processes in a cgroup with a CPU quota (v1 ``cpu.cfs_quota_us``
+or v2 ``cpu.max``) so that its compute is Pi-class. Needs root. Without it, ``Testbed(loopback=True)``
+runs everything on 127.0.0.1 with the uplink and the device's slowness emulated inside deviced, and
+every output says so (``describe()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+NS_DEVICE, NS_EDGE = "coinfer-dev", "coinfer-edge"
+VETH_DEVICE, VETH_EDGE = "cfdev0", "cfedge0"
+DEVICE_IP, EDGE_IP = "10.77.0.2", "10.77.0.1"
+CGROUP_NAME = "coinfer-device"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+class TestbedError(RuntimeError):
+    """The testbed cannot be set up here (no root, no ``ip``/``tc``, no cgroup cpu controller)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Emulation:
+    """What the testbed emulates; stated beside every figure."""
+
+    uplink_bps: float = 1e6
+    cpu_quota: float = 0.1  # share of one core the device gets
+    cpu_period_us: int = 10_000  # short, so one inference spans many periods
+
+    def __post_init__(self) -> None:
+        if not 0.01 <= self.cpu_quota <= 1.0 or not 1000 <= self.cpu_period_us <= 1_000_000:
+            raise ValueError("cpu_quota must be in [0.01, 1] and cpu_period_us in [1000, 1000000]")
+        if self.cpu_quota * self.cpu_period_us < 1000:
+            raise ValueError("the kernel's smallest CPU quota is 1 ms per period: lengthen the period")
+
+
+def tbf_args(bps: float) -> list[str]:
+    """``tc`` arguments of a token bucket at ``bps``: 20 ms of burst (at least one MTU) and 2 s of queue."""
+    burst = max(1600, int(bps / 8 * 0.02))
+    limit = max(64_000, int(bps / 8 * 2.0))
+    return ["tbf", "rate", f"{int(bps)}bit", "burst", str(burst), "limit", str(limit)]
+
+
+class Testbed:
+    """``with Testbed(Emulation(...)) as bed:`` sets it up, and always tears it down (also on SIGTERM)."""
+
+    def __init__(self, emulation: Emulation, *, loopback: bool = False) -> None:
+        self.emulation = emulation
+        self.loopback = loopback
+        self.uplink_bps = emulation.uplink_bps
+        self._cgroup: Path | None = None
+        self._procs_file: Path | None = None
+
+    # ---- where things run ------------------------------------------------------------------------
+    @property
+    def edge_host(self) -> str:
+        return "127.0.0.1" if self.loopback else EDGE_IP
+
+    def device_argv(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` as a process of the emulated device: in its cgroup, then in its namespace."""
+        if self.loopback:
+            return list(argv)
+        assert self._procs_file is not None
+        return ["sh", "-c", 'echo $$ > "$0" && exec ip netns exec ' + NS_DEVICE + ' "$@"', str(self._procs_file),
+                *argv]
+
+    def edge_argv(self, argv: Sequence[str]) -> list[str]:
+        return list(argv) if self.loopback else ["ip", "netns", "exec", NS_EDGE, *argv]
+
+    def describe(self) -> dict[str, Any]:
+        """The emulation parameters, for every output that uses the testbed."""
+        e = self.emulation
+        if self.loopback:
+            return {"mode": "loopback (NOT the namespace testbed: no root)", "uplink": "emulated in deviced "
+                    "(each upload delayed by bytes / rate)", "device_cpu": f"deviced stretches its compute by "
+                    f"{1 / e.cpu_quota:.0f}x", "edge_cpu": "this host, unconstrained"}
+        return {"mode": "netns testbed", "link": f"veth {VETH_DEVICE} ({NS_DEVICE}, {DEVICE_IP}) <-> {VETH_EDGE} "
+                f"({NS_EDGE}, {EDGE_IP})", "uplink": f"tc tbf on {VETH_DEVICE} egress; downlink unshaped",
+                "device_cpu": f"cgroup {self._cgroup}: {e.cpu_quota:.0%} of one core "
+                f"(quota {int(e.cpu_quota * e.cpu_period_us)} us per {e.cpu_period_us} us)",
+                "edge_cpu": "this host, unconstrained", "delay": "none added (netem unavailable)"}
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def __enter__(self) -> Testbed:
+        previous = signal.getsignal(signal.SIGTERM)
+        self._previous_sigterm = previous
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            signal.signal(signal.SIGTERM, previous)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+        signal.signal(signal.SIGTERM, self._previous_sigterm)
+
+    def up(self) -> None:
+        if self.loopback:
+            return
+        check_privileges()
+        down()  # a testbed left over by a killed run
+        self._cgroup, self._procs_file = _make_cgroup(self.emulation)
+        for ns in (NS_DEVICE, NS_EDGE):
+            _sh("ip", "netns", "add", ns)
+        _sh("ip", "link", "add", VETH_DEVICE, "type", "veth", "peer", "name", VETH_EDGE)
+        for ns, dev, ip in ((NS_DEVICE, VETH_DEVICE, DEVICE_IP), (NS_EDGE, VETH_EDGE, EDGE_IP)):
+            _sh("ip", "link", "set", dev, "netns", ns)
+            _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            _sh("ip", "-n", ns, "link", "set", dev, "up")
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        _sh("ip", "netns", "exec", NS_DEVICE, "tc", "qdisc", "add", "dev", VETH_DEVICE, "root",
+            *tbf_args(self.uplink_bps))
+
+    def set_uplink(self, bps: float) -> None:
+        """Change the device's uplink rate while everything runs (loopback: the caller tells deviced)."""
+        self.uplink_bps = bps
+        if not self.loopback:
+            _sh("ip", "netns", "exec", NS_DEVICE, "tc", "qdisc", "change", "dev", VETH_DEVICE, "root",
+                *tbf_args(bps))
+
+    def down(self) -> None:
+        if not self.loopback:
+            down()
+
+
+def check_privileges() -> None:
+    if os.geteuid() != 0:
+        raise TestbedError("the namespace testbed needs root (network namespaces, tc, cgroups); run as root, "
+                           "or pass --loopback for the in-application emulation (labelled as such)")
+    for tool in ("ip", "tc"):
+        if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode != 0:
+            raise TestbedError(f"`{tool}` not found: install iproute2")
+
+
+def down() -> None:
+    """Remove the testbed's namespaces, veth pair and cgroup, killing what runs in them (idempotent)."""
+    for ns in (NS_DEVICE, NS_EDGE):
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    for cgroup in (CGROUP_ROOT / "cpu" / CGROUP_NAME, CGROUP_ROOT / CGROUP_NAME):
+        if cgroup.is_dir():
+            for _ in range(50):
+                procs = (cgroup / "cgroup.procs").read_text().split()
+                for pid in procs:
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(pid), signal.SIGKILL)
+                with contextlib.suppress(OSError):
+                    cgroup.rmdir()
+                    break
+                time.sleep(0.1)
+
+
+def _make_cgroup(e: Emulation) -> tuple[Path, Path]:
+    v1 = CGROUP_ROOT / "cpu"
+    quota = int(e.cpu_quota * e.cpu_period_us)
+    if (v1 / "cpu.cfs_quota_us").exists():
+        cg = v1 / CGROUP_NAME
+        cg.mkdir(exist_ok=True)
+        (cg / "cpu.cfs_period_us").write_text(str(e.cpu_period_us))
+        (cg / "cpu.cfs_quota_us").write_text(str(quota))
+        return cg, cg / "cgroup.procs"
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        if "cpu" not in (CGROUP_ROOT / "cgroup.subtree_control").read_text().split():
+            (CGROUP_ROOT / "cgroup.subtree_control").write_text("+cpu")
+        cg = CGROUP_ROOT / CGROUP_NAME
+        cg.mkdir(exist_ok=True)
+        (cg / "cpu.max").write_text(f"{quota} {e.cpu_period_us}")
+        return cg, cg / "cgroup.procs"
+    raise TestbedError("no cgroup cpu controller found under /sys/fs/cgroup (v1 cpu/ or v2 cpu.max)")
+
+
+def _sh(*argv: str) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise TestbedError(f"`{' '.join(argv)}` failed: {done.stderr.strip()}")
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def process(argv: Sequence[str], **kwargs: Any) -> Iterator[subprocess.Popen[str]]:
+    """A child process that is terminated (then killed) when the block ends, however it ends."""
+    proc = subprocess.Popen(list(argv), text=True, **kwargs)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
