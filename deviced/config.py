@@ -24,7 +24,7 @@ class DevicedConfig:
     initial_bandwidth: str = "1Mbps"
     default_deadline: str = "300ms"
     probe_interval_s: float = 10.0  # 0: no active probes (passive estimates only)
-    probe_sizes: tuple[int, ...] = (256, 2048)  # small: a probe shares the uplink with requests
+    probe_sizes: tuple[int, ...] = (256, 2048)  # bytes; the last grows to ~50 ms of transfer at the estimate
     metrics_port: int = 0
     # Emulation for single-machine runs, stated in every output that uses it (0 / 1: off).
     emulate_uplink: str = ""  # e.g. "500kbps": delay each upload as if sent at this rate

@@ -41,6 +41,8 @@ from protocol.topics import Topics
 
 log = structlog.get_logger()
 PROBE_TIMEOUT_S = 2.0
+PROBE_TARGET_S = 0.05
+PROBE_MAX_BYTES = 64 * 1024
 Policy = Callable[[edgent.Candidates, edgent.Conditions], edgent.Plan]
 
 
@@ -168,7 +170,10 @@ class Device:
                 wait = max(deadline_s - (time.monotonic() - start), 0.0)
             try:
                 return await asyncio.wait_for(future, timeout=wait), len(payload), sent_at
-            except TimeoutError:
+            except TimeoutError:  # evidence too: the link is slower than this probe needed
+                bound = 8.0 * len(payload) / PROBE_TIMEOUT_S
+                if bound < self.link.bandwidth_bps:
+                    self.update_link(replace(self.link, bandwidth_bps=bound))
                 return None, len(payload), sent_at
         finally:
             self._pending.pop(request_id, None)
@@ -261,7 +266,11 @@ class Device:
         if self.client is None:
             return None
         samples = []
-        for size in self.cfg.probe_sizes:
+        # the largest probe takes ~PROBE_TARGET_S at the current estimate, so that its transfer time stands
+        # out of the device's scheduling jitter at any rate (a fixed 2 KB is 1.6 ms at 10 Mbps)
+        target = int(self.link.bandwidth_bps / 8 * PROBE_TARGET_S)
+        sizes = (*self.cfg.probe_sizes[:-1], min(PROBE_MAX_BYTES, max(self.cfg.probe_sizes[-1], target)))
+        for size in sizes:
             probe_id = f"{self._prefix}-p{next(self._ids)}"
             future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
             self._pending[probe_id] = future
@@ -275,7 +284,10 @@ class Device:
                                           qos=session.TRAFFIC_QOS, properties=props)
                 await asyncio.wait_for(future, timeout=PROBE_TIMEOUT_S)
                 samples.append((len(payload), time.monotonic() - start))
-            except TimeoutError:
+            except TimeoutError:  # evidence too: the link is slower than this probe needed
+                bound = 8.0 * len(payload) / PROBE_TIMEOUT_S
+                if bound < self.link.bandwidth_bps:
+                    self.update_link(replace(self.link, bandwidth_bps=bound))
                 return None
             finally:
                 self._pending.pop(probe_id, None)
