@@ -10,7 +10,7 @@ APT_PACKAGES := mosquitto dataset-fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench system-deps clean
+.PHONY: run test lint typecheck unit bench bench-edgent system-deps clean
 
 run: $(STAMP) system-deps
 	@echo "== co-inference: mosquitto + edged + deviced on this machine, real Fashion-MNIST images =="
@@ -30,9 +30,14 @@ typecheck: $(STAMP)
 unit: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) system-deps
 	mkdir -p bench-results
 	$(VENV)/bin/coinfer bench planner --out bench-results/planner.json
+	$(VENV)/bin/coinfer bench transport --out bench-results/transport.json
+
+# The Edgent experiments on the namespace testbed (root; ~10 minutes). Results: docs/results/edgent.
+bench-edgent: $(STAMP) system-deps
+	$(SUDO) $(VENV)/bin/coinfer bench edgent --out docs/results/edgent
 
 system-deps:
 	@missing=""; \
@@ -47,7 +52,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev,train]"
+	$(PIP) install -q -e ".[dev,train,bench]"
 	touch $(STAMP)
 
 clean:

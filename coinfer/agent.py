@@ -40,6 +40,7 @@ from models.runtime import HEAD
 from planner import edgent
 from planner.bandwidth import LinkEstimate
 from protocol.session import BrokerConfig, configure_logging
+from protocol.topics import DEFAULT_PREFIX
 
 RUN_TO_COMPLETION_S = 60.0  # execution deadline of forced plans: they finish wherever they run
 
@@ -49,12 +50,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--broker-host", default="127.0.0.1")
     p.add_argument("--broker-port", type=int, required=True)
     p.add_argument("--device-model", type=Path, required=True)
+    p.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
     p.add_argument("--images", type=int, default=500)
     p.add_argument("--emulate-uplink", default="", help="loopback mode only")
     p.add_argument("--emulate-slowdown", type=float, default=1.0, help="loopback mode only")
     args = p.parse_args(argv)
     configure_logging("warning", stream=sys.stderr)
     cfg = DevicedConfig(device_id="testbed-device", latency_model=args.device_model, probe_interval_s=0,
+                        topic_prefix=args.topic_prefix,
                         broker=BrokerConfig(host=args.broker_host, port=args.broker_port),
                         emulate_uplink=args.emulate_uplink, emulate_slowdown=args.emulate_slowdown)
     return asyncio.run(_serve(cfg, args.images))
@@ -113,8 +116,8 @@ async def _probe(client: Client, repeats: int) -> dict[str, Any]:
     if edge is None:
         raise RuntimeError("no edge server known")
     found = [e for _ in range(repeats) if (e := await device.probe(edge.edge_id)) is not None]
-    if not found:
-        raise RuntimeError("no probe was answered")
+    if not found:  # unanswered or uninformative: deviced keeps (and has bounded) its estimate
+        return {"bandwidth_bps": device.link.bandwidth_bps, "rtt_s": device.link.rtt_s, "probes": 0}
     estimate = LinkEstimate(bandwidth_bps=statistics.median(e.bandwidth_bps for e in found),
                             rtt_s=statistics.median(e.rtt_s for e in found), samples=len(found))
     device.update_link(estimate)

@@ -407,11 +407,14 @@ def trace_bps(t: float) -> float:
 
 
 def _notice(records: list[dict[str, Any]], *, at: float, new_bps: float) -> dict[str, Any]:
-    after = [r for r in records if r["t"] >= at]
-    for n, r in enumerate(after, 1):
-        if r["bandwidth_est_bps"] <= 2 * new_bps:
-            return {"seconds": round(r["t"] - at, 3), "requests": n}
-    return {"seconds": None, "requests": None}
+    """Time and requests after the drop at ``at`` until the estimate is within 2x of ``new_bps``."""
+    before = [r["bandwidth_est_bps"] for r in records if r["t"] < at]
+    found: dict[str, Any] = {"seconds": None, "requests": None,
+                             "estimate_before_bps": before[-1] if before else None}
+    for n, r in enumerate((r for r in records if r["t"] >= at), 1):
+        if new_bps / 2 <= r["bandwidth_est_bps"] <= 2 * new_bps:
+            return {**found, "seconds": round(r["t"] - at, 3), "requests": n}
+    return found
 
 
 def _stats(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -557,7 +560,8 @@ def _write_markdown(out: Path, summary: dict[str, Any], calib: dict[str, Any]) -
               f"- plan fixed at start: hit {t['fixed']['hit_rate']:.1%}, accuracy {t['fixed']['accuracy']:.3f} over "
               f"{t['fixed']['requests']} requests",
               f"- 10 -> 1 Mbps drop noticed (estimate within 2x) after {t['notice_drop']['seconds']} s, "
-              f"{t['notice_drop']['requests']} requests", "",
+              f"{t['notice_drop']['requests']} requests (estimate just before the drop: "
+              f"{t['notice_drop']['estimate_before_bps']} bps)", "",
               "![plan vs bandwidth](fig6_bandwidth_plan.png) ![latency](fig7_latency.png)",
               "![plan vs deadline](fig8_deadline_plan.png) ![methods](fig9_accuracy.png)",
               "![oracle](oracle.png) ![trace](trace.png)", ""]

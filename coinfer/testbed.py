@@ -156,16 +156,18 @@ def down() -> None:
                 os.kill(int(pid), signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     for cgroup in (CGROUP_ROOT / "cpu" / CGROUP_NAME, CGROUP_ROOT / CGROUP_NAME):
-        if cgroup.is_dir():
-            for _ in range(50):
+        for _ in range(50):
+            try:
                 procs = (cgroup / "cgroup.procs").read_text().split()
-                for pid in procs:
-                    with contextlib.suppress(ProcessLookupError, ValueError):
-                        os.kill(int(pid), signal.SIGKILL)
-                with contextlib.suppress(OSError):
-                    cgroup.rmdir()
-                    break
-                time.sleep(0.1)
+            except OSError:
+                break  # no such cgroup (any more)
+            for pid in procs:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                cgroup.rmdir()
+                break
+            time.sleep(0.1)
 
 
 def _make_cgroup(e: Emulation) -> tuple[Path, Path]:

@@ -41,7 +41,8 @@ from protocol.topics import Topics
 
 log = structlog.get_logger()
 PROBE_TIMEOUT_S = 2.0
-PROBE_TARGET_S = 0.05
+PROBE_TARGET_S = 0.05  # the large probe is sized to take about this long at the current estimate
+PROBE_MIN_SIGNAL_S = 0.01  # below this extra time for its extra bytes, a probe pair says nothing
 PROBE_MAX_BYTES = 64 * 1024
 Policy = Callable[[edgent.Candidates, edgent.Conditions], edgent.Plan]
 
@@ -94,6 +95,7 @@ class Device:
         self._uplink = asyncio.Lock()
         self._emulated_bps = parse_bandwidth(cfg.emulate_uplink) if cfg.emulate_uplink else 0.0
         self._fastest_local_s = self._local_plan(0.0).predicted_s or 0.0  # the quickest way to any answer
+        self._probe_bytes = cfg.probe_sizes[-1]
         self.metrics.bandwidth.set(self.link.bandwidth_bps)
 
     # ---- requests -------------------------------------------------------------------------------
@@ -195,7 +197,8 @@ class Device:
             logits, exit_index = next(iter(out.values())), plan.exit
         else:
             assert local.exit is not None
-            out = await self.run_stage(self.runner.stage(local.exit, len(self.exits[local.exit - 1].layers), HEAD), feed)
+            stage = self.runner.stage(local.exit, len(self.exits[local.exit - 1].layers), HEAD)
+            out = await self.run_stage(stage, feed)
             logits, exit_index = next(iter(out.values())), local.exit
         return self._done(request_id, logits, exit_index, "fallback", plan, edge_id, reason, start, deadline_s, link)
 
@@ -262,14 +265,12 @@ class Device:
 
     # ---- probes and incoming messages -------------------------------------------------------------
     async def probe(self, edge_id: str) -> bandwidth.LinkEstimate | None:
-        """Time probes of two sizes to ``edge_id``; update and return the estimate (None if unanswered)."""
+        """Time probes of two sizes to ``edge_id``; update and return the estimate (None if a probe went
+        unanswered, or the pair was too close in time to tell a rate)."""
         if self.client is None:
             return None
         samples = []
-        # the largest probe takes ~PROBE_TARGET_S at the current estimate, so that its transfer time stands
-        # out of the device's scheduling jitter at any rate (a fixed 2 KB is 1.6 ms at 10 Mbps)
-        target = int(self.link.bandwidth_bps / 8 * PROBE_TARGET_S)
-        sizes = (*self.cfg.probe_sizes[:-1], min(PROBE_MAX_BYTES, max(self.cfg.probe_sizes[-1], target)))
+        sizes = (*self.cfg.probe_sizes[:-1], self._probe_bytes)
         for size in sizes:
             probe_id = f"{self._prefix}-p{next(self._ids)}"
             future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
@@ -284,15 +285,24 @@ class Device:
                                           qos=session.TRAFFIC_QOS, properties=props)
                 await asyncio.wait_for(future, timeout=PROBE_TIMEOUT_S)
                 samples.append((len(payload), time.monotonic() - start))
-            except TimeoutError:  # evidence too: the link is slower than this probe needed
+            except TimeoutError:  # evidence too: the link is slower than this probe needed; probe smaller
                 bound = 8.0 * len(payload) / PROBE_TIMEOUT_S
                 if bound < self.link.bandwidth_bps:
                     self.update_link(replace(self.link, bandwidth_bps=bound))
+                self._probe_bytes = max(self.cfg.probe_sizes[-1], self._probe_bytes // 4)
                 return None
             finally:
                 self._pending.pop(probe_id, None)
+        if samples[-1][1] - samples[0][1] < PROBE_MIN_SIGNAL_S:
+            # the large probe's extra bytes took less than the device's timing jitter: no information
+            # about the rate; probe larger next time
+            self._probe_bytes = min(PROBE_MAX_BYTES, self._probe_bytes * 4)
+            return None
         estimate = bandwidth.from_probes(samples)
         self.update_link(replace(estimate, samples=self.link.samples + len(samples)))
+        # next time, the large probe takes ~PROBE_TARGET_S at this rate
+        self._probe_bytes = min(PROBE_MAX_BYTES, max(self.cfg.probe_sizes[-1],
+                                                     int(estimate.bandwidth_bps / 8 * PROBE_TARGET_S)))
         log.info("link_probed", edge_id=edge_id, bandwidth_bps=round(estimate.bandwidth_bps), rtt_s=estimate.rtt_s)
         return self.link
 

@@ -125,3 +125,14 @@ def test_bad_conditions_are_rejected(kwargs: dict[str, float]) -> None:
 def test_malformed_manifest_is_a_planner_error() -> None:
     with pytest.raises(PlannerError, match="malformed"):
         edgent.exits_from_manifest({"layers": []})
+
+
+def test_fixed_plan_matches_the_search_for_its_choice(bundle: Bundle, pi3: LatencyModel,
+                                                      desktop: LatencyModel) -> None:
+    c = edgent.compile_candidates(edgent.exits_from_manifest(bundle.manifest), pi3, desktop)
+    cond = edgent.Conditions(bandwidth_bps=5e5, deadline_s=0.3)
+    best = edgent.plan(c, cond)
+    assert best.exit is not None and best.cut is not None
+    assert edgent.fixed_plan(c, cond, best.exit, best.cut) == best
+    with pytest.raises(PlannerError, match="no cut"):
+        edgent.fixed_plan(c, cond, 1, 999)

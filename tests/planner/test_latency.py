@@ -74,3 +74,21 @@ def test_fit_rejects_too_few_samples() -> None:
     with pytest.raises(LatencyModelError, match="cannot fit"):
         fit([Sample(kind="conv", features={"input_bytes": 1.0, "filter_term": 1.0}, latency_s=1.0)], name="x",
             variables=TABLE_I_VARIABLES)
+
+
+def test_calibrate_stages_recovers_slowdown_and_overhead() -> None:
+    from planner.latency import calibrate_stages
+
+    predicted = [0.001, 0.002, 0.004, 0.008]
+    slowdown, overhead = calibrate_stages(predicted, [13 * p + 0.007 for p in predicted])
+    assert slowdown == pytest.approx(13, rel=1e-6) and overhead == pytest.approx(0.007, rel=1e-6)
+    with pytest.raises(LatencyModelError):
+        calibrate_stages([0.001, 0.001], [0.01, 0.02])
+
+
+def test_scaled_model_multiplies_predictions(pi3: LatencyModel) -> None:
+    feats = {"input_bytes": 4e4, "output_bytes": 4e4, "filter_term": 800.0, "flops": 1e6}
+    slow = pi3.scaled(3.0, 0.002, name="x", meta={})
+    assert slow.predict("relu", feats) == pytest.approx(3 * pi3.predict("relu", feats))
+    assert slow.stage_overhead_s == pytest.approx(0.002)
+    assert LatencyModel.from_json(slow.to_json()) == slow

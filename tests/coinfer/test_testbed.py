@@ -1,0 +1,70 @@
+"""The testbed's pieces; the namespace testbed itself where this runs as root (CI does)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from coinfer import experiments, testbed
+
+
+def test_emulation_rejects_what_the_kernel_cannot_do() -> None:
+    with pytest.raises(ValueError, match="1 ms per period"):
+        testbed.Emulation(cpu_quota=0.05, cpu_period_us=10_000)
+    with pytest.raises(ValueError):
+        testbed.Emulation(cpu_quota=0)
+    assert testbed.Emulation(cpu_quota=0.05, cpu_period_us=20_000).cpu_quota == 0.05
+
+
+def test_tbf_burst_holds_a_packet_and_queue_holds_two_seconds() -> None:
+    args = testbed.tbf_args(50e3)
+    assert args[:3] == ["tbf", "rate", "50000bit"] and int(args[4]) >= 1500 and int(args[6]) >= 64_000
+    assert int(testbed.tbf_args(100e6)[6]) == int(100e6 / 8 * 2)
+
+
+def test_trace_steps_and_ramps() -> None:
+    assert experiments.trace_bps(5) == 10e6 and experiments.trace_bps(10) == 1e6
+    assert experiments.trace_bps(40) == pytest.approx((2e6 + 100e3) / 2)
+    assert experiments.trace_bps(1e9) == experiments.TRACE[-1][1]
+
+
+def test_notice_counts_requests_until_the_estimate_is_within_2x() -> None:
+    recs = [{"t": t, "bandwidth_est_bps": b} for t, b in ((9.0, 1e7), (10.2, 8e6), (10.5, 3e6), (10.9, 1.5e6))]
+    assert experiments._notice(recs, at=10.0, new_bps=1e6) == {"seconds": 0.9, "requests": 3,
+                                                               "estimate_before_bps": 1e7}
+    assert experiments._notice(recs[:2], at=10.0, new_bps=1e6)["requests"] is None
+
+
+def test_loopback_testbed_runs_commands_as_they_are() -> None:
+    bed = testbed.Testbed(testbed.Emulation(), loopback=True)
+    with bed:
+        assert bed.device_argv(["true"]) == ["true"] and bed.edge_host == "127.0.0.1"
+        assert "loopback" in bed.describe()["mode"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the namespace testbed needs root (CI runs as root)")
+def test_namespace_testbed_shapes_the_uplink_and_quota_and_cleans_up(tmp_path: Path) -> None:
+    with testbed.Testbed(testbed.Emulation(uplink_bps=500e3, cpu_quota=0.2)) as bed:
+        assert {testbed.NS_DEVICE, testbed.NS_EDGE} <= set(_netns())
+        qdisc = subprocess.run(["ip", "netns", "exec", testbed.NS_DEVICE, "tc", "qdisc", "show", "dev",
+                                testbed.VETH_DEVICE], capture_output=True, text=True).stdout
+        assert "tbf" in qdisc and "500Kbit" in qdisc
+        bed.set_uplink(2e6)
+        qdisc = subprocess.run(["ip", "netns", "exec", testbed.NS_DEVICE, "tc", "qdisc", "show", "dev",
+                                testbed.VETH_DEVICE], capture_output=True, text=True).stdout
+        assert "2Mbit" in qdisc
+        # a device process is in the cgroup and in the device namespace, and reaches the edge's address
+        out = subprocess.run(bed.device_argv(["sh", "-c", "cat /proc/self/cgroup; ip -o addr show"]),
+                             capture_output=True, text=True, check=True).stdout
+        assert testbed.CGROUP_NAME in out and testbed.DEVICE_IP in out and testbed.EDGE_IP not in out
+    assert not {testbed.NS_DEVICE, testbed.NS_EDGE} & set(_netns())
+    assert not (testbed.CGROUP_ROOT / "cpu" / testbed.CGROUP_NAME).exists()
+    assert not (testbed.CGROUP_ROOT / testbed.CGROUP_NAME).exists()
+
+
+def _netns() -> list[str]:
+    return [line.split()[0] for line in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                        text=True).stdout.splitlines() if line.strip()]
