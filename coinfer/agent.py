@@ -109,12 +109,11 @@ async def _command(client: Client, cmd: dict[str, Any], x: np.ndarray, y: np.nda
 
 async def _probe(client: Client, repeats: int) -> dict[str, Any]:
     device = client.device
-    loop = asyncio.get_running_loop()
-    end = loop.time() + 10.0  # an edge marked suspect after a timeout is usable again within seconds
-    while (edge := device.edges.choose(loop.time())) is None and loop.time() < end:
-        await asyncio.sleep(0.1)
-    if edge is None:
+    # an edge marked suspect after timeouts is usable again within seconds
+    if not await client.wait_for_edge(10.0):
         raise RuntimeError("no edge server known")
+    edge = device.edges.choose(asyncio.get_running_loop().time())
+    assert edge is not None
     found = [e for _ in range(repeats) if (e := await device.probe(edge.edge_id)) is not None]
     if not found:  # unanswered or uninformative: deviced keeps (and has bounded) its estimate
         return {"bandwidth_bps": device.link.bandwidth_bps, "rtt_s": device.link.rtt_s, "probes": 0}
@@ -148,7 +147,8 @@ def _policy(cmd: dict[str, Any], deadline: float) -> tuple[Policy | None, float]
     if method == "coinfer":
         return None, deadline
     if method == "fixed":
-        return functools.partial(_fixed, exit_index=int(cmd["exit"]), cut=int(cmd["cut"])), RUN_TO_COMPLETION_S
+        return (functools.partial(edgent.fixed_plan, exit_index=int(cmd["exit"]), cut=int(cmd["cut"])),
+                RUN_TO_COMPLETION_S)
     if method not in edgent.BASELINES:
         raise ValueError(f"unknown method {method!r}")
     return (lambda c, cond: edgent.baselines(c, replace(cond, deadline_s=deadline))[method]), RUN_TO_COMPLETION_S
@@ -175,14 +175,11 @@ async def _stream(client: Client, cmd: dict[str, Any], x: np.ndarray, y: np.ndar
         else:
             outcome = await device.infer(x[j], RUN_TO_COMPLETION_S if fixed else deadline, policy=fixed)
             if fixed is None:  # the plan the first request got, kept for the whole trace
-                fixed = functools.partial(_fixed, exit_index=outcome.plan.exit or 1, cut=outcome.plan.cut or 0)
+                fixed = functools.partial(edgent.fixed_plan, exit_index=outcome.plan.exit or 1,
+                                          cut=outcome.plan.cut or 0)
         records.append({**_record(outcome, deadline, int(y[j]), method=cmd["mode"]), "t": round(now, 4)})
         i += 1
     return {"records": records}
-
-
-def _fixed(c: edgent.Candidates, cond: edgent.Conditions, *, exit_index: int, cut: int) -> edgent.Plan:
-    return edgent.fixed_plan(c, cond, exit_index, cut)
 
 
 def _record(o: Outcome, deadline: float, label: int, *, method: str) -> dict[str, Any]:

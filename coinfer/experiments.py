@@ -63,13 +63,14 @@ def run(out: Path, settings: Settings, log: Callable[[str], None] = print) -> di
         bed = stack.enter_context(Testbed(settings.emulation, loopback=settings.loopback))
         emulation = bed.describe()
         log(f"testbed: {emulation['mode']}; device {emulation['device_cpu']}")
+        exits = edgent.exits_from_manifest(resources.default_bundle().manifest)  # the bundle agent and edged serve
         calib = _calibrate(bed, settings, tmp, out, log)
         stack.enter_context(_broker(bed, tmp))
         stack.enter_context(_edged(bed, tmp, calib["edge_model_path"]))
         with _agent(bed, tmp, calib["naive_device_model_path"], settings) as agent:
-            _calibrate_stages(agent, calib, tmp, out, log)
+            _calibrate_stages(agent, exits, calib, tmp, out, log)
         agent = stack.enter_context(_agent(bed, tmp, calib["device_model_path"], settings))
-        exp = Experiments(bed, agent, calib, settings, out, log)
+        exp = Experiments(bed, agent, exits, calib, settings, out, log)
         results = exp.run_all()
     summary = {"emulation": emulation, "settings": {"requests_per_point": settings.requests,
                "oracle_repeats": settings.oracle_repeats}, "wall_s": round(time.monotonic() - started, 1),
@@ -104,15 +105,16 @@ def _calibrate(bed: Testbed, s: Settings, tmp: Path, out: Path, log: Callable[[s
         result[side] = {"fit": fit_text, "layer_error": layer_err, "bundle_run": whole}
         log(f"  {side} per-layer fit: |pred-meas|/meas median {layer_err['p50']:.0%}, p95 {layer_err['p95']:.0%}; "
             f"bundle exit5 predicted {whole['predicted_s'] * 1e3:.1f} ms, measured {whole['measured_s'] * 1e3:.1f} ms")
-        result[f"{side}_profile_model"] = model
-    result["edge_model"] = result["edge_profile_model"]
-    result["edge_model_path"] = tmp / "edge-profile-model.json"
-    result["naive_device_model_path"] = tmp / "device-profile-model.json"
+        if side == "edge":
+            result["edge_model"], result["edge_model_path"] = model, model_path
+        else:  # the per-layer fit under the quota: what the device uses until its stages are timed
+            result["naive_device_model_path"] = model_path
     shutil.copy(result["edge_model_path"], out / "edge-latency-model.json")
     return result
 
 
-def _calibrate_stages(agent: Agent, calib: dict[str, Any], tmp: Path, out: Path, log: Callable[[str], None]) -> None:
+def _calibrate_stages(agent: Agent, exits: Sequence[edgent.ExitInfo], calib: dict[str, Any], tmp: Path, out: Path,
+                      log: Callable[[str], None]) -> None:
     """Time whole head stages on the device and scale the host's per-layer model to match them.
 
     Under a CPU quota the per-layer profile does not add up: the process is throttled in whole periods
@@ -121,9 +123,7 @@ def _calibrate_stages(agent: Agent, calib: dict[str, Any], tmp: Path, out: Path,
     """
     log("calibration: timing whole head stages on the device ...")
     stages = agent.ask(op="stages", repeats=10)["stages"]
-    bundle = resources.default_bundle()
-    host = edgent.compile_candidates(edgent.exits_from_manifest(bundle.manifest), calib["edge_model"],
-                                     calib["edge_model"])
+    host = edgent.compile_candidates(exits, calib["edge_model"], calib["edge_model"])
     predicted = [float(host.device_s[(host.exit == r["exit"] - 1) & (host.cut == r["cut"])][0]) for r in stages]
     measured = [r["median_s"] for r in stages]
     slowdown, overhead = calibrate_stages(predicted, measured)
@@ -234,11 +234,10 @@ def _agent(bed: Testbed, tmp: Path, model: Path, s: Settings) -> Iterator[Agent]
 # ---- the experiments -------------------------------------------------------------------------------
 
 class Experiments:
-    def __init__(self, bed: Testbed, agent: Agent, calib: dict[str, Any], s: Settings, out: Path,
-                 log: Callable[[str], None]) -> None:
+    def __init__(self, bed: Testbed, agent: Agent, exits: Sequence[edgent.ExitInfo], calib: dict[str, Any],
+                 s: Settings, out: Path, log: Callable[[str], None]) -> None:
         self.bed, self.agent, self.s, self.out, self.log = bed, agent, s, out, log
-        bundle = resources.default_bundle()
-        self.exits = edgent.exits_from_manifest(bundle.manifest)
+        self.exits = exits
         self.cands = edgent.compile_candidates(self.exits, calib["device_model"], calib["edge_model"])
         self.image = 0
         self.sections: list[str] = []

@@ -69,13 +69,19 @@ async def run(device: Device, *, shutdown: asyncio.Event, connected: asyncio.Eve
                         task.cancel()
         except* session.MQTT_ERRORS as group:
             delay = backoff.next()
-            log.warning("mqtt_disconnected", error=str(group.exceptions[0]), retry_in_s=round(delay, 2))
+            log.warning("mqtt_disconnected", error=str(_first_leaf(group)), retry_in_s=round(delay, 2))
             device.client = None
             if connected is not None:
                 connected.clear()
             await session.sleep_unless(shutdown, delay)
         finally:
             device.client = None
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first actual error in a (possibly nested) exception group: what a log line should say."""
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def _receive(client: aiomqtt.Client, device: Device) -> None:
