@@ -294,8 +294,13 @@ class Device:
             finally:
                 self._pending.pop(probe_id, None)
         if samples[-1][1] - samples[0][1] < PROBE_MIN_SIGNAL_S:
-            # the large probe's extra bytes took less than the device's timing jitter: no information
-            # about the rate; probe larger next time
+            # the large probe's extra bytes took less than the device's timing jitter: no rate, but a floor
+            # (they crossed in under PROBE_MIN_SIGNAL_S). An estimate below it is stale (a cap left by a
+            # timeout on a clogged link): raise it. Probe larger next time.
+            floor = 8.0 * (samples[-1][0] - samples[0][0]) / PROBE_MIN_SIGNAL_S
+            if floor > self.link.bandwidth_bps:
+                self.update_link(replace(self.link, bandwidth_bps=floor))
+                log.info("link_floor_raised", edge_id=edge_id, bandwidth_bps=round(floor))
             self._probe_bytes = min(PROBE_MAX_BYTES, self._probe_bytes * 4)
             return None
         estimate = bandwidth.from_probes(samples)

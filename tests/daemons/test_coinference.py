@@ -62,3 +62,17 @@ def test_deviced_infer_cli_answers_without_a_broker(tmp_path: Path, capsys: pyte
     conf.write_text('[deviced]\nsurprise = 1\n')
     assert main(["infer", str(tmp_path / "x.npy"), "--config", str(conf)]) == 2
     assert "unknown key" in capsys.readouterr().err
+
+
+async def test_probe_lifts_a_stale_low_estimate(broker: Broker, prefix: str, edge: EdgeProcess) -> None:
+    """A timeout on a clogged link leaves a tiny cap; a fast probe pair afterwards must lift it, even when the
+    pair is too close in time to give a rate (loopback), or the device would stay local for good."""
+    from dataclasses import replace
+
+    cfg = DevicedConfig(device_id="pi-stale", topic_prefix=prefix, broker=broker.config, probe_interval_s=0)
+    async with Client(cfg) as client:
+        assert await client.wait_for_edge(5)
+        device = client.device
+        device.update_link(replace(device.link, bandwidth_bps=13e3))
+        await device.probe("edge-a")
+        assert device.link.bandwidth_bps > 1e6, device.link
