@@ -110,6 +110,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cpu-quota", type=float, default=0.1)
     s.set_defaults(func=cmd_testbed)
 
+    s = sub.add_parser("broker", help="provision the production broker: certificates, per-device credentials and ACLs")
+    s.add_argument("action", choices=["init", "add-device", "add-edge", "revoke", "list"])
+    s.add_argument("ident", nargs="?", help="device or edge id (add-device, add-edge, revoke)")
+    s.add_argument("--dir", type=Path, default=Path("/etc/mosquitto/coinfer"), help="the broker's coinfer folder")
+    s.add_argument("--host", action="append", default=[],
+                   help="init: a DNS name or IP devices use to reach the broker (repeat for several)")
+    s.add_argument("--prefix", default="coinfer", help="topic prefix of the deployment")
+    s.set_defaults(func=cmd_broker)
+
     s = sub.add_parser("bench", help="benchmarks that write numbers to a file")
     s.add_argument("what", choices=["planner", "transport", "edgent"])
     s.add_argument("--out", required=True, type=Path, help="a JSON file (edgent: a folder)")
@@ -329,6 +338,40 @@ def cmd_testbed(args: argparse.Namespace) -> int:
     print(f"edge side:   {' '.join(bed.edge_argv(['CMD']))}\ndevice side: {' '.join(bed.device_argv(['CMD']))}\n"
           f"change the link: ip netns exec {testbed.NS_DEVICE} tc qdisc change dev {testbed.VETH_DEVICE} root "
           f"{' '.join(testbed.tbf_args(5e5))}\nremove: coinfer testbed down")
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from coinfer import broker
+    from protocol.errors import MalformedMessage
+
+    try:
+        if args.action == "init":
+            for path in broker.init(args.dir, args.host):
+                print(f"wrote {path}")
+            print(f"next: install deploy/mosquitto/coinfer.conf as /etc/mosquitto/conf.d/coinfer.conf, then "
+                  f"`coinfer broker add-edge ID` and `coinfer broker add-device ID`; copy {args.dir / 'ca.crt'} to "
+                  f"each device")
+        elif args.action == "list":
+            for e in broker.entries(args.dir):
+                print(f"{e.role:<7} {e.ident:<24} prefix {e.prefix}")
+        elif args.ident is None:
+            print(f"coinfer: error: broker {args.action} needs an id", file=sys.stderr)
+            return 2
+        elif args.action == "revoke":
+            e = broker.revoke(args.dir, args.ident)
+            print(f"revoked {e.role} {e.ident}; now `systemctl reload mosquitto` (SIGHUP) to refuse it")
+        else:
+            entry = broker.Entry(args.action.removeprefix("add-"), args.ident, args.prefix)
+            _, secret = broker.add(args.dir, entry)
+            print(f"{entry.role} {entry.ident}: password in {secret} (copy it to the {entry.role} as "
+                  f"/etc/coinfer/mqtt-password, mode 0600, then delete it here)")
+            for access, topic in entry.rules():
+                print(f"  {access:<9} {topic}")
+            print("now `systemctl reload mosquitto` (SIGHUP) to apply")
+    except (broker.BrokerSetupError, MalformedMessage, ValueError, OSError) as exc:
+        print(f"coinfer: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

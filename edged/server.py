@@ -132,12 +132,16 @@ async def _serve(client: aiomqtt.Client, state: EdgeState, topics: Topics, shutd
 
 async def _receive(client: aiomqtt.Client, state: EdgeState, topics: Topics) -> None:
     async for message in client.messages:
-        reply_to, correlation = session.response_of(message)
+        asked_to, correlation = session.response_of(message)
         payload = message.payload if isinstance(message.payload, bytes) else b""
+        reply_to: str | None = None
         try:
+            # answers go only to the sending device's own response topic (the broker's ACL vouches for the
+            # device id in the request topic), never where a request's response-topic property points
+            reply_to = topics.device_responses(topics.device_id_of(str(message.topic)))
+            if asked_to is not None and asked_to != reply_to:
+                log.warning("response_topic_ignored", asked=asked_to[:200], answering=reply_to)
             msg = decode(payload, expect=(InferRequest, Probe))
-            if reply_to is None:
-                reply_to = topics.device_responses(topics.device_id_of(str(message.topic)))
         except ProtocolError as exc:
             await _error(client, state, reply_to, correlation, "", exc.code, str(exc))
             continue

@@ -61,7 +61,10 @@ def load_daemon(cls: type[T], path: Path, name: str, *, paths: tuple[str, ...] =
     for key in lists:
         if key in table:
             table[key] = tuple(table[key])
-    return section(cls, {name: table}, name, broker=section(BrokerConfig, doc, "broker"))
+    broker = doc.get("broker", {})
+    if isinstance(broker, dict) and isinstance(broker.get("ca_file"), str) and broker["ca_file"]:
+        broker = {**broker, "ca_file": str(_resolve(base, broker["ca_file"]))}
+    return section(cls, {name: table}, name, broker=section(BrokerConfig, {"broker": broker}, "broker"))
 
 
 def _resolve(base: Path, value: str | Path) -> Path:

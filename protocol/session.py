@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO, cast
 
 import aiomqtt
@@ -27,6 +28,8 @@ BACKOFF_INITIAL_S = 0.2
 BACKOFF_MAX_S = 10.0
 KEEPALIVE_S = 10
 PASSWORD_ENV = "COINFER_MQTT_PASSWORD"
+# systemd's LoadCredential=mqtt-password:/etc/coinfer/... puts the file under $CREDENTIALS_DIRECTORY
+PASSWORD_CREDENTIAL = "mqtt-password"
 MQTT_ERRORS = (aiomqtt.MqttError,)
 # Requests, replies and probes are deadline-bound: a redelivered copy would arrive too late to matter, and a
 # lost one is covered by the device's bounded wait and local fallback. QoS 0 saves the PUBACK round trip
@@ -36,16 +39,31 @@ TRAFFIC_QOS = 0
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BrokerConfig:
-    """Where the broker is and who we are to it; the password comes from the environment only."""
+    """Where the broker is and who we are to it. The password is never in the config: it comes from
+    ``$COINFER_MQTT_PASSWORD`` or the systemd credential ``mqtt-password``."""
 
     host: str = "127.0.0.1"
     port: int = 1883
     username: str = ""
     tls: bool = False
+    ca_file: str = ""  # CA that signed the broker's certificate ("": the system's CAs)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"bad broker port {self.port}")
+        if self.ca_file and not self.tls:
+            raise ValueError("ca_file is set but tls is false")
+
+
+def password() -> str | None:
+    """The MQTT password: ``$COINFER_MQTT_PASSWORD``, else the systemd credential file, else none."""
+    if os.environ.get(PASSWORD_ENV):
+        return os.environ[PASSWORD_ENV]
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds:
+        with contextlib.suppress(OSError):
+            return (Path(creds) / PASSWORD_CREDENTIAL).read_text().strip() or None
+    return None
 
 
 def client(cfg: BrokerConfig, *, identifier: str, will_topic: str = "", sender: str = "") -> aiomqtt.Client:
@@ -54,8 +72,8 @@ def client(cfg: BrokerConfig, *, identifier: str, will_topic: str = "", sender: 
             if will_topic else None)
     return aiomqtt.Client(
         cfg.host, cfg.port, identifier=identifier, protocol=aiomqtt.ProtocolVersion.V5, will=will,
-        username=cfg.username or None, password=os.environ.get(PASSWORD_ENV) or None,
-        keepalive=KEEPALIVE_S, tls_params=aiomqtt.TLSParameters() if cfg.tls else None,
+        username=cfg.username or None, password=password(),
+        keepalive=KEEPALIVE_S, tls_params=aiomqtt.TLSParameters(ca_certs=cfg.ca_file or None) if cfg.tls else None,
         # small request/reply messages: Nagle plus delayed ACKs would add ~40 ms to each
         socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
     )

@@ -81,6 +81,26 @@ class Topics:
         base = f"{self.prefix}/dev/{check_id(device_id)}/app/"
         return topic.startswith(base) and _ID.match(topic[len(base):]) is not None
 
+    # broker access control: what each role may touch, as (access, topic filter) for mosquitto's acl_file
+    def device_acl(self, device_id: str) -> list[tuple[str, str]]:
+        """A device reads and writes only under its own ``dev/<id>/``, sends requests and probes only as itself,
+        and reads the edges' status and adverts."""
+        d = check_id(device_id, "device id")
+        return [("readwrite", f"{self.prefix}/dev/{d}/#"),
+                ("write", f"{self.prefix}/edge/+/req/{d}"),
+                ("write", f"{self.prefix}/edge/+/probe/{d}"),
+                ("write", self.pool_request(d)),
+                ("read", self.all_edge_status()),
+                ("read", self.all_edge_adverts())]
+
+    def edge_acl(self, edge_id: str) -> list[tuple[str, str]]:
+        """An edge reads and writes only under its own ``edge/<id>/``, takes pool work, and answers devices on
+        their response topics (and nowhere else under ``dev/``)."""
+        e = check_id(edge_id, "edge id")
+        return [("readwrite", f"{self.prefix}/edge/{e}/#"),
+                ("read", f"{self.prefix}/pool/req/+"),
+                ("write", f"{self.prefix}/dev/+/resp")]
+
     def edge_id_of(self, topic: str) -> str:
         """The edge id in an ``.../edge/<id>/...`` topic."""
         parts = topic.split("/")

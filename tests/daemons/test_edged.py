@@ -1,6 +1,7 @@
 """edged against a real broker: bad input gets error replies, the daemon keeps serving, the pool shares work."""
 
 import asyncio
+import contextlib
 import uuid
 
 import aiomqtt
@@ -17,7 +18,9 @@ from tests.daemons.conftest import Broker, EdgeProcess
 
 
 async def _ask(broker: Broker, topic: str, payload: bytes, *, timeout: float = 5.0) -> Message:
-    reply_topic = f"replies/{uuid.uuid4().hex}"
+    """Send as the device named by ``topic`` and wait on that device's response topic."""
+    prefix = topic.split("/edge/")[0].split("/pool/")[0]
+    reply_topic = Topics(prefix).device_responses(Topics(prefix).device_id_of(topic))
     async with aiomqtt.Client("127.0.0.1", broker.port, protocol=aiomqtt.ProtocolVersion.V5) as c:
         await c.subscribe(reply_topic, qos=1)
         props = session.request_properties(response_topic=reply_topic, correlation="c-1", expiry_s=timeout)
@@ -110,3 +113,21 @@ async def test_two_edged_share_the_pool(broker: Broker, prefix: str, bundle: Bun
     finally:
         for e in edges:
             await e.stop()
+
+
+async def test_replies_go_to_the_sender_only(broker: Broker, prefix: str, edge: EdgeProcess, bundle: Bundle) -> None:
+    """A request whose response-topic property names another device is answered on the sender's own topic."""
+    await _wait_online(broker, prefix, "edge-a")
+    t = Topics(prefix)
+    victim, own = t.device_responses("pi-victim"), t.device_responses("pi-9")
+    async with aiomqtt.Client("127.0.0.1", broker.port, protocol=aiomqtt.ProtocolVersion.V5) as c:
+        await c.subscribe(victim, qos=1)
+        await c.subscribe(own, qos=1)
+        props = session.request_properties(response_topic=victim, correlation="c-2", expiry_s=5)
+        await c.publish(t.edge_request("edge-a", "pi-9"), encode(_request(bundle)), qos=1, properties=props)
+        got = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.5):
+                async for message in c.messages:
+                    got.append(str(message.topic))
+    assert got == [own], got

@@ -1,0 +1,145 @@
+"""The production broker config against attempts a device or an outsider could make.
+
+mosquitto 2.0 grants a SUBSCRIBE whatever the ACL says and then filters every delivery by read access, so
+"cannot subscribe" is asserted as "receives nothing". Each test publishes from an authorised sender too,
+so that silence means denial, not a broken setup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from pathlib import Path
+
+import aiomqtt
+import numpy as np
+import pytest
+
+from coinfer import broker as provisioning
+from protocol.topics import Topics
+from tests.deploy.conftest import SecureBroker
+
+T = Topics()
+
+
+async def _received(client: aiomqtt.Client, seconds: float = 0.7) -> list[str]:
+    got: list[str] = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            async for message in client.messages:
+                got.append(str(message.topic))
+    return got
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "loopback"])
+async def test_anonymous_and_wrong_password_are_refused(secure_broker: SecureBroker, tls: bool) -> None:
+    for username, password in ((None, None), ("pi-1", "not-the-password"), ("nobody", "x")):
+        with pytest.raises(aiomqtt.MqttError):
+            async with secure_broker.client(username, password, tls=tls):
+                pass
+    async with secure_broker.client("pi-1", tls=tls):  # the right password gets in on both listeners
+        pass
+
+
+async def test_plain_tcp_to_the_tls_listener_fails_and_a_wrong_ca_is_rejected(secure_broker: SecureBroker,
+                                                                               tmp_path: Path) -> None:
+    with pytest.raises(aiomqtt.MqttError):
+        async with aiomqtt.Client("127.0.0.1", secure_broker.tls_port, username="pi-1", timeout=3,
+                                  password=secure_broker.passwords["pi-1"], protocol=aiomqtt.ProtocolVersion.V5):
+            pass
+    other = tmp_path / "other-ca"
+    provisioning.init(other, ["localhost"])  # a different CA: the broker's certificate must not verify
+    with pytest.raises((aiomqtt.MqttError, ssl.SSLError)):
+        async with aiomqtt.Client("127.0.0.1", secure_broker.tls_port, username="pi-1",
+                                  password=secure_broker.passwords["pi-1"], protocol=aiomqtt.ProtocolVersion.V5,
+                                  tls_params=aiomqtt.TLSParameters(ca_certs=str(other / "ca.crt"))):
+            pass
+
+
+async def test_a_device_cannot_read_another_devices_topics(secure_broker: SecureBroker) -> None:
+    async with secure_broker.client("pi-1") as spy, secure_broker.client("edge-1") as edge, \
+            secure_broker.client("pi-2") as victim:
+        for f in ("coinfer/dev/pi-2/#", "coinfer/edge/+/req/+", "coinfer/pool/req/+", "coinfer/#"):
+            await spy.subscribe(f, qos=1)
+        await victim.subscribe(T.device_responses("pi-2"), qos=1)
+        await edge.publish(T.device_responses("pi-2"), b"result for pi-2", qos=1)
+        await victim.publish(T.edge_request("edge-1", "pi-2"), b"pi-2's activations", qos=1)
+        await victim.publish(T.device_infer("pi-2"), b"pi-2's app input", qos=1)
+        assert await _received(victim) == [T.device_responses("pi-2")]  # the authorised path works
+        assert await _received(spy, 0.3) == []
+
+
+async def test_a_device_cannot_write_as_another_device_or_an_edge(secure_broker: SecureBroker) -> None:
+    async with secure_broker.client("edge-1") as edge, secure_broker.client("pi-2") as victim, \
+            secure_broker.client("pi-1") as attacker:
+        await edge.subscribe(T.edge_requests("edge-1"), qos=1)
+        await victim.subscribe("coinfer/dev/pi-2/#", qos=1)
+        await victim.subscribe(T.all_edge_adverts(), qos=1)
+        forged = [T.edge_request("edge-1", "pi-2"), T.device_responses("pi-2"), T.device_infer("pi-2"),
+                  T.app_responses("pi-2", "app"), T.edge_advert("edge-1"), T.edge_status("edge-2")]
+        for topic in forged:
+            await attacker.publish(topic, b"forged", qos=1)
+        await attacker.publish(T.edge_request("edge-1", "pi-1"), b"own request", qos=1)  # allowed
+        assert await _received(edge) == [T.edge_request("edge-1", "pi-1")]
+        assert await _received(victim, 0.3) == []
+
+
+async def test_an_edge_is_confined_to_its_own_topics(secure_broker: SecureBroker) -> None:
+    async with secure_broker.client("edge-1") as edge1, secure_broker.client("edge-2") as edge2, \
+            secure_broker.client("pi-1") as device:
+        await edge2.subscribe(T.edge_requests("edge-1"), qos=1)  # another edge's requests: denied
+        await edge2.subscribe(T.device_infer("pi-1"), qos=1)  # a device's app inputs: denied
+        await edge1.subscribe(T.pool_requests(), qos=1)  # the shared pool: allowed
+        await device.subscribe(T.all_edge_adverts(), qos=1)
+        await device.publish(T.edge_request("edge-1", "pi-1"), b"req", qos=1)
+        await device.publish(T.device_infer("pi-1"), b"app", qos=1)
+        await device.publish(T.pool_request("pi-1"), b"pool", qos=1)
+        await edge2.publish(T.edge_advert("edge-1"), b"forged advert", qos=1)  # posing as edge-1: denied
+        await edge2.publish(T.device_infer("pi-1"), b"forged app request", qos=1)  # into a device: denied
+        assert await _received(edge1) == [T.pool_request("pi-1")]
+        assert await _received(edge2, 0.3) == []
+        assert await _received(device, 0.3) == []
+
+
+async def test_a_revoked_device_is_refused(secure_broker: SecureBroker) -> None:
+    password, _ = provisioning.add(secure_broker.directory, provisioning.Entry("device", "pi-revoked"))
+    secure_broker.reload()
+    await asyncio.sleep(0.3)
+    async with secure_broker.client("pi-revoked", password):
+        pass
+    provisioning.revoke(secure_broker.directory, "pi-revoked")
+    assert "pi-revoked" not in (secure_broker.directory / "passwd").read_text()
+    secure_broker.reload()
+    await asyncio.sleep(0.3)
+    with pytest.raises(aiomqtt.MqttError):
+        async with secure_broker.client("pi-revoked", password):
+            pass
+    async with secure_broker.client("pi-1"):  # everyone else still gets in after the reload
+        pass
+
+
+async def test_coinference_works_through_tls_credentials_and_acls(secure_broker: SecureBroker,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemons' real traffic (status, adverts, pool and targeted requests, replies) passes the ACLs."""
+    from deviced.config import DevicedConfig
+    from deviced.service import Client
+    from edged.config import EdgedConfig
+    from models.data import load_fashion_mnist, preprocess
+    from tests.daemons.conftest import EdgeProcess
+
+    x = preprocess(load_fashion_mnist("test")[0][:5])
+    monkeypatch.setenv("COINFER_MQTT_PASSWORD", secure_broker.passwords["edge-1"])
+    edge = EdgeProcess(EdgedConfig(edge_id="edge-1", broker=secure_broker.config("edge-1", tls=False)))
+    try:
+        await asyncio.sleep(1.0)  # edged connected (it reads the password once per connection)
+        monkeypatch.setenv("COINFER_MQTT_PASSWORD", secure_broker.passwords["pi-1"])
+        cfg = DevicedConfig(device_id="pi-1", broker=secure_broker.config("pi-1"), probe_interval_s=0,
+                            initial_bandwidth="100Mbps", default_deadline="2s")
+        async with Client(cfg) as client:
+            assert await client.wait_for_edge(5)
+            outcomes = [await client.infer(x[i], deadline=2.0) for i in range(len(x))]
+    finally:
+        await edge.stop()
+    assert all(o.edge_id == "edge-1" and o.fallback is None for o in outcomes), [o.record() for o in outcomes]
+    assert all(np.isfinite(o.logits).all() for o in outcomes)
