@@ -87,18 +87,27 @@ async def run(cfg: EdgedConfig, *, shutdown: asyncio.Event) -> None:
         state.metrics.serve(cfg.metrics_port)
     topics = Topics(cfg.topic_prefix)
     backoff = session.Backoff()
+    systemd = session.Systemd()
+    watchdog = asyncio.create_task(systemd.watchdog(), name="watchdog")
     log.info("edged_started", edge_id=cfg.edge_id, bundles=[b.name for b in state.bundles.values()])
-    while not shutdown.is_set():
-        try:
-            async with session.client(cfg.broker, identifier=f"edged-{cfg.edge_id}",
-                                      will_topic=topics.edge_status(cfg.edge_id), sender=cfg.edge_id) as client:
-                backoff.reset()
-                log.info("mqtt_connected", host=cfg.broker.host, port=cfg.broker.port)
-                await _serve(client, state, topics, shutdown)
-        except* session.MQTT_ERRORS as group:
-            delay = backoff.next()
-            log.warning("mqtt_disconnected", error=str(group.exceptions[0]), retry_in_s=round(delay, 2))
-            await session.sleep_unless(shutdown, delay)
+    systemd.ready(f"serving {len(state.bundles)} bundle(s); connecting to {cfg.broker.host}:{cfg.broker.port}")
+    try:
+        while not shutdown.is_set():
+            try:
+                async with session.client(cfg.broker, identifier=f"edged-{cfg.edge_id}",
+                                          will_topic=topics.edge_status(cfg.edge_id), sender=cfg.edge_id) as client:
+                    backoff.reset()
+                    log.info("mqtt_connected", host=cfg.broker.host, port=cfg.broker.port)
+                    systemd.status(f"connected to {cfg.broker.host}:{cfg.broker.port}")
+                    await _serve(client, state, topics, shutdown)
+            except* session.MQTT_ERRORS as group:
+                delay = backoff.next()
+                log.warning("mqtt_disconnected", error=str(group.exceptions[0]), retry_in_s=round(delay, 2))
+                systemd.status(f"broker unreachable ({group.exceptions[0]}); retrying")
+                await session.sleep_unless(shutdown, delay)
+    finally:
+        systemd.notify("STOPPING=1")
+        watchdog.cancel()
     log.info("edged_stopped", edge_id=cfg.edge_id)
 
 

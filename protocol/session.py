@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TextIO, cast
 
 import aiomqtt
+import sdnotify
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -157,3 +158,33 @@ def install_signal_handlers(shutdown: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, shutdown.set)
+
+
+class Systemd:
+    """sd_notify to systemd (``Type=notify``): readiness, status lines, and the watchdog heartbeat. Every
+    call is a no-op when the daemon was not started by systemd."""
+
+    def __init__(self) -> None:
+        self._notifier = sdnotify.SystemdNotifier() if os.environ.get("NOTIFY_SOCKET") else None
+        usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID", "")
+        mine = not pid or (pid.isdigit() and int(pid) == os.getpid())
+        self.watchdog_s = int(usec) / 1e6 if usec.isdigit() and mine else 0.0
+
+    def notify(self, *fields: str) -> None:
+        if self._notifier is not None:
+            self._notifier.notify("\n".join(fields))
+
+    def ready(self, status: str) -> None:
+        self.notify("READY=1", f"STATUS={status}")
+
+    def status(self, text: str) -> None:
+        self.notify(f"STATUS={text}")
+
+    async def watchdog(self) -> None:
+        """Send WATCHDOG=1 at half the configured interval for as long as the event loop runs: a stuck loop
+        misses it and systemd restarts the daemon."""
+        if self._notifier is None or not self.watchdog_s:
+            return
+        while True:
+            self.notify("WATCHDOG=1")
+            await asyncio.sleep(self.watchdog_s / 2)
