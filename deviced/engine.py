@@ -231,6 +231,8 @@ class Device:
                           edge_id=edge_id, fallback=reason, latency_s=time.monotonic() - start,
                           deadline_s=deadline_s, bandwidth_bps=link.bandwidth_bps)
         self.metrics.latency.observe(outcome.latency_s)
+        self.metrics.deadline.set(deadline_s)
+        self.metrics.deadline_ratio.observe(outcome.latency_s / deadline_s if deadline_s > 0 else float("inf"))
         self.metrics.requests.labels(where).inc()
         if not outcome.met:
             self.metrics.deadline_misses.inc()

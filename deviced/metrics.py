@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.5, 2.0, 5.0)
 BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
 
 
@@ -14,6 +15,10 @@ class DeviceMetrics:
         self.latency = Histogram("coinfer_device_request_duration_seconds", "End-to-end latency of a request",
                                  buckets=BUCKETS, registry=r)
         self.requests = Counter("coinfer_device_requests_total", "Requests finished, by where", ["where"], registry=r)
+        self.deadline = Gauge("coinfer_device_deadline_seconds", "Deadline of the last request", registry=r)
+        self.deadline_ratio = Histogram("coinfer_device_latency_deadline_ratio",
+                                        "Latency / deadline of each request (over 1: missed)",
+                                        buckets=RATIO_BUCKETS, registry=r)
         self.deadline_misses = Counter("coinfer_device_deadline_misses_total", "Requests over their deadline",
                                        registry=r)
         self.fallbacks = Counter("coinfer_device_fallbacks_total", "Requests finished locally after planning the edge",

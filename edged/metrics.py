@@ -17,6 +17,7 @@ class EdgeMetrics:
         self.stage_seconds = Histogram("coinfer_edge_stage_duration_seconds", "Tail-stage compute time",
                                        buckets=BUCKETS, registry=r)
         self.queue_depth = Gauge("coinfer_edge_queue_depth", "Requests waiting or in service", registry=r)
+        self.workers = Gauge("coinfer_edge_workers", "Tail stages that can run at once", registry=r)
         self.probes = Counter("coinfer_edge_probes_total", "Bandwidth probes answered", registry=r)
 
     def serve(self, port: int) -> None:

@@ -83,6 +83,7 @@ class EdgeState:
 async def run(cfg: EdgedConfig, *, shutdown: asyncio.Event) -> None:
     """Serve until ``shutdown`` is set, then drain in-flight requests and mark this edge offline."""
     state = EdgeState.load(cfg)
+    state.metrics.workers.set(cfg.workers)
     if cfg.metrics_port:
         state.metrics.serve(cfg.metrics_port)
     topics = Topics(cfg.topic_prefix)
