@@ -329,3 +329,5 @@ class Device:
                     future.set_result(msg)
         except ProtocolError as exc:
             log.warning("message_rejected", topic=topic, error=str(exc))
+        except Exception:  # a message that validated but still broke its handler: log it, keep serving
+            log.exception("message_failed", topic=topic)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -114,14 +115,14 @@ async def run(cfg: EdgedConfig, *, shutdown: asyncio.Event) -> None:
 
 async def _serve(client: aiomqtt.Client, state: EdgeState, topics: Topics, shutdown: asyncio.Event) -> None:
     edge_id = state.cfg.edge_id
-    await client.publish(topics.edge_status(edge_id), encode(Status(state="online", sender=edge_id)),
-                         qos=1, retain=True)
-    await client.publish(topics.edge_advert(edge_id), encode(state.advert()), qos=1, retain=True)
     filters = [topics.edge_requests(edge_id), topics.edge_probes(edge_id)]
     if state.cfg.pool:
         filters.append(topics.pool_requests())
-    for f in filters:
+    for f in filters:  # subscribed before announcing: a device that sees the advert can send at once
         await client.subscribe(f, qos=1)
+    await client.publish(topics.edge_status(edge_id), encode(Status(state="online", sender=edge_id)),
+                         qos=1, retain=True)
+    await client.publish(topics.edge_advert(edge_id), encode(state.advert()), qos=1, retain=True)
     async with asyncio.TaskGroup() as tg:
         tasks = [tg.create_task(_receive(client, state, topics), name="receive"),
                  tg.create_task(_adverts(client, state, topics), name="adverts")]
@@ -142,27 +143,40 @@ async def _serve(client: aiomqtt.Client, state: EdgeState, topics: Topics, shutd
 
 async def _receive(client: aiomqtt.Client, state: EdgeState, topics: Topics) -> None:
     async for message in client.messages:
-        asked_to, correlation = session.response_of(message)
-        payload = message.payload if isinstance(message.payload, bytes) else b""
-        reply_to: str | None = None
         try:
-            # answers go only to the sending device's own response topic (the broker's ACL vouches for the
-            # device id in the request topic), never where a request's response-topic property points
-            reply_to = topics.device_responses(topics.device_id_of(str(message.topic)))
-            if asked_to is not None and asked_to != reply_to:
-                log.warning("response_topic_ignored", asked=asked_to[:200], answering=reply_to)
-            msg = decode(payload, expect=(InferRequest, Probe))
-        except ProtocolError as exc:
-            await _error(client, state, reply_to, correlation, "", exc.code, str(exc))
-            continue
-        if isinstance(msg, Probe):
-            state.metrics.probes.inc()
-            reply = ProbeReply(probe_id=msg.probe_id, edge_id=state.cfg.edge_id, size=len(msg.padding))
-            await client.publish(reply_to, encode(reply), qos=session.TRAFFIC_QOS,
-                                 properties=session.reply_properties(correlation))
-            continue
-        if isinstance(msg, InferRequest):
-            await _admit(client, state, msg, reply_to, correlation)
+            await _handle(client, state, topics, message)
+        except session.MQTT_ERRORS:
+            raise
+        except Exception as exc:  # a defect in handling one message must not stop the edge: answered, logged
+            log.exception("message_failed", topic=str(message.topic)[:200])
+            reply_to = None
+            with contextlib.suppress(ProtocolError):
+                reply_to = topics.device_responses(topics.device_id_of(str(message.topic)))
+            await _error(client, state, reply_to, session.response_of(message)[1], "", ErrorCode.INTERNAL,
+                         f"edge error on this request: {type(exc).__name__}")
+
+
+async def _handle(client: aiomqtt.Client, state: EdgeState, topics: Topics, message: aiomqtt.Message) -> None:
+    asked_to, correlation = session.response_of(message)
+    payload = message.payload if isinstance(message.payload, bytes) else b""
+    reply_to: str | None = None
+    try:
+        # answers go only to the sending device's own response topic (the broker's ACL vouches for the
+        # device id in the request topic), never where a request's response-topic property points
+        reply_to = topics.device_responses(topics.device_id_of(str(message.topic)))
+        if asked_to is not None and asked_to != reply_to:
+            log.warning("response_topic_ignored", asked=asked_to[:200], answering=reply_to)
+        msg = decode(payload, expect=(InferRequest, Probe))
+    except ProtocolError as exc:
+        await _error(client, state, reply_to, correlation, "", exc.code, str(exc))
+        return
+    if isinstance(msg, Probe):
+        state.metrics.probes.inc()
+        reply = ProbeReply(probe_id=msg.probe_id, edge_id=state.cfg.edge_id, size=len(msg.padding))
+        await client.publish(reply_to, encode(reply), qos=session.TRAFFIC_QOS,
+                             properties=session.reply_properties(correlation))
+    elif isinstance(msg, InferRequest):
+        await _admit(client, state, msg, reply_to, correlation)
 
 
 async def _admit(client: aiomqtt.Client, state: EdgeState, req: InferRequest, reply_to: str,

@@ -7,6 +7,7 @@ compute. Tensors travel as ``protocol.tensors`` maps. Never pickle.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -143,6 +144,10 @@ class Advert:
             _check_digest(digest)
         if not isinstance(self.latency_model, Mapping):
             raise MalformedMessage("latency_model must be a map")
+        try:  # a JSON document: devices key and parse it as one
+            json.dumps(self.latency_model)
+        except (TypeError, ValueError) as exc:
+            raise MalformedMessage(f"latency_model is not a JSON document: {exc}") from exc
         _check_int(self.queue_depth, "queue_depth", 0)
         _check_float(self.service_s, "service_s")
         _check_int(self.workers, "workers", 1)
@@ -247,7 +252,8 @@ def decode(raw: bytes, *, expect: type[Message] | tuple[type[Message], ...] | No
     version = body.pop("v", None)
     if version != PROTOCOL_VERSION:
         raise VersionMismatch(f"protocol version {version!r}; this side speaks {PROTOCOL_VERSION}")
-    cls = KINDS.get(body.pop("kind", None))
+    kind = body.pop("kind", None)
+    cls = KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise MalformedMessage("unknown or missing message kind")
     if expect is not None and not issubclass(cls, expect):

@@ -104,3 +104,16 @@ async def edge(broker: Broker, prefix: str) -> AsyncIterator[EdgeProcess]:
     proc = EdgeProcess(EdgedConfig(edge_id="edge-a", topic_prefix=prefix, broker=broker.config))
     yield proc
     await proc.stop()
+
+
+async def wait_online(broker: Broker, prefix: str, edge_id: str) -> None:
+    """Until ``edge_id``'s retained advert is on the broker (its subscriptions are in place by then)."""
+    import aiomqtt
+
+    from protocol.topics import Topics
+
+    async with aiomqtt.Client("127.0.0.1", broker.port, protocol=aiomqtt.ProtocolVersion.V5) as c:
+        await c.subscribe(Topics(prefix).edge_advert(edge_id))
+        async with asyncio.timeout(10):
+            async for _ in c.messages:
+                return

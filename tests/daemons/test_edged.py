@@ -14,7 +14,7 @@ from protocol import session
 from protocol.errors import ErrorCode
 from protocol.messages import ErrorReply, InferRequest, InferResult, Message, Probe, ProbeReply, decode, encode
 from protocol.topics import Topics
-from tests.daemons.conftest import Broker, EdgeProcess
+from tests.daemons.conftest import Broker, EdgeProcess, wait_online
 
 
 async def _ask(broker: Broker, topic: str, payload: bytes, *, timeout: float = 5.0) -> Message:
@@ -40,17 +40,9 @@ def _request(b: Bundle, **kw: object) -> InferRequest:
     return InferRequest(**args)  # type: ignore[arg-type]
 
 
-async def _wait_online(broker: Broker, prefix: str, edge_id: str) -> None:
-    async with aiomqtt.Client("127.0.0.1", broker.port, protocol=aiomqtt.ProtocolVersion.V5) as c:
-        await c.subscribe(Topics(prefix).edge_advert(edge_id))
-        async with asyncio.timeout(10):
-            async for _ in c.messages:
-                return
-
-
 async def test_bad_requests_get_error_replies_and_edged_keeps_serving(broker: Broker, prefix: str,
                                                                       edge: EdgeProcess, bundle: Bundle) -> None:
-    await _wait_online(broker, prefix, "edge-a")
+    await wait_online(broker, prefix, "edge-a")
     topic = Topics(prefix).edge_request("edge-a", "pi-9")
     good = encode(_request(bundle))
     body = msgpack.unpackb(good, raw=False)
@@ -84,7 +76,7 @@ async def test_bad_requests_get_error_replies_and_edged_keeps_serving(broker: Br
 
 
 async def test_split_request_runs_the_tail(broker: Broker, prefix: str, edge: EdgeProcess, bundle: Bundle) -> None:
-    await _wait_online(broker, prefix, "edge-a")
+    await wait_online(broker, prefix, "edge-a")
     x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
     from models.runtime import StageRunner
 
@@ -102,7 +94,7 @@ async def test_two_edged_share_the_pool(broker: Broker, prefix: str, bundle: Bun
              for i in range(2)]
     try:
         for i in range(2):
-            await _wait_online(broker, prefix, f"edge-{i}")
+            await wait_online(broker, prefix, f"edge-{i}")
         await asyncio.sleep(0.3)  # both shared subscriptions in place
         seen = []
         for _ in range(20):
@@ -117,7 +109,7 @@ async def test_two_edged_share_the_pool(broker: Broker, prefix: str, bundle: Bun
 
 async def test_replies_go_to_the_sender_only(broker: Broker, prefix: str, edge: EdgeProcess, bundle: Bundle) -> None:
     """A request whose response-topic property names another device is answered on the sender's own topic."""
-    await _wait_online(broker, prefix, "edge-a")
+    await wait_online(broker, prefix, "edge-a")
     t = Topics(prefix)
     victim, own = t.device_responses("pi-victim"), t.device_responses("pi-9")
     async with aiomqtt.Client("127.0.0.1", broker.port, protocol=aiomqtt.ProtocolVersion.V5) as c:
