@@ -81,10 +81,11 @@ def transport_bench(sizes: tuple[int, ...] = TRANSPORT_SIZES, repeats: int = 30)
     import tempfile
     from pathlib import Path
 
-    from coinfer import demo
+    from coinfer.procs import REPO, Mosquitto
 
     with tempfile.TemporaryDirectory(prefix="coinfer-bench-") as tmp, \
-            demo.broker_process(demo.REPO / "mosquitto.conf", Path(tmp)) as port:
+            Mosquitto(REPO / "mosquitto.conf", Path(tmp)) as broker:
+        port = broker.port
         rows = asyncio.run(_transport(port, sizes, repeats))
         for row in rows:
             row["broker_floor_s"] = _raw_mqtt_roundtrip(port, int(row["bytes"]), repeats)

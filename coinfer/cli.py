@@ -120,13 +120,15 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_broker)
 
     s = sub.add_parser("bench", help="benchmarks that write numbers to a file")
-    s.add_argument("what", choices=["planner", "transport", "edgent"])
+    s.add_argument("what", choices=["planner", "transport", "edgent", "load"])
     s.add_argument("--out", required=True, type=Path, help="a JSON file (edgent: a folder)")
     s.add_argument("--loopback", action="store_true",
                    help="edgent: no namespaces/tc/cgroup (no root): emulate link and device in-app, labelled so")
     s.add_argument("--cpu-quota", type=float, default=0.1, help="edgent: the device's share of one core")
     s.add_argument("--per-point", type=int, default=20, help="edgent: requests per measured point")
     s.add_argument("--requests", type=int, default=20000)
+    s.add_argument("--soak", type=float, default=180.0, help="load: soak length in seconds (0: none)")
+    s.add_argument("--step", type=float, default=4.0, help="load: seconds per offered rate")
     s.set_defaults(func=cmd_bench)
     return p
 
@@ -376,6 +378,12 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "load":
+        from coinfer import load
+
+        load.run(args.out, load.LoadSettings(soak_s=args.soak, step_s=args.step),
+                 log=lambda text: print(text, flush=True))
+        return 0
     if args.what == "edgent":
         from coinfer import experiments, testbed
 

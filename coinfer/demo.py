@@ -3,29 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from coinfer.procs import Daemon, Mosquitto
 from deviced.config import DevicedConfig
 from deviced.engine import Outcome
 from deviced.service import Client
 from models.data import load_fashion_mnist, preprocess
 from planner.units import format_bandwidth, parse_bandwidth
 from protocol.session import BrokerConfig, configure_logging
-
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_PORT = 18830
 
 
 def run_demo(*, links: Sequence[str], deadline_s: float, images: int, mosquitto_conf: Path) -> int:
@@ -34,7 +25,8 @@ def run_demo(*, links: Sequence[str], deadline_s: float, images: int, mosquitto_
     x_all, labels = load_fashion_mnist("test")
     x = preprocess(x_all[:images])
     with (tempfile.TemporaryDirectory(prefix="coinfer-demo-") as tmp,
-          broker_process(mosquitto_conf, Path(tmp)) as port, _edged(Path(tmp), port)):
+          Mosquitto(mosquitto_conf, Path(tmp)) as broker, _edged(Path(tmp), broker.port)):
+        port = broker.port
         print(f"mosquitto on 127.0.0.1:{port} ({mosquitto_conf.name}), edged in its own process, deviced in this "
               f"one; {images} Fashion-MNIST test images per uplink speed, deadline {deadline_s * 1e3:.0f} ms")
         print("emulated: the uplink, in the application (each upload delayed by bytes / rate); the device's "
@@ -71,54 +63,10 @@ def _print_row(link: str, deadline_s: float, outcomes: list[Outcome], labels: np
           f"{fallbacks:>9} {format_bandwidth(round(estimate, -3)):>9}", flush=True)
 
 
-@contextlib.contextmanager
-def broker_process(conf: Path, tmp: Path) -> Iterator[int]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else _free_port()
-    local = tmp / "mosquitto.conf"
-    local.write_text(conf.read_text().replace(f"listener {DEFAULT_PORT} ", f"listener {port} "))
-    proc = subprocess.Popen([binary, "-c", str(local)], stdout=subprocess.DEVNULL)
-    try:
-        _wait_port(port, proc)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-@contextlib.contextmanager
-def _edged(tmp: Path, port: int) -> Iterator[None]:
+def _edged(tmp: Path, port: int) -> Daemon:
     conf = tmp / "edged.toml"
     conf.write_text(f'[edged]\nedge_id = "demo-edge"\n\n[broker]\nport = {port}\n')
-    proc = subprocess.Popen([sys.executable, "-m", "edged.cli", "--config", str(conf), "--log-level", "warning"],
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        yield
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mosquitto exited with status {proc.returncode}")
-        if not _port_free(port):
-            return
-        time.sleep(0.05)
-    raise RuntimeError("mosquitto did not start listening")
+    return Daemon("edged.cli", ["--config", str(conf), "--log-level", "warning"])
 
 
 def check_links(links: Sequence[str]) -> None:

@@ -44,6 +44,9 @@ PROBE_TIMEOUT_S = 2.0
 PROBE_TARGET_S = 0.05  # the large probe is sized to take about this long at the current estimate
 PROBE_MIN_SIGNAL_S = 0.01  # below this extra time for its extra bytes, a probe pair says nothing
 PROBE_MAX_BYTES = 64 * 1024
+# An unanswered transfer caps the estimate, but it is a guess (the path may just have stalled): the cap holds
+# this long, then the last measured estimate comes back and the edge is tried again.
+CAP_HOLD_S = 5.0
 Policy = Callable[[edgent.Candidates, edgent.Conditions], edgent.Plan]
 
 
@@ -96,6 +99,8 @@ class Device:
         self._emulated_bps = parse_bandwidth(cfg.emulate_uplink) if cfg.emulate_uplink else 0.0
         self._fastest_local_s = self._local_plan(0.0).predicted_s or 0.0  # the quickest way to any answer
         self._probe_bytes = cfg.probe_sizes[-1]
+        self._measured: bandwidth.LinkEstimate | None = None  # the estimate a timeout cap replaced
+        self._cap_expires = 0.0
         self.metrics.bandwidth.set(self.link.bandwidth_bps)
 
     # ---- requests -------------------------------------------------------------------------------
@@ -110,6 +115,9 @@ class Device:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(self.bundle.input_shape)
         feed = {self.bundle.input_name: x}
         edge = self.edges.choose(start) if self.client is not None else None
+        if self._measured is not None and start >= self._cap_expires:
+            log.info("link_cap_expired", bandwidth_bps=round(self._measured.bandwidth_bps))
+            self.update_link(self._measured)
         link = self.link
         if edge is None or edge.candidates is None:
             plan = self._local_plan(deadline_s)
@@ -172,10 +180,8 @@ class Device:
                 wait = max(deadline_s - (time.monotonic() - start), 0.0)
             try:
                 return await asyncio.wait_for(future, timeout=wait), len(payload), sent_at
-            except TimeoutError:  # evidence too: the link is slower than this probe needed
-                bound = 8.0 * len(payload) / PROBE_TIMEOUT_S
-                if bound < self.link.bandwidth_bps:
-                    self.update_link(replace(self.link, bandwidth_bps=bound))
+            except TimeoutError:  # evidence too: the link may be slower than this transfer needed
+                self._cap_link(8.0 * len(payload) / PROBE_TIMEOUT_S)
                 return None, len(payload), sent_at
         finally:
             self._pending.pop(request_id, None)
@@ -262,8 +268,17 @@ class Device:
                 await asyncio.sleep(8.0 * nbytes / self._emulated_bps)
 
     def update_link(self, link: bandwidth.LinkEstimate) -> None:
+        """A measured estimate (probe, transfer, or set by the operator): it replaces any timeout cap."""
+        self._measured = None
         self.link = link
         self.metrics.bandwidth.set(link.bandwidth_bps)
+
+    def _cap_link(self, bound_bps: float) -> None:
+        if bound_bps >= self.link.bandwidth_bps:
+            return
+        measured = self._measured or self.link
+        self.update_link(replace(self.link, bandwidth_bps=bound_bps))
+        self._measured, self._cap_expires = measured, time.monotonic() + CAP_HOLD_S
 
     # ---- probes and incoming messages -------------------------------------------------------------
     async def probe(self, edge_id: str) -> bandwidth.LinkEstimate | None:
@@ -287,10 +302,8 @@ class Device:
                                           qos=session.TRAFFIC_QOS, properties=props)
                 await asyncio.wait_for(future, timeout=PROBE_TIMEOUT_S)
                 samples.append((len(payload), time.monotonic() - start))
-            except TimeoutError:  # evidence too: the link is slower than this probe needed; probe smaller
-                bound = 8.0 * len(payload) / PROBE_TIMEOUT_S
-                if bound < self.link.bandwidth_bps:
-                    self.update_link(replace(self.link, bandwidth_bps=bound))
+            except TimeoutError:  # evidence too: the link may be slower than this probe needed; probe smaller
+                self._cap_link(8.0 * len(payload) / PROBE_TIMEOUT_S)
                 self._probe_bytes = max(self.cfg.probe_sizes[-1], self._probe_bytes // 4)
                 return None
             finally:

@@ -1,3 +1,4 @@
+import asyncio
 import json
 from pathlib import Path
 
@@ -76,3 +77,22 @@ async def test_probe_lifts_a_stale_low_estimate(broker: Broker, prefix: str, edg
         device.update_link(replace(device.link, bandwidth_bps=13e3))
         await device.probe("edge-a")
         assert device.link.bandwidth_bps > 1e6, device.link
+
+
+async def test_a_timeout_cap_expires_back_to_the_measured_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stalled path (not a slow one) must not keep the device local for good: the cap is held, then lifted."""
+    from deviced import engine
+    from protocol.session import BrokerConfig
+
+    monkeypatch.setattr(engine, "CAP_HOLD_S", 0.2)
+    cfg = DevicedConfig(device_id="pi-cap", broker=BrokerConfig(port=free_port()), probe_interval_s=0,
+                        initial_bandwidth="8Mbps")
+    x = preprocess(load_fashion_mnist("test")[0][:1])
+    async with Client(cfg) as client:
+        device = client.device
+        device._cap_link(13e3)
+        await client.infer(x[0], deadline=1.0)
+        assert device.link.bandwidth_bps == 13e3  # still held
+        await asyncio.sleep(0.25)
+        await client.infer(x[0], deadline=1.0)
+        assert device.link.bandwidth_bps == 8e6
