@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench bench-edgent system-deps clean
+.PHONY: run test lint typecheck unit bench bench-edgent bench-load system-deps clean
 
 run: $(STAMP) system-deps
 	@echo "== co-inference: mosquitto + edged + deviced on this machine, real Fashion-MNIST images =="
@@ -37,6 +37,10 @@ bench: $(STAMP) system-deps
 # The Edgent experiments on the namespace testbed (root; ~10 minutes). Results: docs/results/edgent.
 bench-edgent: $(STAMP) system-deps
 	$(SUDO) $(VENV)/bin/coinfer bench edgent --out docs/results/edgent
+
+# Many devices against 1 and 2 edged, a 3-minute soak, faults under load (loopback; ~6 minutes).
+bench-load: $(STAMP) system-deps
+	$(VENV)/bin/coinfer bench load --out docs/results/load/load.json
 
 system-deps:
 	@missing=""; \

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import random
 import tempfile
 import time
@@ -74,6 +75,7 @@ class StepResult:
     p95_ms: float = 0.0
     p99_ms: float = 0.0
     met: float = 0.0  # results within the deadline / sent
+    cpu: dict[str, float] = field(default_factory=dict)  # cores used by each process during the step
 
     @property
     def throughput(self) -> float:
@@ -112,6 +114,17 @@ class Stack:
                     seen.add(t.edge_id_of(str(message.topic)))
                     if seen >= set(edge_ids):
                         return
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) used so far by each process of the stack and by this one (the load)."""
+        pids = {"broker": self.broker.proc.pid if self.broker.proc else 0, "load generator": os.getpid(),
+                **{name: d.pid for name, d in self.edges.items() if d.proc is not None}}
+        out = {}
+        for name, pid in pids.items():
+            with contextlib.suppress(psutil.Error):
+                t = psutil.Process(pid).cpu_times()
+                out[name] = t.user + t.system
+        return out
 
     def rss_mb(self) -> dict[str, float]:
         return {name: rss_mb(d.pid) for name, d in self.edges.items() if d.proc is not None}
@@ -208,10 +221,14 @@ async def sweep(s: Stack, settings: LoadSettings, images: np.ndarray, digest: st
     steps: list[StepResult] = []
     misses = 0
     for rate in settings.rates:
+        cpu0, t0 = s.cpu_seconds(), time.monotonic()
         r = await open_loop(s.broker.port, rate, settings.step_s, settings.devices, settings.deadline_s, images, digest)
+        cpu1, wall = s.cpu_seconds(), time.monotonic() - t0
+        r.cpu = {k: round((cpu1[k] - cpu0[k]) / wall, 2) for k in cpu1 if k in cpu0}
         steps.append(r)
         log(f"  {rate:6.0f} req/s offered: {r.throughput:6.1f} results/s, p50 {r.p50_ms:6.1f} p99 {r.p99_ms:7.1f} "
-            f"ms, met {r.met:6.1%}, errors {r.errors or '-'}, lost {r.lost}")
+            f"ms, met {r.met:6.1%}, errors {r.errors or '-'}, lost {r.lost}; cores busy "
+            + " ".join(f"{k} {v:.2f}" for k, v in r.cpu.items()))
         misses = misses + 1 if r.met < 0.99 else 0
         if misses == 2:
             break
