@@ -180,8 +180,8 @@ class Device:
                 wait = max(deadline_s - (time.monotonic() - start), 0.0)
             try:
                 return await asyncio.wait_for(future, timeout=wait), len(payload), sent_at
-            except TimeoutError:  # evidence too: the link may be slower than this transfer needed
-                self._cap_link(8.0 * len(payload) / PROBE_TIMEOUT_S)
+            except TimeoutError:  # evidence too: these bytes did not make it there and back in the time waited
+                self._cap_link(8.0 * len(payload) / max(time.monotonic() - sent_at, 1e-3))
                 return None, len(payload), sent_at
         finally:
             self._pending.pop(request_id, None)
