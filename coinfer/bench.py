@@ -84,7 +84,7 @@ def transport_bench(sizes: tuple[int, ...] = TRANSPORT_SIZES, repeats: int = 30)
     from coinfer.procs import REPO, Mosquitto
 
     with tempfile.TemporaryDirectory(prefix="coinfer-bench-") as tmp, \
-            Mosquitto(REPO / "mosquitto.conf", Path(tmp)) as broker:
+            Mosquitto.from_template(REPO / "mosquitto.conf", Path(tmp)) as broker:
         port = broker.port
         rows = asyncio.run(_transport(port, sizes, repeats))
         for row in rows:

@@ -25,7 +25,7 @@ def run_demo(*, links: Sequence[str], deadline_s: float, images: int, mosquitto_
     x_all, labels = load_fashion_mnist("test")
     x = preprocess(x_all[:images])
     with (tempfile.TemporaryDirectory(prefix="coinfer-demo-") as tmp,
-          Mosquitto(mosquitto_conf, Path(tmp)) as broker, _edged(Path(tmp), broker.port)):
+          Mosquitto.from_template(mosquitto_conf, Path(tmp)) as broker, _edged(Path(tmp), broker.port)):
         port = broker.port
         print(f"mosquitto on 127.0.0.1:{port} ({mosquitto_conf.name}), edged in its own process, deviced in this "
               f"one; {images} Fashion-MNIST test images per uplink speed, deadline {deadline_s * 1e3:.0f} ms")

@@ -87,12 +87,12 @@ class Stack:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.broker = Mosquitto(REPO / "mosquitto.conf", tmp).start()
+        self.broker = Mosquitto.from_template(REPO / "mosquitto.conf", tmp).start()
         self.edges: dict[str, Daemon] = {}
 
     @property
     def config(self) -> BrokerConfig:
-        return BrokerConfig(port=self.broker.port)
+        return self.broker.config
 
     def edge(self, edge_id: str) -> Daemon:
         conf = self.tmp / f"{edge_id}.toml"

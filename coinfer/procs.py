@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from protocol.session import BrokerConfig
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PORT = 18830  # the listener in mosquitto.conf
 
@@ -26,19 +28,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Mosquitto:
-    """mosquitto from ``conf`` with its listener moved to a free port; it can be restarted on the same port,
-    or frozen (SIGSTOP) to stall every connection the way a dead link does."""
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if found is None:
+        raise RuntimeError("mosquitto is not installed: `make run` and `make test` install it (apt package mosquitto)")
+    return found
 
-    def __init__(self, conf: Path, tmp: Path) -> None:
-        self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.port = DEFAULT_PORT if port_free(DEFAULT_PORT) else free_port()
-        self.conf = tmp / "mosquitto.conf"
-        self.conf.write_text(conf.read_text().replace(f"listener {DEFAULT_PORT} ", f"listener {self.port} "))
+
+class Mosquitto:
+    """mosquitto with config ``conf`` listening on ``port``; it can be restarted on the same port, or frozen
+    (SIGSTOP) to stall every connection the way a dead link does."""
+
+    def __init__(self, conf: Path, port: int) -> None:
+        self.conf, self.port = conf, port
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @classmethod
+    def from_template(cls, template: Path, tmp: Path, port: int | None = None) -> Mosquitto:
+        """``template`` (e.g. the repository's mosquitto.conf) with its listener moved to ``port``, or to
+        DEFAULT_PORT when that is free, or else to a free port; the config is written to ``tmp``."""
+        if port is None:
+            port = DEFAULT_PORT if port_free(DEFAULT_PORT) else free_port()
+        conf = tmp / "mosquitto.conf"
+        conf.write_text(template.read_text().replace(f"listener {DEFAULT_PORT} ", f"listener {port} "))
+        return cls(conf, port)
+
+    @property
+    def config(self) -> BrokerConfig:
+        return BrokerConfig(host="127.0.0.1", port=self.port)
+
     def start(self) -> Mosquitto:
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -62,14 +62,9 @@ async def _run(cfg: config.DevicedConfig) -> None:
         device.metrics.serve(cfg.metrics_port)
     shutdown = asyncio.Event()
     session.install_signal_handlers(shutdown)
-    systemd = session.Systemd()
-    watchdog = asyncio.create_task(systemd.watchdog(), name="watchdog")
-    systemd.ready(f"device {cfg.device_id}: model loaded; broker {cfg.broker.host}:{cfg.broker.port}")
-    try:
+    async with session.Systemd().serving(f"device {cfg.device_id}: model loaded; broker "
+                                         f"{cfg.broker.host}:{cfg.broker.port}"):
         await run(device, shutdown=shutdown)
-    finally:
-        systemd.notify("STOPPING=1")
-        watchdog.cancel()
 
 
 def _read_images(path: Path) -> np.ndarray:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -89,11 +88,9 @@ async def run(cfg: EdgedConfig, *, shutdown: asyncio.Event) -> None:
         state.metrics.serve(cfg.metrics_port)
     topics = Topics(cfg.topic_prefix)
     backoff = session.Backoff()
-    systemd = session.Systemd()
-    watchdog = asyncio.create_task(systemd.watchdog(), name="watchdog")
     log.info("edged_started", edge_id=cfg.edge_id, bundles=[b.name for b in state.bundles.values()])
-    systemd.ready(f"serving {len(state.bundles)} bundle(s); connecting to {cfg.broker.host}:{cfg.broker.port}")
-    try:
+    async with session.Systemd().serving(f"serving {len(state.bundles)} bundle(s); connecting to "
+                                         f"{cfg.broker.host}:{cfg.broker.port}") as systemd:
         while not shutdown.is_set():
             try:
                 async with session.client(cfg.broker, identifier=f"edged-{cfg.edge_id}",
@@ -107,9 +104,6 @@ async def run(cfg: EdgedConfig, *, shutdown: asyncio.Event) -> None:
                 log.warning("mqtt_disconnected", error=str(group.exceptions[0]), retry_in_s=round(delay, 2))
                 systemd.status(f"broker unreachable ({group.exceptions[0]}); retrying")
                 await session.sleep_unless(shutdown, delay)
-    finally:
-        systemd.notify("STOPPING=1")
-        watchdog.cancel()
     log.info("edged_stopped", edge_id=cfg.edge_id)
 
 
@@ -143,30 +137,31 @@ async def _serve(client: aiomqtt.Client, state: EdgeState, topics: Topics, shutd
 
 async def _receive(client: aiomqtt.Client, state: EdgeState, topics: Topics) -> None:
     async for message in client.messages:
+        correlation = session.response_of(message)[1]
         try:
-            await _handle(client, state, topics, message)
+            # answers go only to the sending device's own response topic (the broker's ACL vouches for the
+            # device id in the request topic), never where a request's response-topic property points
+            reply_to = topics.device_responses(topics.device_id_of(str(message.topic)))
+        except ProtocolError as exc:
+            await _error(client, state, None, correlation, "", exc.code, str(exc))
+            continue
+        try:
+            await _handle(client, state, message, reply_to, correlation)
         except session.MQTT_ERRORS:
             raise
         except Exception as exc:  # a defect in handling one message must not stop the edge: answered, logged
             log.exception("message_failed", topic=str(message.topic)[:200])
-            reply_to = None
-            with contextlib.suppress(ProtocolError):
-                reply_to = topics.device_responses(topics.device_id_of(str(message.topic)))
-            await _error(client, state, reply_to, session.response_of(message)[1], "", ErrorCode.INTERNAL,
+            await _error(client, state, reply_to, correlation, "", ErrorCode.INTERNAL,
                          f"edge error on this request: {type(exc).__name__}")
 
 
-async def _handle(client: aiomqtt.Client, state: EdgeState, topics: Topics, message: aiomqtt.Message) -> None:
-    asked_to, correlation = session.response_of(message)
-    payload = message.payload if isinstance(message.payload, bytes) else b""
-    reply_to: str | None = None
+async def _handle(client: aiomqtt.Client, state: EdgeState, message: aiomqtt.Message, reply_to: str,
+                  correlation: bytes | None) -> None:
+    asked_to = session.response_of(message)[0]
+    if asked_to is not None and asked_to != reply_to:
+        log.warning("response_topic_ignored", asked=asked_to[:200], answering=reply_to)
     try:
-        # answers go only to the sending device's own response topic (the broker's ACL vouches for the
-        # device id in the request topic), never where a request's response-topic property points
-        reply_to = topics.device_responses(topics.device_id_of(str(message.topic)))
-        if asked_to is not None and asked_to != reply_to:
-            log.warning("response_topic_ignored", asked=asked_to[:200], answering=reply_to)
-        msg = decode(payload, expect=(InferRequest, Probe))
+        msg = decode(message.payload if isinstance(message.payload, bytes) else b"", expect=(InferRequest, Probe))
     except ProtocolError as exc:
         await _error(client, state, reply_to, correlation, "", exc.code, str(exc))
         return

@@ -13,6 +13,7 @@ import random
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO, cast
@@ -180,11 +181,22 @@ class Systemd:
     def status(self, text: str) -> None:
         self.notify(f"STATUS={text}")
 
-    async def watchdog(self) -> None:
-        """Send WATCHDOG=1 at half the configured interval for as long as the event loop runs: a stuck loop
-        misses it and systemd restarts the daemon."""
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 at half the configured interval for as long as the event loop runs: a stuck loop misses
+        it and systemd restarts the daemon."""
         if self._notifier is None or not self.watchdog_s:
             return
         while True:
             self.notify("WATCHDOG=1")
             await asyncio.sleep(self.watchdog_s / 2)
+
+    @contextlib.asynccontextmanager
+    async def serving(self, status: str) -> AsyncIterator[Systemd]:
+        """READY=1 with ``status`` and the watchdog on entry (the daemon is loaded); STOPPING=1 on exit."""
+        watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+        self.ready(status)
+        try:
+            yield self
+        finally:
+            self.notify("STOPPING=1")
+            watchdog.cancel()

@@ -1,76 +1,29 @@
 """A real mosquitto on a free port (started once per session) and daemons run in-process against it."""
 
+# Broker (coinfer.procs.Mosquitto) and free_port are re-exported for the tests.
+
 from __future__ import annotations
 
 import asyncio
 import itertools
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from coinfer.procs import Mosquitto as Broker
+from coinfer.procs import free_port
 from edged.config import EdgedConfig
 from edged.server import run as run_edged
-from protocol.session import BrokerConfig
 
 REPO = Path(__file__).resolve().parents[2]
 _prefixes = itertools.count()
 
 
-def mosquitto_binary() -> str:
-    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-    if found is None:
-        raise RuntimeError("mosquitto not installed: `make test` installs it (apt-get install mosquitto)")
-    return found
-
-
-@dataclass
-class Broker:
-    port: int
-    conf: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-    @property
-    def config(self) -> BrokerConfig:
-        return BrokerConfig(host="127.0.0.1", port=self.port)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_broker(directory: Path) -> Broker:
     """mosquitto from the repository's mosquitto.conf, on a free port."""
-    port = free_port()
-    conf = directory / "mosquitto.conf"
-    conf.write_text((REPO / "mosquitto.conf").read_text().replace("listener 18830 ", f"listener {port} "))
-    b = Broker(port=port, conf=conf)
-    b.start()
-    return b
+    return Broker.from_template(REPO / "mosquitto.conf", directory, port=free_port()).start()
 
 
 @pytest.fixture(scope="session")

@@ -1,22 +1,19 @@
 """Faults against real processes: edged killed mid-request, the broker restarted mid-run. Nothing is lost."""
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from coinfer.procs import Daemon
 from deviced.config import DevicedConfig
 from deviced.engine import Outcome
 from deviced.service import Client
 from edged.config import EdgedConfig
 from models.data import load_fashion_mnist, preprocess
-from tests.daemons.conftest import REPO, Broker, EdgeProcess, start_broker
+from tests.daemons.conftest import Broker, EdgeProcess, start_broker
 
 
 @pytest.fixture
@@ -26,12 +23,11 @@ def own_broker(tmp_path: Path) -> Iterator[Broker]:
     b.stop()
 
 
-def _edged_process(tmp_path: Path, broker: Broker, prefix: str) -> subprocess.Popen[bytes]:
+def _edged_process(tmp_path: Path, broker: Broker, prefix: str) -> Daemon:
     conf = tmp_path / "edged.toml"
     conf.write_text(f'[edged]\nedge_id = "edge-k"\ntopic_prefix = "{prefix}"\n\n'
                     f'[broker]\nhost = "127.0.0.1"\nport = {broker.port}\n')
-    return subprocess.Popen([sys.executable, "-m", "edged.cli", "--config", str(conf)], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL)
+    return Daemon("edged.cli", ["--config", str(conf)]).start()
 
 
 def _inputs(n: int) -> np.ndarray:
@@ -51,13 +47,12 @@ async def test_edged_killed_mid_request(tmp_path: Path, broker: Broker, prefix: 
             assert all(o.where in ("edge", "split") for o in outcomes)
             in_flight = [asyncio.create_task(client.infer(x[10 + i], deadline=0.5)) for i in range(10)]
             await asyncio.sleep(0.002)
-            proc.send_signal(signal.SIGKILL)
+            proc.kill()  # SIGKILL
             outcomes += await asyncio.gather(*in_flight)
             for i in range(20, 40):
                 outcomes.append(await client.infer(x[i], deadline=0.5))
     finally:
-        proc.kill()
-        proc.wait()
+        proc.stop()
     assert len(outcomes) == 40 and all(o.logits.shape == (1, 10) for o in outcomes)  # nothing lost
     after = outcomes[20:]
     assert any(o.fallback == "timeout" for o in outcomes[10:])

@@ -70,7 +70,7 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBr
     tls_port, local_port = free_port(), free_port()
     conf = directory / "mosquitto.conf"
     conf.write_text(production_conf(directory, tls_port, local_port))
-    b = Broker(port=tls_port, conf=conf)
+    b = Broker(conf, tls_port)
     b.start()
     yield SecureBroker(broker=b, directory=directory, tls_port=tls_port, local_port=local_port, passwords=passwords)
     b.stop()
