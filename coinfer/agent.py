@@ -35,7 +35,8 @@ from coinfer.experiments import trace_bps
 from deviced.config import DevicedConfig
 from deviced.engine import Outcome, Policy
 from deviced.service import Client
-from models.data import load_fashion_mnist, preprocess
+from models.bundle import DEFAULT_BUNDLE
+from models.data import load_fashion_mnist
 from models.runtime import HEAD
 from planner import edgent
 from planner.bandwidth import LinkEstimate
@@ -50,13 +51,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--broker-host", default="127.0.0.1")
     p.add_argument("--broker-port", type=int, required=True)
     p.add_argument("--device-model", type=Path, required=True)
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     p.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
     p.add_argument("--images", type=int, default=500)
     p.add_argument("--emulate-uplink", default="", help="loopback mode only")
     p.add_argument("--emulate-slowdown", type=float, default=1.0, help="loopback mode only")
     args = p.parse_args(argv)
     configure_logging("warning", stream=sys.stderr)
-    cfg = DevicedConfig(device_id="testbed-device", latency_model=args.device_model, probe_interval_s=0,
+    cfg = DevicedConfig(device_id="testbed-device", bundle=args.bundle, latency_model=args.device_model,
+                        probe_interval_s=0,
                         topic_prefix=args.topic_prefix,
                         broker=BrokerConfig(host=args.broker_host, port=args.broker_port),
                         emulate_uplink=args.emulate_uplink, emulate_slowdown=args.emulate_slowdown)
@@ -65,9 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _serve(cfg: DevicedConfig, n_images: int) -> int:
     images, labels = load_fashion_mnist("test")
-    x, y = preprocess(images[:n_images]), labels[:n_images]
     loop = asyncio.get_running_loop()
     async with Client(cfg) as client:
+        x, y = client.device.bundle.preprocess(images[:n_images]), labels[:n_images]
         _answer({"ready": await client.wait_for_edge(60)})
         while line := await loop.run_in_executor(None, sys.stdin.readline):
             cmd = json.loads(line)

@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 
 from coinfer import bench, resources
-from models import graph
-from models.bundle import DEFAULT_BUNDLE, MANIFEST, load_bundle
+from models import branchy, graph
+from models.bundle import BUNDLES_DIR, DEFAULT_BUNDLE, MANIFEST, load_bundle
 from models.errors import ModelError
 from planner import edgent, units
 from planner.errors import PlannerError
@@ -55,12 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_split)
 
     s = sub.add_parser("train", help="train the branchy AlexNet on Fashion-MNIST and write its bundle (needs torch)")
-    s.add_argument("--out", type=Path, default=DEFAULT_BUNDLE)
+    s.add_argument("--arch", choices=sorted(branchy.ARCHS), default=branchy.ALEXNET28.name,
+                   help="which architecture (and bundle name)")
+    s.add_argument("--out", type=Path, default=None, help="bundle directory (default: models/bundles/ARCH)")
     s.add_argument("--epochs", type=float, default=3.0, help="joint training of all exits")
     s.add_argument("--finetune-epochs", type=float, default=1.0, help="then the last segment alone")
     s.add_argument("--subset", type=int, default=None, help="train on the first N training images only")
     s.add_argument("--batch", type=int, default=128)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--init", type=Path, default=None, help="start from this bundle's weights (same --arch)")
+    s.add_argument("--freeze", type=int, default=0, metavar="N",
+                   help="keep the first N segments and their exits fixed; train the rest")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("profile", help="measure per-layer latency on this host")
@@ -126,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="edgent: no namespaces/tc/cgroup (no root): emulate link and device in-app, labelled so")
     s.add_argument("--cpu-quota", type=float, default=0.1, help="edgent: the device's share of one core")
     s.add_argument("--per-point", type=int, default=20, help="edgent: requests per measured point")
+    s.add_argument("--bundle", type=Path, default=None,
+                   help="edgent: the model (default: the 56x56 bundle, whose stages suit a CPU quota)")
     s.add_argument("--requests", type=int, default=20000)
     s.add_argument("--soak", type=float, default=180.0, help="load: soak length in seconds (0: none)")
     s.add_argument("--step", type=float, default=4.0, help="load: seconds per offered rate")
@@ -166,14 +173,18 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     try:
-        from models.train import export_bundle, train
+        from models.train import export_bundle, train, weights_of
     except ImportError as exc:
         print(f"coinfer: error: training needs torch ({exc}); install the extra: pip install 'coinfer[train]'",
               file=sys.stderr)
         return 2
-    model, report = train(epochs=args.epochs, finetune_epochs=args.finetune_epochs, batch=args.batch,
-                          subset=args.subset, seed=args.seed)
-    out = export_bundle(model, args.out, report)
+    arch = branchy.ARCHS[args.arch]
+    init = weights_of(args.init) if args.init else None
+    model, report = train(arch, epochs=args.epochs, finetune_epochs=args.finetune_epochs, batch=args.batch,
+                          subset=args.subset, seed=args.seed, init=init, freeze=args.freeze)
+    if args.init:  # the whole history stays in the manifest
+        report["continued_from"] = load_bundle(args.init).manifest["training"]
+    out = export_bundle(model, args.out or BUNDLES_DIR / arch.name, report)
     for e in load_bundle(out).exits:
         print(f"exit {e.index}: {len(e.layers):>2} layers, test accuracy {e.accuracy:.4f}")
     print(f"bundle written to {out}")
@@ -388,7 +399,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from coinfer import experiments, testbed
 
         settings = experiments.Settings(requests=args.per_point, loopback=args.loopback,
-                                        emulation=testbed.Emulation(cpu_quota=args.cpu_quota))
+                                        emulation=testbed.Emulation(cpu_quota=args.cpu_quota),
+                                        **({"bundle": args.bundle} if args.bundle else {}))
         try:
             experiments.run(args.out, settings, log=lambda text: print(text, flush=True))
         except testbed.TestbedError as exc:

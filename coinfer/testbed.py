@@ -10,6 +10,7 @@ every output says so (``describe()``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -123,6 +124,11 @@ class Testbed:
             _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
             _sh("ip", "-n", ns, "link", "set", dev, "up")
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        # static neighbours: a saturated uplink queue would drop ARP, and the link would look down
+        macs = {ns: _mac(ns, dev) for ns, dev in ((NS_DEVICE, VETH_DEVICE), (NS_EDGE, VETH_EDGE))}
+        for ns, dev, peer_ip, peer_ns in ((NS_DEVICE, VETH_DEVICE, EDGE_IP, NS_EDGE),
+                                          (NS_EDGE, VETH_EDGE, DEVICE_IP, NS_DEVICE)):
+            _sh("ip", "-n", ns, "neigh", "replace", peer_ip, "lladdr", macs[peer_ns], "dev", dev, "nud", "permanent")
         _sh("ip", "netns", "exec", NS_DEVICE, "tc", "qdisc", "add", "dev", VETH_DEVICE, "root",
             *tbf_args(self.uplink_bps))
 
@@ -193,6 +199,13 @@ def _sh(*argv: str) -> None:
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
         raise TestbedError(f"`{' '.join(argv)}` failed: {done.stderr.strip()}")
+
+
+def _mac(ns: str, dev: str) -> str:
+    done = subprocess.run(["ip", "-n", ns, "-j", "link", "show", "dev", dev], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise TestbedError(f"cannot read {dev}'s address in {ns}: {done.stderr.strip()}")
+    return str(json.loads(done.stdout)[0]["address"])
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

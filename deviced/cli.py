@@ -14,7 +14,8 @@ import numpy as np
 
 from deviced import config
 from deviced.service import Client, RemoteClient, RemoteError, build_device, run
-from models.data import CLASSES, preprocess, read_idx
+from models.bundle import load_bundle
+from models.data import CLASSES, read_idx
 from models.errors import ModelError
 from planner.errors import PlannerError
 from planner.units import parse_duration
@@ -47,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_run(cfg))
             return 0
         deadline = parse_duration(args.deadline or cfg.default_deadline)
-        images = preprocess(_read_images(args.file)[: args.count])
+        images = load_bundle(cfg.bundle).preprocess(_read_images(args.file)[: args.count])
         if args.via_daemon:
             return asyncio.run(_infer_remote(cfg, images, deadline, as_json=args.json))
         return asyncio.run(_infer(cfg, images, deadline, as_json=args.json))

@@ -54,6 +54,10 @@ class Bundle:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(int(d) for d in self.manifest["input"]["shape"])
 
+    def preprocess(self, images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        """Fashion-MNIST uint8 images (N, 28, 28) -> this bundle's input tensors (N, 1, H, W)."""
+        return data.preprocess(images, int(self.manifest["input"]["preprocess"].get("upsample", 1)))
+
     def exit_model(self, index: int) -> onnx.ModelProto:
         """The prepared sub-model computing exit ``index`` (1-based) alone."""
         info = self.exit(index)
@@ -127,8 +131,9 @@ def exit_accuracies(model: onnx.ModelProto, outputs: Sequence[str], x: npt.NDArr
     return [float(c / len(x)) for c in correct]
 
 
-def write_bundle(model: onnx.ModelProto, out_dir: Path, *, name: str, test_images: npt.NDArray[np.float32],
-                 test_labels: npt.NDArray[np.int64], training: dict[str, object]) -> Path:
+def write_bundle(model: onnx.ModelProto, out_dir: Path, *, name: str, upsample: int = 1,
+                 test_images: npt.NDArray[np.float32], test_labels: npt.NDArray[np.int64],
+                 training: dict[str, object]) -> Path:
     """Write ``model`` and its manifest (layers, exits with measured accuracy and cuts, hashes)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     prepared = graph.prepare(model)
@@ -151,7 +156,8 @@ def write_bundle(model: onnx.ModelProto, out_dir: Path, *, name: str, test_image
         "files": {MODEL_FILE: {"sha256": sha256_file(model_path), "bytes": model_path.stat().st_size}},
         "input": {"name": inp.name, "dtype": "float32",
                   "shape": [d.dim_value for d in inp.type.tensor_type.shape.dim],
-                  "preprocess": {"scale": 1 / 255, "mean": data.MEAN, "std": data.STD},
+                  "preprocess": {"scale": 1 / 255, "mean": data.MEAN, "std": data.STD,
+                                 "upsample": upsample},
                   "dataset": "fashion-mnist", "classes": list(data.CLASSES)},
         "layers": [lay.to_json() for lay in graph.layers(prepared)],
         "exits": exits,

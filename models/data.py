@@ -68,7 +68,14 @@ def load_fashion_mnist(
     return images.astype(np.uint8), labels.astype(np.int64)
 
 
-def preprocess(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-    """uint8 images (N, 28, 28) -> normalised float32 tensors (N, 1, 28, 28)."""
+def preprocess(images: npt.NDArray[np.uint8], upsample: int = 1) -> npt.NDArray[np.float32]:
+    """uint8 images (N, H, W) -> normalised float32 tensors (N, 1, H*upsample, W*upsample).
+
+    Upsampling repeats each pixel (nearest neighbour), as a camera of that resolution would see it.
+    """
+    if upsample < 1:
+        raise ValueError(f"upsample must be >= 1, got {upsample}")
+    if upsample > 1:
+        images = images.repeat(upsample, axis=-2).repeat(upsample, axis=-1)
     x = images.astype(np.float32) / 255.0
     return ((x - MEAN) / STD).reshape(-1, 1, *images.shape[-2:]).astype(np.float32)

@@ -37,19 +37,20 @@ def _module(spec: LayerSpec, shape: tuple[int, ...]) -> nn.Module:
 
 
 class BranchyAlexNet(nn.Module):
-    """Torch twin of ``models.branchy``: ``forward`` returns the logits of every exit."""
+    """Torch twin of a ``models.branchy.Arch``: ``forward`` returns the logits of every exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, arch: branchy.Arch = branchy.ALEXNET28) -> None:
         super().__init__()
+        self.arch = arch
         self.layers = nn.ModuleDict()
         self.trunk: list[list[str]] = []
         self.branches: list[list[str]] = []
-        shape = branchy.INPUT_SHAPE
-        for i, segment in enumerate(branchy.TRUNK):
+        shape = arch.input_shape
+        for i, segment in enumerate(arch.trunk):
             self.trunk.append(self._add(segment, shape))
-            shape = branchy.segment_shapes()[i]
-            if i < len(branchy.BRANCHES):
-                self.branches.append(self._add(branchy.BRANCHES[i], shape))
+            shape = arch.segment_shapes[i]
+            if i < len(arch.branches):
+                self.branches.append(self._add(arch.branches[i], shape))
 
     def _add(self, specs: tuple[LayerSpec, ...], shape: tuple[int, ...]) -> list[str]:
         for spec in specs:
@@ -71,6 +72,16 @@ class BranchyAlexNet(nn.Module):
         outs.append(x)
         return outs
 
+    def load_numpy_weights(self, weights: dict[str, npt.NDArray[np.float32]]) -> None:
+        """The inverse of ``numpy_weights``: every parameter must be given, with its shape."""
+        self.load_state_dict({f"layers.{k}": torch.from_numpy(np.array(v)) for k, v in weights.items()})
+
+    def freeze(self, segments: int) -> None:
+        """Stop training the first ``segments`` trunk segments and the branches after them."""
+        for names in self.trunk[:segments] + self.branches[:segments]:
+            for name in names:
+                self.layers[name].requires_grad_(False)
+
     def numpy_weights(self) -> dict[str, npt.NDArray[np.float32]]:
         """Parameters keyed as ``models.onnxbuild`` expects (``<layer>.weight``, ``<layer>.bias``)."""
         return {k.removeprefix("layers."): v.detach().cpu().numpy().astype(np.float32)
@@ -81,7 +92,7 @@ def evaluate(model: BranchyAlexNet, x: npt.NDArray[np.float32], y: npt.NDArray[n
              batch: int = 1000) -> list[float]:
     """Accuracy of every exit on (x, y)."""
     model.eval()
-    correct = np.zeros(branchy.NUM_EXITS)
+    correct = np.zeros(model.arch.num_exits)
     with torch.no_grad():
         for i in range(0, len(x), batch):
             outs = model(torch.from_numpy(x[i:i + batch]))
@@ -90,25 +101,35 @@ def evaluate(model: BranchyAlexNet, x: npt.NDArray[np.float32], y: npt.NDArray[n
     return [float(c / len(x)) for c in correct]
 
 
-def train(*, epochs: float = 3.0, batch: int = 128, lr: float = 2e-3, subset: int | None = None,
-          finetune_epochs: float = 1.0, seed: int = 0, threads: int | None = None, progress: bool = True,
+def train(arch: branchy.Arch = branchy.ALEXNET28, *, epochs: float = 3.0, batch: int = 128, lr: float = 2e-3,
+          subset: int | None = None, finetune_epochs: float = 1.0, seed: int = 0, threads: int | None = None,
+          init: dict[str, npt.NDArray[np.float32]] | None = None, freeze: int = 0, progress: bool = True,
           log: Callable[[str], None] = print) -> tuple[BranchyAlexNet, dict[str, object]]:
-    """Joint training of all exits, then ``finetune_final``; returns the model and a training report."""
+    """Joint training of all exits, then ``finetune_final``; returns the model and a training report.
+
+    ``init`` starts from given weights (a bundle's: ``weights_of``) instead of random ones; ``freeze``
+    keeps the first segments and their exits as they are and trains the rest on the later exits' losses.
+    """
+    if not 0 <= freeze < arch.num_exits:
+        raise ValueError(f"freeze must be in 0..{arch.num_exits - 1}")
     torch.manual_seed(seed)
     if threads:
         torch.set_num_threads(threads)
     images, labels = load_fashion_mnist("train")
-    x_all, y_all = preprocess(images), labels
     if subset:
-        x_all, y_all = x_all[:subset], y_all[:subset]
-    model = BranchyAlexNet()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+        images, labels = images[:subset], labels[:subset]
+    x_all, y_all = preprocess(images, arch.upsample), labels
+    model = BranchyAlexNet(arch)
+    if init is not None:
+        model.load_numpy_weights(init)
+    model.freeze(freeze)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     steps_per_epoch = int(np.ceil(len(x_all) / batch))
     total = round(epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total)
     loss_fn = nn.CrossEntropyLoss()
     rng = np.random.default_rng(seed)
-    weights = torch.tensor(EXIT_LOSS_WEIGHTS)
+    weights = torch.tensor([0.0 if i < freeze else w for i, w in enumerate(EXIT_LOSS_WEIGHTS)])
     start = time.perf_counter()
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress)
     step = 0
@@ -132,7 +153,8 @@ def train(*, epochs: float = 3.0, batch: int = 128, lr: float = 2e-3, subset: in
     bar.close()
     report: dict[str, object] = {"epochs": epochs, "steps": total, "batch": batch, "lr": lr, "seed": seed,
               "train_images": len(x_all), "train_seconds": round(time.perf_counter() - start, 1),
-              "torch_threads": torch.get_num_threads()}
+              "torch_threads": torch.get_num_threads(), "initialised_from_bundle": init is not None,
+              "frozen_segments": freeze}
     log(f"trained {total} steps in {report['train_seconds']} s")
     if finetune_epochs > 0:
         report.update(finetune_final(model, x_all, y_all, epochs=finetune_epochs, batch=batch,
@@ -183,11 +205,21 @@ def finetune_final(model: BranchyAlexNet, x_all: npt.NDArray[np.float32], y_all:
             "finetune_seconds": round(time.perf_counter() - start, 1)}
 
 
+def weights_of(bundle_dir: Path) -> dict[str, npt.NDArray[np.float32]]:
+    """A bundle's parameters keyed as ``BranchyAlexNet.numpy_weights`` gives them (to continue training)."""
+    from onnx import numpy_helper
+
+    from models.bundle import load_bundle
+
+    return {t.name: numpy_helper.to_array(t) for t in load_bundle(bundle_dir).model.graph.initializer}
+
+
 def export_bundle(model: BranchyAlexNet, out_dir: Path, report: dict[str, object]) -> Path:
     """Evaluate on the full test split and write the bundle (ONNX + manifest) to ``out_dir``."""
     from models.bundle import write_bundle
 
     images, labels = load_fashion_mnist("test")
-    onnx_model = branchy.build_onnx(model.numpy_weights())
-    return write_bundle(onnx_model, out_dir, name="fmnist-branchy-alexnet",
-                        test_images=preprocess(images), test_labels=labels, training=report)
+    arch = model.arch
+    onnx_model = arch.build_onnx(model.numpy_weights())
+    return write_bundle(onnx_model, out_dir, name=arch.name, upsample=arch.upsample,
+                        test_images=preprocess(images, arch.upsample), test_labels=labels, training=report)

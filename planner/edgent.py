@@ -116,6 +116,7 @@ def compile_candidates(exits: Sequence[ExitInfo], device: LatencyModel, edge: La
     for e, ex in enumerate(exits):
         feats = [(lay.kind, lay.features) for lay in ex.layers]
         dev_cum = np.concatenate([[0.0], np.cumsum(device.predict_many(feats))])
+        dev_stage = np.concatenate([[0.0], device.stage_s(dev_cum[1:])])  # a head runs as one stage
         edge_cum = np.concatenate([[0.0], np.cumsum(edge.predict_many(feats))])
         n = len(ex.layers)
         points = [CutPoint(index=0, bytes=ex.input_bytes, tensors=("input",)), *ex.cuts,
@@ -127,7 +128,7 @@ def compile_candidates(exits: Sequence[ExitInfo], device: LatencyModel, edge: La
             cols["cut"].append(p)
             cols["n"].append(n)
             cols["acc"].append(ex.accuracy)
-            cols["dev"].append(dev_cum[p] + (device.stage_overhead_s if p > 0 else 0.0))
+            cols["dev"].append(dev_stage[p])
             cols["edge"].append(edge_cum[n] - edge_cum[p] + (edge.stage_overhead_s if on_edge else 0.0))
             cols["up"].append(point.bytes if on_edge else 0)
             cols["down"].append(ex.result_bytes if on_edge else 0)

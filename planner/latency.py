@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from planner.errors import LatencyModelError
 
@@ -37,6 +38,36 @@ FIT_VARIABLES: dict[str, tuple[str, ...]] = {
     "fc": ("input_bytes", "output_bytes", "flops"),
 }
 MIN_HOLDOUT_SAMPLES = 8
+PHASES = 64  # points at which ``CpuQuota.wall_s`` averages over where in a period a stage starts
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CpuQuota:
+    """A CFS bandwidth limit: ``quota_s`` of CPU per ``period_s`` (cgroup ``cpu.cfs_quota_us`` / ``cpu.max``).
+
+    Such a host is not uniformly slower: a burst that fits in the quota left in the current period runs
+    at full speed; a longer one is throttled until each refill. ``wall_s`` is the expected wall time of a
+    burst that starts with a full quota (the device was idle) at a uniformly random point of a period.
+    """
+
+    quota_s: float
+    period_s: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.quota_s <= self.period_s:
+            raise LatencyModelError(f"bad CPU quota {self.quota_s} s per {self.period_s} s")
+
+    def wall_s(self, cpu_s: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        c = np.asarray(cpu_s, dtype=np.float64)[..., None]
+        left = (np.arange(PHASES) + 0.5) / PHASES * self.period_s  # time to the next refill
+        first = np.minimum(self.quota_s, left)  # CPU it gets before that refill
+        rest = np.maximum(c - first, 0.0)
+        periods = np.maximum(np.ceil(rest / self.quota_s) - 1, 0)  # whole periods after the refill
+        throttled = left + periods * self.period_s + (rest - periods * self.quota_s)
+        return np.asarray(np.where(c <= first, c, throttled).mean(axis=-1))
+
+    def to_json(self) -> dict[str, float]:
+        return {"quota_s": self.quota_s, "period_s": self.period_s}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,6 +98,7 @@ class LatencyModel:
     types: Mapping[str, TypeModel]
     unit: str = "ms"
     stage_overhead: float = 0.0  # per executed stage (one runtime call), in ``unit``
+    cpu_quota: CpuQuota | None = None  # the host runs under a CFS quota: see ``stage_s``
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -88,13 +120,19 @@ class LatencyModel:
     def stage_overhead_s(self) -> float:
         return self.stage_overhead * UNIT_SECONDS[self.unit]
 
-    def scaled(self, factor: float, stage_overhead_s: float, *, name: str, meta: Mapping[str, Any]) -> LatencyModel:
+    def stage_s(self, compute_s: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Wall seconds of whole stages whose layers' predictions sum to ``compute_s`` (plus the overhead)."""
+        busy = np.asarray(compute_s, dtype=np.float64) + self.stage_overhead_s
+        return self.cpu_quota.wall_s(busy) if self.cpu_quota else busy
+
+    def scaled(self, factor: float, stage_overhead_s: float, *, name: str, meta: Mapping[str, Any],
+               cpu_quota: CpuQuota | None = None) -> LatencyModel:
         """This model slowed down ``factor`` times, with a new per-stage overhead (see ``calibrate_stages``)."""
         if not factor > 0 or stage_overhead_s < 0:
             raise LatencyModelError(f"bad scaling {factor} / overhead {stage_overhead_s}")
         types = {k: TypeModel(variables=m.variables, coef=tuple(c * factor for c in m.coef),
                               intercept=m.intercept * factor, fit=m.fit) for k, m in self.types.items()}
-        return LatencyModel(name=name, types=types, unit=self.unit,
+        return LatencyModel(name=name, types=types, unit=self.unit, cpu_quota=cpu_quota,
                             stage_overhead=stage_overhead_s / UNIT_SECONDS[self.unit], meta=meta)
 
     def to_json(self) -> dict[str, Any]:
@@ -102,6 +140,7 @@ class LatencyModel:
         return {
             "format": FORMAT, "name": self.name, "latency_unit": self.unit,
             "stage_overhead": self.stage_overhead, **({"meta": dict(self.meta)} if self.meta else {}),
+            **({"cpu_quota": self.cpu_quota.to_json()} if self.cpu_quota else {}),
             "types": {k: {"variables": list(m.variables), "coef": list(m.coef), "intercept": m.intercept,
                           **({"fit": dict(m.fit)} if m.fit else {})} for k, m in self.types.items()},
         }
@@ -111,7 +150,8 @@ class LatencyModel:
         """Validate and build from a parsed JSON document; unknown keys are rejected."""
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise LatencyModelError(f"not a {FORMAT} document")
-        _reject_unknown(doc, {"format", "name", "latency_unit", "stage_overhead", "meta", "types"}, "model")
+        _reject_unknown(doc, {"format", "name", "latency_unit", "stage_overhead", "cpu_quota", "meta", "types"},
+                        "model")
         types_doc = doc.get("types")
         if not isinstance(types_doc, dict) or not types_doc:
             raise LatencyModelError("'types' must be a non-empty object")
@@ -127,9 +167,14 @@ class LatencyModel:
             except (KeyError, TypeError, ValueError) as exc:
                 raise LatencyModelError(f"types.{kind}: {exc!r}") from exc
         try:
+            quota = doc.get("cpu_quota")
+            if quota is not None:
+                _reject_unknown(quota, {"quota_s", "period_s"}, "cpu_quota")
+                quota = CpuQuota(quota_s=float(quota["quota_s"]), period_s=float(quota["period_s"]))
             return cls(name=str(doc.get("name", "unnamed")), types=types, unit=str(doc.get("latency_unit", "ms")),
-                       stage_overhead=float(doc.get("stage_overhead", 0.0)), meta=dict(doc.get("meta", {})))
-        except (TypeError, ValueError) as exc:
+                       stage_overhead=float(doc.get("stage_overhead", 0.0)), cpu_quota=quota,
+                       meta=dict(doc.get("meta", {})))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise LatencyModelError(f"bad model fields: {exc!r}") from exc
 
 
@@ -188,19 +233,31 @@ def _reject_unknown(doc: Mapping[str, Any], allowed: set[str], where: str) -> No
         raise LatencyModelError(f"{where}: unknown key(s) {unknown}")
 
 
-def calibrate_stages(predicted_s: Sequence[float], measured_s: Sequence[float]) -> tuple[float, float]:
+def calibrate_stages(predicted_s: Sequence[float], measured_s: Sequence[float],
+                     cpu_quota: CpuQuota | None = None) -> tuple[float, float]:
     """(slowdown, per-stage overhead in s) with ``measured = slowdown * predicted + overhead``.
 
-    For a host whose per-layer timings do not add up to what whole stages take (a CPU quota throttles a
-    process in whole periods, wherever it is), measured whole stages calibrate a model fitted elsewhere.
-    Least squares weighted by 1/measured, so that small and large stages count alike in relative terms.
+    For a host whose per-layer timings do not add up to what whole stages take, measured whole stages
+    calibrate a model fitted elsewhere. Under ``cpu_quota`` the fit is ``measured = quota.wall_s(slowdown *
+    predicted + overhead)``: the slowdown is then the CPU-speed ratio alone, the quota's throttling being
+    modelled (``CpuQuota``). Least squares on relative errors, so small and large stages count alike.
     """
     x, y = np.asarray(predicted_s, dtype=np.float64), np.asarray(measured_s, dtype=np.float64)
     if x.size < 2 or x.size != y.size or np.ptp(x) <= 0 or (y <= 0).any():
         raise LatencyModelError("calibration needs stages of at least two different predicted sizes")
-    w = 1.0 / y
-    design = np.stack([x, np.ones_like(x)], axis=1) * w[:, None]
-    (slope, overhead), *_ = np.linalg.lstsq(design, y * w, rcond=None)
+    if cpu_quota is None:
+        w = 1.0 / y
+        design = np.stack([x, np.ones_like(x)], axis=1) * w[:, None]
+        (slope, overhead), *_ = np.linalg.lstsq(design, y * w, rcond=None)
+    else:
+        from scipy.optimize import least_squares
+
+        def residuals(p: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+            return cpu_quota.wall_s(p[0] * x + p[1]) / y - 1.0
+
+        fit = least_squares(residuals, x0=[1.0, 1e-3], bounds=([1e-3, 0.0], [1e3, max(float(y.max()), 1e-3)]),
+                            x_scale=[1.0, 1e-3])
+        slope, overhead = fit.x
     if slope <= 0:
         raise LatencyModelError(f"calibration found a non-positive slowdown {slope:.3g}")
     return float(slope), max(float(overhead), 0.0)

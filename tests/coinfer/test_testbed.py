@@ -60,6 +60,10 @@ def test_namespace_testbed_shapes_the_uplink_and_quota_and_cleans_up(tmp_path: P
         out = subprocess.run(bed.device_argv(["sh", "-c", "cat /proc/self/cgroup; ip -o addr show"]),
                              capture_output=True, text=True, check=True).stdout
         assert testbed.CGROUP_NAME in out and testbed.DEVICE_IP in out and testbed.EDGE_IP not in out
+        # the peer's address is a permanent neighbour: no ARP to lose in a full uplink queue
+        neigh = subprocess.run(["ip", "-n", testbed.NS_DEVICE, "neigh", "show", testbed.EDGE_IP],
+                               capture_output=True, text=True).stdout
+        assert "PERMANENT" in neigh
     assert not {testbed.NS_DEVICE, testbed.NS_EDGE} & set(_netns())
     assert not (testbed.CGROUP_ROOT / "cpu" / testbed.CGROUP_NAME).exists()
     assert not (testbed.CGROUP_ROOT / testbed.CGROUP_NAME).exists()

@@ -5,17 +5,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.bundle import Bundle, exit_accuracies, load_bundle
-from models.data import load_fashion_mnist, preprocess
+from models import branchy
+from models.bundle import BUNDLES_DIR, Bundle, exit_accuracies, load_bundle
+from models.data import load_fashion_mnist
 from models.errors import BundleError
 
 
-def test_manifest_describes_a_real_tradeoff(bundle: Bundle) -> None:
+@pytest.fixture(scope="module", params=sorted(branchy.ARCHS))
+def shipped(request: pytest.FixtureRequest) -> Bundle:
+    """Each shipped bundle (one per architecture)."""
+    return load_bundle(BUNDLES_DIR / request.param)
+
+
+def test_every_architecture_ships_a_bundle_of_its_shape(shipped: Bundle) -> None:
+    arch = branchy.ARCHS[shipped.name]
+    assert shipped.input_shape == (1, *arch.input_shape)
+    assert [len(e.layers) for e in shipped.exits] == [len(arch.exit_layers(i)) for i in range(arch.num_exits)]
+    images, _ = load_fashion_mnist("test")
+    assert shipped.preprocess(images[:2]).shape == (2, *arch.input_shape)
+
+
+def test_manifest_describes_a_real_tradeoff(shipped: Bundle) -> None:
+    bundle = shipped
     exits = bundle.exits
     assert len(exits) == 5
     flops = [e["flops"] for e in bundle.manifest["exits"]]
     assert flops == sorted(flops)
-    assert exits[0].accuracy < exits[-1].accuracy - 0.02  # first exit clearly less accurate
+    assert exits[0].accuracy < max(e.accuracy for e in exits) - 0.02  # first exit clearly less accurate
     assert flops[0] < flops[-1] / 5  # and clearly cheaper
     kinds = {bundle.layers[name].kind for name in exits[-1].layers}
     assert {"conv", "relu", "pool", "lrn", "dropout", "fc"} <= kinds
@@ -23,13 +39,13 @@ def test_manifest_describes_a_real_tradeoff(bundle: Bundle) -> None:
         assert {"type", "input_bytes", "output_bytes", "flops", "param_bytes"} <= layer.keys()
 
 
-def test_recorded_accuracy_is_reproducible(bundle: Bundle) -> None:
+def test_recorded_accuracy_is_reproducible(shipped: Bundle) -> None:
     images, labels = load_fashion_mnist("test")
-    outputs = [e.output for e in bundle.exits]
-    measured = exit_accuracies(bundle.model, outputs, preprocess(images[:2000]), labels[:2000])
-    # the manifest reports the full 10,000-image set; a fifth of it agrees within sampling noise
-    for e, acc in zip(bundle.exits, measured, strict=True):
-        assert abs(e.accuracy - acc) < 0.03
+    outputs = [e.output for e in shipped.exits]
+    measured = exit_accuracies(shipped.model, outputs, shipped.preprocess(images[:1000]), labels[:1000])
+    # the manifest reports the full 10,000-image set; a tenth of it agrees within sampling noise (3 sigma)
+    for e, acc in zip(shipped.exits, measured, strict=True):
+        assert abs(e.accuracy - acc) < 0.04
 
 
 def _copy(bundle: Bundle, tmp_path: Path) -> Path:

@@ -38,3 +38,15 @@ def test_missing_dataset_names_the_package(tmp_path: Path) -> None:
         load_fashion_mnist("test", root=tmp_path)
     with pytest.raises(DatasetError, match="unknown split"):
         load_fashion_mnist("validation")
+
+
+def test_preprocess_upsamples_by_repeating_pixels() -> None:
+    from models.data import preprocess
+
+    images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    x = preprocess(images, upsample=2)
+    assert x.shape == (2, 1, 56, 56) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[:, :, ::2, ::2], preprocess(images))
+    np.testing.assert_array_equal(x[:, :, 1::2, 1::2], preprocess(images))
+    with pytest.raises(ValueError):
+        preprocess(images, upsample=0)

@@ -1,5 +1,6 @@
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 
 from models import branchy
@@ -7,19 +8,27 @@ from models.data import load_fashion_mnist, preprocess
 from models.train import BranchyAlexNet, evaluate, train
 
 
-def test_onnx_built_from_torch_weights_matches_torch() -> None:
+@pytest.mark.parametrize("arch", branchy.ARCHS.values(), ids=list(branchy.ARCHS))
+def test_onnx_built_from_torch_weights_matches_torch(arch: branchy.Arch) -> None:
     torch.manual_seed(0)
-    model = BranchyAlexNet().eval()
+    model = BranchyAlexNet(arch).eval()
     images, _ = load_fashion_mnist("test")
-    x = preprocess(images[:8])
+    x = preprocess(images[:4], arch.upsample)
+    assert x.shape[1:] == arch.input_shape
     with torch.no_grad():
         expected = [o.numpy() for o in model(torch.from_numpy(x))]
-    onnx_model = branchy.build_onnx(model.numpy_weights())
+    onnx_model = arch.build_onnx(model.numpy_weights())
     session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
     for i in range(len(x)):
-        got = session.run(list(branchy.EXIT_NAMES), {"input": x[i:i + 1]})
-        for e in range(branchy.NUM_EXITS):
+        got = session.run(list(arch.exit_names), {"input": x[i:i + 1]})
+        for e in range(arch.num_exits):
             np.testing.assert_allclose(got[e][0], expected[e][i], rtol=1e-4, atol=1e-4)
+
+
+def test_an_arch_needs_one_branch_per_side_exit() -> None:
+    with pytest.raises(ValueError, match="branches"):
+        branchy.Arch(name="x", input_shape=(1, 28, 28), trunk=branchy.ALEXNET28.trunk,
+                     branches=branchy.ALEXNET28.branches[:2])
 
 
 def test_a_few_training_steps_learn_something() -> None:
@@ -28,5 +37,5 @@ def test_a_few_training_steps_learn_something() -> None:
     assert report["steps"] == 10 and report["train_images"] == 640 and report["finetune_steps"] == 5
     images, labels = load_fashion_mnist("test")
     accuracy = evaluate(model, preprocess(images[:1000]), labels[:1000])
-    assert len(accuracy) == branchy.NUM_EXITS
+    assert len(accuracy) == branchy.ALEXNET28.num_exits
     assert max(accuracy) > 0.3  # chance is 0.1

@@ -92,3 +92,46 @@ def test_scaled_model_multiplies_predictions(pi3: LatencyModel) -> None:
     assert slow.predict("relu", feats) == pytest.approx(3 * pi3.predict("relu", feats))
     assert slow.stage_overhead_s == pytest.approx(0.002)
     assert LatencyModel.from_json(slow.to_json()) == slow
+
+
+def test_cpu_quota_wall_time_matches_a_simulated_cfs_throttle() -> None:
+    """Against a step-by-step simulation of CFS bandwidth control (refill every period, idle start)."""
+    from planner.latency import CpuQuota
+
+    quota = CpuQuota(quota_s=0.001, period_s=0.010)
+
+    def simulate(cpu: float, start: float, dt: float = 1e-6) -> float:
+        t, left, done = start, quota.quota_s, 0.0
+        while done < cpu - 1e-12:
+            if int((t + dt) / quota.period_s) > int(t / quota.period_s):
+                left = quota.quota_s  # refill at the period boundary
+            if left > 0:
+                done += dt
+                left -= dt
+            t += dt
+        return t - start
+
+    for cpu in (0.0005, 0.0015, 0.0042, 0.020):
+        phases = [(i + 0.5) / 16 * quota.period_s for i in range(16)]
+        expected = np.mean([simulate(cpu, quota.period_s - p) for p in phases])
+        assert float(quota.wall_s(cpu)) == pytest.approx(expected, rel=0.03, abs=2e-4)
+    assert float(quota.wall_s(0.0005)) == pytest.approx(0.0005)  # fits in the quota: full speed
+    # 1 ms at once, throttled to the refill (half a period on average), 28 whole periods, the last 1 ms
+    assert float(quota.wall_s(0.030)) == pytest.approx(0.005 + 28 * 0.010 + 0.001, rel=5e-3)
+    with pytest.raises(LatencyModelError):
+        CpuQuota(quota_s=0.02, period_s=0.01)
+
+
+def test_calibrate_stages_under_a_quota_recovers_the_cpu_speed(pi3: LatencyModel) -> None:
+    from planner.latency import CpuQuota, calibrate_stages
+
+    quota = CpuQuota(quota_s=0.001, period_s=0.010)
+    predicted = np.array([0.0003, 0.001, 0.003, 0.008, 0.02, 0.035])
+    measured = quota.wall_s(1.3 * predicted + 0.0004)
+    slowdown, overhead = calibrate_stages(predicted, measured, cpu_quota=quota)
+    assert slowdown == pytest.approx(1.3, rel=0.02) and overhead == pytest.approx(0.0004, abs=1e-4)
+    model = pi3.scaled(slowdown, overhead, name="dev", meta={}, cpu_quota=quota)
+    assert LatencyModel.from_json(model.to_json()) == model
+    assert model.stage_s(0.0) > 0 and model.stage_s(0.02) > 9 * 0.02  # throttled about 10x
+    with pytest.raises(LatencyModelError):
+        LatencyModel.from_json({**model.to_json(), "cpu_quota": {"quota_s": 0.001}})
