@@ -179,11 +179,12 @@ def cmd_train(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     arch = branchy.ARCHS[args.arch]
-    init = weights_of(args.init) if args.init else None
+    base = load_bundle(args.init) if args.init else None
     model, report = train(arch, epochs=args.epochs, finetune_epochs=args.finetune_epochs, batch=args.batch,
-                          subset=args.subset, seed=args.seed, init=init, freeze=args.freeze)
-    if args.init:  # the whole history stays in the manifest
-        report["continued_from"] = load_bundle(args.init).manifest["training"]
+                          subset=args.subset, seed=args.seed, init=weights_of(base) if base else None,
+                          freeze=args.freeze)
+    if base:  # the whole history stays in the manifest
+        report["continued_from"] = base.manifest["training"]
     out = export_bundle(model, args.out or BUNDLES_DIR / arch.name, report)
     for e in load_bundle(out).exits:
         print(f"exit {e.index}: {len(e.layers):>2} layers, test accuracy {e.accuracy:.4f}")
@@ -400,7 +401,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         settings = experiments.Settings(requests=args.per_point, loopback=args.loopback,
                                         emulation=testbed.Emulation(cpu_quota=args.cpu_quota),
-                                        **({"bundle": args.bundle} if args.bundle else {}))
+                                        bundle=args.bundle or experiments.BUNDLE)
         try:
             experiments.run(args.out, settings, log=lambda text: print(text, flush=True))
         except testbed.TestbedError as exc:

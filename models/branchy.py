@@ -84,68 +84,47 @@ class Arch:
         return builder.build(outputs, name="branchy_alexnet")
 
 
-ALEXNET28 = Arch(
-    name="fmnist-branchy-alexnet",
-    input_shape=(1, 28, 28),
-    trunk=(
-        (L(kind="conv", name="conv1", out=32, k=5, pad=2), L(kind="relu", name="relu1"),
-         L(kind="pool", name="pool1", k=2, stride=2), L(kind="lrn", name="lrn1")),
-        (L(kind="conv", name="conv2", out=128, k=5, pad=2), L(kind="relu", name="relu2"),
-         L(kind="pool", name="pool2", k=2, stride=2), L(kind="lrn", name="lrn2")),
-        (L(kind="conv", name="conv3", out=192, k=3, pad=1), L(kind="relu", name="relu3")),
-        (L(kind="conv", name="conv4", out=192, k=3, pad=1), L(kind="relu", name="relu4")),
-        (L(kind="conv", name="conv5", out=128, k=3, pad=1), L(kind="relu", name="relu5"),
-         L(kind="pool", name="pool5", k=3, stride=2), L(kind="flatten", name="flatten5"),
-         L(kind="dropout", name="drop6"), L(kind="fc", name="fc6", out=512), L(kind="relu", name="relu6"),
-         L(kind="dropout", name="drop7"), L(kind="fc", name="fc7", out=256), L(kind="relu", name="relu7"),
-         L(kind="fc", name="exit5", out=NUM_CLASSES)),
-    ),
-    branches=(
-        (L(kind="pool", name="b1_pool", k=3, stride=3), L(kind="flatten", name="b1_flatten"),
-         L(kind="fc", name="exit1", out=NUM_CLASSES)),
-        (L(kind="conv", name="b2_conv", out=32, k=3, pad=1), L(kind="relu", name="b2_relu"),
-         L(kind="pool", name="b2_pool", k=2, stride=2), L(kind="flatten", name="b2_flatten"),
-         L(kind="fc", name="exit2", out=NUM_CLASSES)),
-        (L(kind="pool", name="b3_pool", k=3, stride=3), L(kind="flatten", name="b3_flatten"),
-         L(kind="fc", name="exit3", out=NUM_CLASSES)),
-        (L(kind="pool", name="b4_pool", k=3, stride=3), L(kind="flatten", name="b4_flatten"),
-         L(kind="fc", name="b4_fc", out=64), L(kind="relu", name="b4_relu"),
-         L(kind="fc", name="exit4", out=NUM_CLASSES)),
-    ),
-)
+def _alexnet(name: str, side: int, filters: tuple[int, int, int, int, int], pool5: tuple[int, int],
+             branch_pool: int) -> Arch:
+    """The branchy AlexNet on ``side`` x ``side`` images: conv widths, classifier pool (k, stride), side pools."""
+    c1, c2, c3, c4, c5 = filters
 
+    def side_pool(i: int) -> LayerSpec:
+        return L(kind="pool", name=f"b{i}_pool", k=branch_pool, stride=branch_pool)
+
+    return Arch(
+        name=name,
+        input_shape=(1, side, side),
+        trunk=(
+            (L(kind="conv", name="conv1", out=c1, k=5, pad=2), L(kind="relu", name="relu1"),
+             L(kind="pool", name="pool1", k=2, stride=2), L(kind="lrn", name="lrn1")),
+            (L(kind="conv", name="conv2", out=c2, k=5, pad=2), L(kind="relu", name="relu2"),
+             L(kind="pool", name="pool2", k=2, stride=2), L(kind="lrn", name="lrn2")),
+            (L(kind="conv", name="conv3", out=c3, k=3, pad=1), L(kind="relu", name="relu3")),
+            (L(kind="conv", name="conv4", out=c4, k=3, pad=1), L(kind="relu", name="relu4")),
+            (L(kind="conv", name="conv5", out=c5, k=3, pad=1), L(kind="relu", name="relu5"),
+             L(kind="pool", name="pool5", k=pool5[0], stride=pool5[1]), L(kind="flatten", name="flatten5"),
+             L(kind="dropout", name="drop6"), L(kind="fc", name="fc6", out=512), L(kind="relu", name="relu6"),
+             L(kind="dropout", name="drop7"), L(kind="fc", name="fc7", out=256), L(kind="relu", name="relu7"),
+             L(kind="fc", name="exit5", out=NUM_CLASSES)),
+        ),
+        branches=(
+            (side_pool(1), L(kind="flatten", name="b1_flatten"), L(kind="fc", name="exit1", out=NUM_CLASSES)),
+            (L(kind="conv", name="b2_conv", out=32, k=3, pad=1), L(kind="relu", name="b2_relu"),
+             L(kind="pool", name="b2_pool", k=2, stride=2), L(kind="flatten", name="b2_flatten"),
+             L(kind="fc", name="exit2", out=NUM_CLASSES)),
+            (side_pool(3), L(kind="flatten", name="b3_flatten"), L(kind="fc", name="exit3", out=NUM_CLASSES)),
+            (side_pool(4), L(kind="flatten", name="b4_flatten"), L(kind="fc", name="b4_fc", out=64),
+             L(kind="relu", name="b4_relu"), L(kind="fc", name="exit4", out=NUM_CLASSES)),
+        ),
+    )
+
+
+ALEXNET28 = _alexnet("fmnist-branchy-alexnet", 28, (32, 128, 192, 192, 128), pool5=(3, 2), branch_pool=3)
 # Fashion-MNIST upsampled 2x to 56x56, with twice the filters: 1.6 GFLOPs (about 30 ms on a desktop
 # core). Its 12.5 KB input is the size of Edgent's CIFAR-10 input (32x32x3 float32), so the upload
-# weighs against device compute as in the paper. The classifier pools harder than ALEXNET28's so that
-# the fully connected layers stay small.
-ALEXNET56 = Arch(
-    name="fmnist56-branchy-alexnet",
-    input_shape=(1, 56, 56),
-    trunk=(
-        (L(kind="conv", name="conv1", out=64, k=5, pad=2), L(kind="relu", name="relu1"),
-         L(kind="pool", name="pool1", k=2, stride=2), L(kind="lrn", name="lrn1")),
-        (L(kind="conv", name="conv2", out=256, k=5, pad=2), L(kind="relu", name="relu2"),
-         L(kind="pool", name="pool2", k=2, stride=2), L(kind="lrn", name="lrn2")),
-        (L(kind="conv", name="conv3", out=384, k=3, pad=1), L(kind="relu", name="relu3")),
-        (L(kind="conv", name="conv4", out=256, k=3, pad=1), L(kind="relu", name="relu4")),
-        (L(kind="conv", name="conv5", out=256, k=3, pad=1), L(kind="relu", name="relu5"),
-         L(kind="pool", name="pool5", k=7, stride=7), L(kind="flatten", name="flatten5"),
-         L(kind="dropout", name="drop6"), L(kind="fc", name="fc6", out=512), L(kind="relu", name="relu6"),
-         L(kind="dropout", name="drop7"), L(kind="fc", name="fc7", out=256), L(kind="relu", name="relu7"),
-         L(kind="fc", name="exit5", out=NUM_CLASSES)),
-    ),
-    branches=(
-        (L(kind="pool", name="b1_pool", k=4, stride=4), L(kind="flatten", name="b1_flatten"),
-         L(kind="fc", name="exit1", out=NUM_CLASSES)),
-        (L(kind="conv", name="b2_conv", out=32, k=3, pad=1), L(kind="relu", name="b2_relu"),
-         L(kind="pool", name="b2_pool", k=2, stride=2), L(kind="flatten", name="b2_flatten"),
-         L(kind="fc", name="exit2", out=NUM_CLASSES)),
-        (L(kind="pool", name="b3_pool", k=4, stride=4), L(kind="flatten", name="b3_flatten"),
-         L(kind="fc", name="exit3", out=NUM_CLASSES)),
-        (L(kind="pool", name="b4_pool", k=4, stride=4), L(kind="flatten", name="b4_flatten"),
-         L(kind="fc", name="b4_fc", out=64), L(kind="relu", name="b4_relu"),
-         L(kind="fc", name="exit4", out=NUM_CLASSES)),
-    ),
-)
+# weighs against device compute as in the paper. The classifier and the side exits pool harder than
+# ALEXNET28's so that the fully connected layers stay small.
+ALEXNET56 = _alexnet("fmnist56-branchy-alexnet", 56, (64, 256, 384, 256, 256), pool5=(7, 7), branch_pool=4)
 
 ARCHS = {arch.name: arch for arch in (ALEXNET28, ALEXNET56)}

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models import branchy
+from models.bundle import Bundle, write_bundle
 from models.data import load_fashion_mnist, preprocess
 from models.onnxbuild import LayerSpec, out_shape
 
@@ -205,19 +206,15 @@ def finetune_final(model: BranchyAlexNet, x_all: npt.NDArray[np.float32], y_all:
             "finetune_seconds": round(time.perf_counter() - start, 1)}
 
 
-def weights_of(bundle_dir: Path) -> dict[str, npt.NDArray[np.float32]]:
+def weights_of(bundle: Bundle) -> dict[str, npt.NDArray[np.float32]]:
     """A bundle's parameters keyed as ``BranchyAlexNet.numpy_weights`` gives them (to continue training)."""
     from onnx import numpy_helper
 
-    from models.bundle import load_bundle
-
-    return {t.name: numpy_helper.to_array(t) for t in load_bundle(bundle_dir).model.graph.initializer}
+    return {t.name: numpy_helper.to_array(t) for t in bundle.model.graph.initializer}
 
 
 def export_bundle(model: BranchyAlexNet, out_dir: Path, report: dict[str, object]) -> Path:
     """Evaluate on the full test split and write the bundle (ONNX + manifest) to ``out_dir``."""
-    from models.bundle import write_bundle
-
     images, labels = load_fashion_mnist("test")
     arch = model.arch
     onnx_model = arch.build_onnx(model.numpy_weights())

@@ -129,7 +129,7 @@ def compile_candidates(exits: Sequence[ExitInfo], device: LatencyModel, edge: La
             cols["n"].append(n)
             cols["acc"].append(ex.accuracy)
             cols["dev"].append(dev_stage[p])
-            cols["edge"].append(edge_cum[n] - edge_cum[p] + (edge.stage_overhead_s if on_edge else 0.0))
+            cols["edge"].append(float(edge.stage_s(edge_cum[n] - edge_cum[p])) if on_edge else 0.0)
             cols["up"].append(point.bytes if on_edge else 0)
             cols["down"].append(ex.result_bytes if on_edge else 0)
             cols["t"].append(point.tensors)
