@@ -56,8 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=500)
     p.add_argument("--emulate-uplink", default="", help="loopback mode only")
     p.add_argument("--emulate-slowdown", type=float, default=1.0, help="loopback mode only")
+    p.add_argument("--log-level", default="warning", help="deviced's log level (on stderr)")
     args = p.parse_args(argv)
-    configure_logging("warning", stream=sys.stderr)
+    configure_logging(args.log_level, stream=sys.stderr)
     cfg = DevicedConfig(device_id="testbed-device", bundle=args.bundle, latency_model=args.device_model,
                         probe_interval_s=0,
                         topic_prefix=args.topic_prefix,

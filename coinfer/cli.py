@@ -131,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="edgent: no namespaces/tc/cgroup (no root): emulate link and device in-app, labelled so")
     s.add_argument("--cpu-quota", type=float, default=0.1, help="edgent: the device's share of one core")
     s.add_argument("--per-point", type=int, default=20, help="edgent: requests per measured point")
+    s.add_argument("--per-method", type=int, default=30,
+                   help="edgent: requests per method and deadline in Fig. 9 (the same images for each method)")
     s.add_argument("--bundle", type=Path, default=None,
                    help="edgent: the model (default: the 56x56 bundle, whose stages suit a CPU quota)")
     s.add_argument("--requests", type=int, default=20000)
@@ -399,7 +401,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "edgent":
         from coinfer import experiments, testbed
 
-        settings = experiments.Settings(requests=args.per_point, loopback=args.loopback,
+        settings = experiments.Settings(requests=args.per_point, method_requests=args.per_method,
+                                        loopback=args.loopback,
                                         emulation=testbed.Emulation(cpu_quota=args.cpu_quota),
                                         bundle=args.bundle or experiments.BUNDLE)
         try:

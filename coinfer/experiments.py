@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from coinfer import resources
 from coinfer.testbed import Emulation, Testbed, process
 from models.bundle import BUNDLES_DIR, load_bundle
 from planner import edgent
-from planner.latency import CpuQuota, LatencyModel, calibrate_stages
+from planner.latency import QUOTA_STARTS, CpuQuota, LatencyModel, calibrate_stages
 from planner.units import format_bandwidth
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,20 +41,25 @@ PAPER_DEADLINES_S = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 BANDWIDTHS = (50e3, 100e3, 200e3, 400e3, 500e3, 750e3, 1e6, 1.5e6, 2e6)
 ORACLE_BANDWIDTHS = (100e3, 400e3, 1e6, 2e6)
 METHODS = ("device_only", "edge_only", "partition_only", "exit_only", "coinfer")
-# (seconds, bps): steps, then a ramp; the 10 -> 1 Mbps step times how fast the device notices a drop
-TRACE = ((0.0, 10e6), (10.0, 10e6), (10.0, 1e6), (20.0, 1e6), (20.0, 200e3), (28.0, 200e3), (28.0, 2e6),
-         (32.0, 2e6), (48.0, 100e3), (52.0, 100e3))
+# (seconds, bps): steps, then a ramp, half of it below 400 kbps where the input upload alone takes 250 ms;
+# the 10 -> 1 Mbps step times how fast the device notices a drop
+TRACE = ((0.0, 10e6), (8.0, 10e6), (8.0, 1e6), (16.0, 1e6), (16.0, 200e3), (28.0, 200e3), (28.0, 2e6),
+         (34.0, 2e6), (46.0, 100e3), (56.0, 100e3))
+DROP_AT_S, DROP_TO_BPS = 8.0, 1e6
+TRACE_DEADLINE_S = 0.3  # where Fig. 9 separates the methods at 400 kbps
 
 
 @dataclass(slots=True)
 class Settings:
     requests: int = 20  # per point
+    method_requests: int = 30  # per method and deadline (Fig. 9), the same images for each method
     oracle_repeats: int = 5
     profile_sweep: int = 8  # random synthetic chains profiled beside the bundle
     profile_runs: int = 15
     emulation: Emulation = field(default_factory=Emulation)
     loopback: bool = False
     bundle: Path = BUNDLE
+    agent_log_level: str = "warning"  # deviced's log (stderr) inside the agent
 
     @property
     def cpu_quota(self) -> CpuQuota | None:
@@ -86,7 +91,8 @@ def run(out: Path, settings: Settings, log: Callable[[str], None] = print) -> di
         exp = Experiments(bed, agent, exits, calib, settings, out, log)
         results = exp.run_all()
     summary = {"emulation": emulation, "model": bundle.name,
-               "settings": {"requests_per_point": settings.requests, "oracle_repeats": settings.oracle_repeats},
+               "settings": {"requests_per_point": settings.requests, "method_requests": settings.method_requests,
+                            "oracle_repeats": settings.oracle_repeats},
                "wall_s": round(time.monotonic() - started, 1), **results}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     _write_markdown(out, summary, calib)
@@ -139,26 +145,34 @@ def _calibrate_stages(agent: Agent, exits: Sequence[edgent.ExitInfo], calib: dic
     stages = agent.ask(op="stages", repeats=10)["stages"]
     host = edgent.compile_candidates(exits, calib["edge_model"], calib["edge_model"])
     predicted = [float(host.device_s[(host.exit == r["exit"] - 1) & (host.cut == r["cut"])][0]) for r in stages]
-    measured = [r["median_s"] for r in stages]
-    slowdown, overhead = calibrate_stages(predicted, measured, cpu_quota=quota)
-    model = calib["edge_model"].scaled(slowdown, overhead, name="testbed-device", cpu_quota=quota, meta={
-        "calibration": "host per-layer model x slowdown + per-stage overhead, under the device's CPU quota, "
-                       "fitted to whole head stages timed on the device", "slowdown": slowdown,
-        "stage_overhead_s": overhead})
+    measured = np.array([r["median_s"] for r in stages])
+    # under a quota, both ways a stage may start (at a refill: busy; anywhere: idle) are fitted; the closer wins
+    fits = []
+    for q in [replace(quota, start=start) for start in QUOTA_STARTS] if quota else [None]:
+        slowdown, overhead = calibrate_stages(predicted, measured.tolist(), cpu_quota=q)
+        model = calib["edge_model"].scaled(slowdown, overhead, name="testbed-device", cpu_quota=q, meta={
+            "calibration": "host per-layer model x slowdown + per-stage overhead, under the device's CPU quota, "
+                           "fitted to whole head stages timed on the device", "slowdown": slowdown,
+            "stage_overhead_s": overhead})
+        fitted = model.stage_s(slowdown * np.array(predicted))
+        fits.append((float(np.mean(np.square(fitted / measured - 1))), slowdown, overhead, q, model, fitted))
+    _, slowdown, overhead, quota, model, fitted = min(fits, key=lambda f: f[0])
     path = tmp / "device-model.json"
     path.write_text(json.dumps(model.to_json(), indent=1) + "\n")
     shutil.copy(path, out / "device-latency-model.json")
-    fitted = [float(model.stage_s(slowdown * p)) for p in predicted]
-    errors = [abs(f - m) / m for f, m in zip(fitted, measured, strict=True)]
+    errors = np.abs(fitted / measured - 1)
     calib["device_stages"] = {"slowdown": slowdown, "stage_overhead_s": overhead,
                               "cpu_quota": quota.to_json() if quota else None,
                               "error_p50": float(np.median(errors)), "error_p95": float(np.percentile(errors, 95)),
-                              "stages": [{**r, "host_predicted_s": p, "calibrated_s": f}
+                              "fits": [{"cpu_quota": f[3].to_json() if f[3] else None, "slowdown": f[1],
+                                        "stage_overhead_s": f[2], "mean_sq_rel_error": f[0]} for f in fits],
+                              "stages": [{**r, "host_predicted_s": p, "calibrated_s": float(f)}
                                          for r, p, f in zip(stages, predicted, fitted, strict=True)]}
     calib["device_model"], calib["device_model_path"] = model, path
     (out / "calibration.json").write_text(json.dumps({k: calib[k] for k in ("edge", "device", "device_stages")},
                                                      indent=1) + "\n")
-    log(f"  device: CPU {slowdown:.2f}x the host + {overhead * 1e3:.1f} ms per stage, under the quota; "
+    log(f"  device: CPU {slowdown:.2f}x the host + {overhead * 1e3:.1f} ms per stage, under the quota "
+        f"({quota.start if quota else 'none'} start); "
         f"whole-stage error after "
         f"calibration median {np.median(errors):.0%}, p95 {np.percentile(errors, 95):.0%} ({len(stages)} stages)")
 
@@ -235,7 +249,8 @@ class Agent:
 @contextmanager
 def _agent(bed: Testbed, tmp: Path, model: Path, s: Settings) -> Iterator[Agent]:
     argv = [sys.executable, "-m", "coinfer.agent", "--broker-host", bed.edge_host, "--broker-port",
-            str(BROKER_PORT), "--device-model", str(model), "--bundle", str(s.bundle.resolve())]
+            str(BROKER_PORT), "--device-model", str(model), "--bundle", str(s.bundle.resolve()),
+            "--log-level", s.agent_log_level]
     if bed.loopback:
         argv += ["--emulate-uplink", f"{int(bed.uplink_bps)}bps", "--emulate-slowdown",
                  str(1.0 / s.emulation.cpu_quota)]
@@ -271,7 +286,7 @@ class Experiments:
         fig8 = self.deadline_sweep(deadlines, 500e3)
         fig9 = self.methods(deadlines, 400e3)
         oracle = self.oracle(deadline)
-        trace = self.trace(deadline)
+        trace = self.trace(TRACE_DEADLINE_S)
         coinfer_records = [r for rows in fig67["points"] for r in rows["records"]] + \
                           [r for rows in fig8["points"] for r in rows["records"]]
         predicted = [r for r in coinfer_records if r["predicted_s"] is not None and not r["fallback"]]
@@ -288,10 +303,14 @@ class Experiments:
         if self.bed.loopback:
             self.agent.ask(op="uplink", bps=bps)
 
-    def runs(self, method: str, deadline: float, *, count: int, **extra: Any) -> list[dict[str, Any]]:
-        records: list[dict[str, Any]] = self.agent.ask(op="run", method=method, deadline_s=deadline,
-                                                       first=self.image, count=count, **extra)["records"]
-        self.image += count
+    def runs(self, method: str, deadline: float, *, count: int, first: int | None = None,
+             **extra: Any) -> list[dict[str, Any]]:
+        """``count`` requests on the next unused test images (or on those from ``first``)."""
+        records: list[dict[str, Any]] = self.agent.ask(
+            op="run", method=method, deadline_s=deadline, first=self.image if first is None else first,
+            count=count, **extra)["records"]
+        if first is None:
+            self.image += count
         return records
 
     def settle(self, bps: float) -> dict[str, Any]:
@@ -334,12 +353,14 @@ class Experiments:
         self.log(f"Fig. 9: accuracy vs deadline at {format_bandwidth(bps)}, five methods ...")
         self.settle(bps)
         table: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
+        n = self.s.method_requests
         for d in deadlines:
-            for m in METHODS:
-                records = self.runs(m, d, count=self.s.requests)
+            for m in METHODS:  # the same images for every method: accuracies differ by method alone
+                records = self.runs(m, d, count=n, first=self.image)
                 hit = float(np.mean([r["met"] for r in records]))
                 acc = float(np.mean([r["met"] and r["correct"] for r in records]))
                 table[m].append({"deadline_s": d, "hit_rate": hit, "accuracy": acc})
+            self.image += n
             self.log("  " + f"{d * 1e3:6.1f} ms: " + "  ".join(
                 f"{m} {table[m][-1]['accuracy']:.2f}" for m in METHODS))
         doc = {"bps": bps, "table": table}
@@ -398,12 +419,15 @@ class Experiments:
                          "requests": len(records)}
             self.log(f"  {mode:>8}: {len(records)} requests, deadline hit {doc[mode]['hit_rate']:.1%}, "
                      f"accuracy {doc[mode]['accuracy']:.3f}")
-        doc["notice_drop"] = _notice(doc["coinfer"]["records"], at=10.0, new_bps=1e6)
-        self.log(f"  10 -> 1 Mbps noticed (estimate within 2x): {doc['notice_drop']}")
+        doc["notice_drop"] = _notice(doc["coinfer"]["records"], at=DROP_AT_S, new_bps=DROP_TO_BPS)
+        self.log(f"  the drop to {format_bandwidth(DROP_TO_BPS)} at {DROP_AT_S:g} s noticed (estimate within 2x): "
+                 f"{doc['notice_drop']}")
         (self.out / "trace.json").write_text(json.dumps(doc, indent=1) + "\n")
         _plot_trace(self.out / "trace.png", doc, self.bed.describe())
-        return {k: {kk: vv for kk, vv in v.items() if kk != "records"} if isinstance(v, dict) else v
-                for k, v in doc.items() if k in ("coinfer", "fixed", "notice_drop")}
+        return {"deadline_s": deadline, "drop": {"at_s": DROP_AT_S, "from_bps": trace_bps(DROP_AT_S - 1e-6),
+                                                 "to_bps": DROP_TO_BPS},
+                **{k: {kk: vv for kk, vv in v.items() if kk != "records"} if isinstance(v, dict) else v
+                   for k, v in doc.items() if k in ("coinfer", "fixed", "notice_drop")}}
 
     def _play(self, stop: threading.Event) -> None:
         """Play the trace on the real link (loopback: the agent plays it in-app)."""
@@ -430,6 +454,10 @@ def _notice(records: list[dict[str, Any]], *, at: float, new_bps: float) -> dict
         if new_bps / 2 <= r["bandwidth_est_bps"] <= 2 * new_bps:
             return {**found, "seconds": round(r["t"] - at, 3), "requests": n}
     return found
+
+
+def _bandwidth_or_none(bps: float | None) -> str:
+    return "none" if bps is None else format_bandwidth(bps)
 
 
 def _errors(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -584,14 +612,15 @@ def _write_markdown(out: Path, summary: dict[str, Any], calib: dict[str, Any]) -
         lines.append(f"| {row['deadline_s'] * 1e3:.1f} | " + " | ".join(
             f"{table[m][i]['hit_rate']:.0%} / {table[m][i]['accuracy']:.2f}" for m in METHODS) + " |")
     t = summary["trace"]
-    lines += ["", "## Trace", "",
+    lines += ["", f"## Trace (deadline {t['deadline_s'] * 1e3:.0f} ms)", "",
               f"- coinfer (re-plans per request): hit {t['coinfer']['hit_rate']:.1%}, accuracy "
               f"{t['coinfer']['accuracy']:.3f} over {t['coinfer']['requests']} requests",
               f"- plan fixed at start: hit {t['fixed']['hit_rate']:.1%}, accuracy {t['fixed']['accuracy']:.3f} over "
               f"{t['fixed']['requests']} requests",
-              f"- 10 -> 1 Mbps drop noticed (estimate within 2x) after {t['notice_drop']['seconds']} s, "
+              f"- {format_bandwidth(t['drop']['from_bps'])} -> {format_bandwidth(t['drop']['to_bps'])} drop at "
+              f"{t['drop']['at_s']:g} s noticed (estimate within 2x) after {t['notice_drop']['seconds']} s, "
               f"{t['notice_drop']['requests']} requests (estimate just before the drop: "
-              f"{t['notice_drop']['estimate_before_bps']} bps)", "",
+              f"{_bandwidth_or_none(t['notice_drop']['estimate_before_bps'])})", "",
               "![plan vs bandwidth](fig6_bandwidth_plan.png) ![latency](fig7_latency.png)",
               "![plan vs deadline](fig8_deadline_plan.png) ![methods](fig9_accuracy.png)",
               "![oracle](oracle.png) ![trace](trace.png)", ""]

@@ -29,13 +29,14 @@ class EdgeView:
     model_key: str = ""
     suspect_until: float = 0.0  # a request timed out: avoid this edge until then
     unanswered: int = 0  # requests in a row that timed out with nothing heard from the edge
+    queue_depth: int = 0  # the advert's, less our requests answered since
 
     @property
     def queue_wait_s(self) -> float:
         """Expected wait in this edge's queue before our request is served."""
         if self.advert is None:
             return 0.0
-        return self.advert.queue_depth * self.advert.service_s / self.advert.workers
+        return self.queue_depth * self.advert.service_s / self.advert.workers
 
 
 class EdgeDirectory:
@@ -58,7 +59,7 @@ class EdgeDirectory:
 
     def on_advert(self, edge_id: str, advert: Advert) -> None:
         view = self.edges.setdefault(edge_id, EdgeView(edge_id))
-        view.advert = advert
+        view.advert, view.queue_depth = advert, advert.queue_depth
         key = json.dumps(advert.latency_model, sort_keys=True)
         if key != view.model_key:
             try:
@@ -89,6 +90,13 @@ class EdgeDirectory:
         if view.unanswered >= SUSPECT_AFTER:
             view.suspect_until, view.unanswered = now + SUSPECT_S, 0
             log.warning("edge_suspect", edge_id=edge_id, for_s=SUSPECT_S)
+
+    def served(self, edge_id: str) -> None:
+        """``edge_id`` answered one of our requests: it has left the queue the last advert may have counted
+        (a device sending its next request at once would otherwise wait behind its previous one)."""
+        view = self.edges.get(edge_id)
+        if view is not None:
+            view.queue_depth = max(view.queue_depth - 1, 0)
 
     def heard_from(self, edge_id: str) -> None:
         """Any reply from ``edge_id``, even one too late to use: it is alive."""

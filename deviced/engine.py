@@ -282,12 +282,14 @@ class Device:
 
     # ---- probes and incoming messages -------------------------------------------------------------
     async def probe(self, edge_id: str) -> bandwidth.LinkEstimate | None:
-        """Time probes of two sizes to ``edge_id``; update and return the estimate (None if a probe went
-        unanswered, or the pair was too close in time to tell a rate)."""
+        """Time probes of two (or more) sizes to ``edge_id``; update and return the estimate (None if a probe
+        went unanswered, or the pair was too close in time to tell a rate)."""
         if self.client is None:
             return None
         samples = []
-        sizes = (*self.cfg.probe_sizes[:-1], self._probe_bytes)
+        # the sizes twice, back to back: the first round drains any burst allowance the link saved up while
+        # idle (a token bucket lets a probe smaller than its burst through at line rate), the second is timed
+        sizes = (*self.cfg.probe_sizes[:-1], self._probe_bytes) * 2
         for size in sizes:
             probe_id = f"{self._prefix}-p{next(self._ids)}"
             future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
@@ -308,6 +310,7 @@ class Device:
                 return None
             finally:
                 self._pending.pop(probe_id, None)
+        samples = samples[len(samples) // 2:]
         if samples[-1][1] - samples[0][1] < PROBE_MIN_SIGNAL_S:
             # the large probe's extra bytes took less than the device's timing jitter: no rate, but a floor
             # (they crossed in under PROBE_MIN_SIGNAL_S). An estimate below it is stale (a cap left by a
@@ -336,6 +339,8 @@ class Device:
                 self.edges.on_advert(self.topics.edge_id_of(topic), msg)
             elif isinstance(msg, (InferResult, ErrorReply, ProbeReply)):
                 self.edges.heard_from(msg.sender if isinstance(msg, ErrorReply) else msg.edge_id)
+                if isinstance(msg, InferResult):
+                    self.edges.served(msg.edge_id)
                 key = msg.probe_id if isinstance(msg, ProbeReply) else msg.request_id
                 future = self._pending.get(key)
                 if future is not None and not future.done():

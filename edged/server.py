@@ -204,39 +204,42 @@ async def _worker(client: aiomqtt.Client, state: EdgeState) -> None:
     while True:
         job = await state.queue.get()
         state.in_service += 1
-        req = job.request
         try:
-            queued = time.monotonic() - job.arrived
-            if queued > req.budget_s:
-                await _error(client, state, job.reply_to, job.correlation, req.request_id, ErrorCode.EXPIRED,
-                             f"waited {queued * 1e3:.1f} ms, budget {req.budget_s * 1e3:.1f} ms")
-                continue
-            stage = state.runners[req.bundle].stage(req.exit, req.cut, TAIL)
-            start = time.monotonic()
-            try:
-                outputs = await asyncio.to_thread(stage.run, req.tensors)
-            except StageInputError as exc:
-                await _error(client, state, job.reply_to, job.correlation, req.request_id, ErrorCode.BAD_TENSOR,
-                             str(exc))
-                continue
-            except Exception as exc:  # the runtime failed on this request: answer it, keep serving
-                log.exception("stage_failed", request_id=req.request_id)
-                await _error(client, state, job.reply_to, job.correlation, req.request_id, ErrorCode.INTERNAL,
-                             f"runtime error: {type(exc).__name__}")
-                continue
-            compute = time.monotonic() - start
-            state.service_s = (1 - SERVICE_EWMA) * state.service_s + SERVICE_EWMA * compute
-            state.metrics.stage_seconds.observe(compute)
-            result = InferResult(request_id=req.request_id, edge_id=state.cfg.edge_id, exit=req.exit,
-                                 outputs=outputs, queue_s=queued, compute_s=compute)
-            await client.publish(job.reply_to, encode(result), qos=session.TRAFFIC_QOS,
-                                 properties=session.reply_properties(job.correlation))
-            state.metrics.requests.labels("ok").inc()
-            state.metrics.request_seconds.observe(time.monotonic() - job.arrived)
-        finally:
+            answer = await _compute(state, job)
+        finally:  # out of the queue before its answer goes out: no advert sent after the answer counts it
             state.in_service -= 1
             state.metrics.queue_depth.set(state.depth)
             state.queue.task_done()
+        req = job.request
+        if isinstance(answer, InferResult):
+            await client.publish(job.reply_to, encode(answer), qos=session.TRAFFIC_QOS,
+                                 properties=session.reply_properties(job.correlation))
+            state.metrics.requests.labels("ok").inc()
+            state.metrics.request_seconds.observe(time.monotonic() - job.arrived)
+        else:
+            await _error(client, state, job.reply_to, job.correlation, req.request_id, *answer)
+
+
+async def _compute(state: EdgeState, job: Job) -> InferResult | tuple[ErrorCode, str]:
+    """Run one queued request's tail: its result, or why not."""
+    req = job.request
+    queued = time.monotonic() - job.arrived
+    if queued > req.budget_s:
+        return ErrorCode.EXPIRED, f"waited {queued * 1e3:.1f} ms, budget {req.budget_s * 1e3:.1f} ms"
+    stage = state.runners[req.bundle].stage(req.exit, req.cut, TAIL)
+    start = time.monotonic()
+    try:
+        outputs = await asyncio.to_thread(stage.run, req.tensors)
+    except StageInputError as exc:
+        return ErrorCode.BAD_TENSOR, str(exc)
+    except Exception as exc:  # the runtime failed on this request: answer it, keep serving
+        log.exception("stage_failed", request_id=req.request_id)
+        return ErrorCode.INTERNAL, f"runtime error: {type(exc).__name__}"
+    compute = time.monotonic() - start
+    state.service_s = (1 - SERVICE_EWMA) * state.service_s + SERVICE_EWMA * compute
+    state.metrics.stage_seconds.observe(compute)
+    return InferResult(request_id=req.request_id, edge_id=state.cfg.edge_id, exit=req.exit, outputs=outputs,
+                       queue_s=queued, compute_s=compute)
 
 
 async def _adverts(client: aiomqtt.Client, state: EdgeState, topics: Topics) -> None:

@@ -38,7 +38,8 @@ FIT_VARIABLES: dict[str, tuple[str, ...]] = {
     "fc": ("input_bytes", "output_bytes", "flops"),
 }
 MIN_HOLDOUT_SAMPLES = 8
-PHASES = 64  # points at which ``CpuQuota.wall_s`` averages over where in a period a stage starts
+PHASES = 64  # points at which ``CpuQuota.wall_s`` averages over where in a period an idle host starts
+QUOTA_STARTS = ("refill", "idle")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,27 +48,34 @@ class CpuQuota:
 
     Such a host is not uniformly slower: a burst that fits in the quota left in the current period runs
     at full speed; a longer one is throttled until each refill. ``wall_s`` is the expected wall time of a
-    burst that starts with a full quota (the device was idle) at a uniformly random point of a period.
+    burst that starts with a full quota, either at a refill (``start="refill"``: a busy host, whose previous
+    work ran the quota out, resumes there) or at a uniformly random point of a period (``start="idle"``).
     """
 
     quota_s: float
     period_s: float
+    start: str = "refill"
 
     def __post_init__(self) -> None:
         if not 0 < self.quota_s <= self.period_s:
             raise LatencyModelError(f"bad CPU quota {self.quota_s} s per {self.period_s} s")
+        if self.start not in QUOTA_STARTS:
+            raise LatencyModelError(f"CPU quota start {self.start!r} is not one of {', '.join(QUOTA_STARTS)}")
 
     def wall_s(self, cpu_s: npt.ArrayLike) -> npt.NDArray[np.float64]:
         c = np.asarray(cpu_s, dtype=np.float64)[..., None]
-        left = (np.arange(PHASES) + 0.5) / PHASES * self.period_s  # time to the next refill
+        if self.start == "refill":
+            left = np.full(1, self.period_s)  # time to the next refill
+        else:
+            left = (np.arange(PHASES) + 0.5) / PHASES * self.period_s
         first = np.minimum(self.quota_s, left)  # CPU it gets before that refill
         rest = np.maximum(c - first, 0.0)
         periods = np.maximum(np.ceil(rest / self.quota_s) - 1, 0)  # whole periods after the refill
         throttled = left + periods * self.period_s + (rest - periods * self.quota_s)
         return np.asarray(np.where(c <= first, c, throttled).mean(axis=-1))
 
-    def to_json(self) -> dict[str, float]:
-        return {"quota_s": self.quota_s, "period_s": self.period_s}
+    def to_json(self) -> dict[str, float | str]:
+        return {"quota_s": self.quota_s, "period_s": self.period_s, "start": self.start}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,8 +177,9 @@ class LatencyModel:
         try:
             quota = doc.get("cpu_quota")
             if quota is not None:
-                _reject_unknown(quota, {"quota_s", "period_s"}, "cpu_quota")
-                quota = CpuQuota(quota_s=float(quota["quota_s"]), period_s=float(quota["period_s"]))
+                _reject_unknown(quota, {"quota_s", "period_s", "start"}, "cpu_quota")
+                quota = CpuQuota(quota_s=float(quota["quota_s"]), period_s=float(quota["period_s"]),
+                                 start=str(quota.get("start", "refill")))
             return cls(name=str(doc.get("name", "unnamed")), types=types, unit=str(doc.get("latency_unit", "ms")),
                        stage_overhead=float(doc.get("stage_overhead", 0.0)), cpu_quota=quota,
                        meta=dict(doc.get("meta", {})))

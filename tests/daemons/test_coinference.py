@@ -96,3 +96,33 @@ async def test_a_timeout_cap_expires_back_to_the_measured_estimate(monkeypatch: 
         await asyncio.sleep(0.25)
         await client.infer(x[0], deadline=1.0)
         assert device.link.bandwidth_bps == 8e6
+
+
+async def test_a_device_does_not_queue_behind_its_own_answered_request(broker: Broker, prefix: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """edged re-advertises its queue while serving us; once our answer is in, that request is no longer
+    ahead of our next one (it would add a whole service time to every prediction)."""
+    import functools
+
+    from edged import server
+    from edged.config import EdgedConfig
+    from planner import edgent
+
+    monkeypatch.setattr(server, "LOAD_POLL_S", 0.0005)  # an advert at nearly every change of depth
+    edge = EdgeProcess(EdgedConfig(edge_id="edge-q", topic_prefix=prefix, broker=broker.config))
+    x = preprocess(load_fashion_mnist("test")[0][:1])
+    cfg = DevicedConfig(device_id="pi-q", topic_prefix=prefix, broker=broker.config, probe_interval_s=0,
+                        initial_bandwidth="10Mbps")
+    edge_only = functools.partial(edgent.fixed_plan, exit_index=5, cut=0)
+    try:
+        async with Client(cfg) as client:
+            assert await client.wait_for_edge(5)
+            view, depths = client.device.edges.edges["edge-q"], []
+            for _ in range(40):
+                outcome = await client.device.infer(x[0], 5.0, policy=edge_only)
+                assert outcome.where == "edge"
+                depths.append(view.queue_depth)
+                await asyncio.sleep(0.002)  # let adverts sent during our request arrive, as a real app would
+            assert depths == [0] * 40, depths
+    finally:
+        await edge.stop()

@@ -95,16 +95,16 @@ def test_scaled_model_multiplies_predictions(pi3: LatencyModel) -> None:
 
 
 def test_cpu_quota_wall_time_matches_a_simulated_cfs_throttle() -> None:
-    """Against a step-by-step simulation of CFS bandwidth control (refill every period, idle start)."""
+    """Against a step-by-step simulation of CFS bandwidth control (refill every period, full quota at start)."""
     from planner.latency import CpuQuota
 
-    quota = CpuQuota(quota_s=0.001, period_s=0.010)
+    busy, idle = CpuQuota(quota_s=0.001, period_s=0.010), CpuQuota(quota_s=0.001, period_s=0.010, start="idle")
 
     def simulate(cpu: float, start: float, dt: float = 1e-6) -> float:
-        t, left, done = start, quota.quota_s, 0.0
+        t, left, done = start, busy.quota_s, 0.0
         while done < cpu - 1e-12:
-            if int((t + dt) / quota.period_s) > int(t / quota.period_s):
-                left = quota.quota_s  # refill at the period boundary
+            if int((t + dt) / busy.period_s) > int(t / busy.period_s):
+                left = busy.quota_s  # refill at the period boundary
             if left > 0:
                 done += dt
                 left -= dt
@@ -112,20 +112,26 @@ def test_cpu_quota_wall_time_matches_a_simulated_cfs_throttle() -> None:
         return t - start
 
     for cpu in (0.0005, 0.0015, 0.0042, 0.020):
-        phases = [(i + 0.5) / 16 * quota.period_s for i in range(16)]
-        expected = np.mean([simulate(cpu, quota.period_s - p) for p in phases])
-        assert float(quota.wall_s(cpu)) == pytest.approx(expected, rel=0.03, abs=2e-4)
-    assert float(quota.wall_s(0.0005)) == pytest.approx(0.0005)  # fits in the quota: full speed
-    # 1 ms at once, throttled to the refill (half a period on average), 28 whole periods, the last 1 ms
-    assert float(quota.wall_s(0.030)) == pytest.approx(0.005 + 28 * 0.010 + 0.001, rel=5e-3)
+        phases = [(i + 0.5) / 16 * idle.period_s for i in range(16)]
+        expected = np.mean([simulate(cpu, idle.period_s - p) for p in phases])
+        assert float(idle.wall_s(cpu)) == pytest.approx(expected, rel=0.03, abs=2e-4)
+        assert float(busy.wall_s(cpu)) == pytest.approx(simulate(cpu, 1e-7), rel=0.01, abs=2e-5)
+    for quota in (busy, idle):
+        assert float(quota.wall_s(0.0005)) == pytest.approx(0.0005)  # fits in the quota: full speed
+    # 1 ms at once, throttled to the refill (a whole period busy, half of one on average idle), 28 whole
+    # periods, the last 1 ms
+    assert float(busy.wall_s(0.030)) == pytest.approx(0.010 + 28 * 0.010 + 0.001, rel=5e-3)
+    assert float(idle.wall_s(0.030)) == pytest.approx(0.005 + 28 * 0.010 + 0.001, rel=5e-3)
     with pytest.raises(LatencyModelError):
         CpuQuota(quota_s=0.02, period_s=0.01)
+    with pytest.raises(LatencyModelError, match="start"):
+        CpuQuota(quota_s=0.001, period_s=0.01, start="sometimes")
 
 
 def test_calibrate_stages_under_a_quota_recovers_the_cpu_speed(pi3: LatencyModel) -> None:
     from planner.latency import CpuQuota, calibrate_stages
 
-    quota = CpuQuota(quota_s=0.001, period_s=0.010)
+    quota = CpuQuota(quota_s=0.001, period_s=0.010, start="idle")
     predicted = np.array([0.0003, 0.001, 0.003, 0.008, 0.02, 0.035])
     measured = quota.wall_s(1.3 * predicted + 0.0004)
     slowdown, overhead = calibrate_stages(predicted, measured, cpu_quota=quota)
