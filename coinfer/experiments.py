@@ -352,14 +352,17 @@ class Experiments:
     def methods(self, deadlines: Sequence[float], bps: float) -> dict[str, Any]:
         self.log(f"Fig. 9: accuracy vs deadline at {format_bandwidth(bps)}, five methods ...")
         self.settle(bps)
-        table: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
+        table: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
         n = self.s.method_requests
         for d in deadlines:
             for m in METHODS:  # the same images for every method: accuracies differ by method alone
                 records = self.runs(m, d, count=n, first=self.image)
                 hit = float(np.mean([r["met"] for r in records]))
                 acc = float(np.mean([r["met"] and r["correct"] for r in records]))
-                table[m].append({"deadline_s": d, "hit_rate": hit, "accuracy": acc})
+                table[m].append({"deadline_s": d, "hit_rate": hit, "accuracy": acc,
+                                 "p50_ms": float(np.median([r["latency_s"] for r in records]) * 1e3),
+                                 "plans": dict(Counter(f"e{r['plan_exit']}@{r['plan_cut']}" for r in records)),
+                                 "fallbacks": sum(r["fallback"] is not None for r in records)})
             self.image += n
             self.log("  " + f"{d * 1e3:6.1f} ms: " + "  ".join(
                 f"{m} {table[m][-1]['accuracy']:.2f}" for m in METHODS))
@@ -529,7 +532,7 @@ def _plot_latency(path: Path, points: list[dict[str, Any]], deadline: float, emu
     _save(fig, path)
 
 
-def _plot_methods(path: Path, table: dict[str, list[dict[str, float]]], bps: float,
+def _plot_methods(path: Path, table: dict[str, list[dict[str, Any]]], bps: float,
                   emulation: dict[str, Any]) -> None:
     fig, ax = _figure(f"Accuracy vs deadline at {format_bandwidth(bps)} (a miss counts as a failure)", emulation)
     for m, rows in table.items():

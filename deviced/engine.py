@@ -47,6 +47,9 @@ PROBE_MAX_BYTES = 64 * 1024
 # An unanswered transfer caps the estimate, but it is a guess (the path may just have stalled): the cap holds
 # this long, then the last measured estimate comes back and the edge is tried again.
 CAP_HOLD_S = 5.0
+# A planned answer due later than this share of the local cut-off is not given up on at the cut-off
+ANSWER_SLACK = 1.1
+LATE_REMEMBERED = 256  # given-up requests whose late answers still count as transfer samples
 Policy = Callable[[edgent.Candidates, edgent.Conditions], edgent.Plan]
 
 
@@ -101,6 +104,9 @@ class Device:
         self._probe_bytes = cfg.probe_sizes[-1]
         self._measured: bandwidth.LinkEstimate | None = None  # the estimate a timeout cap replaced
         self._cap_expires = 0.0
+        self._backlog, self._backlog_at = 0.0, 0.0  # our bytes still on the uplink (a fluid queue), as of when
+        # given-up requests: (bytes to cross, sent at); a late answer still times them
+        self._late: dict[str, tuple[int, float]] = {}
         self.metrics.bandwidth.set(self.link.bandwidth_bps)
 
     # ---- requests -------------------------------------------------------------------------------
@@ -123,7 +129,7 @@ class Device:
             plan = self._local_plan(deadline_s)
             return await self._finish_local(request_id, feed, plan, start, deadline_s, link, None, "no_edge")
         cond = edgent.Conditions(bandwidth_bps=link.bandwidth_bps, deadline_s=deadline_s, rtt_s=link.rtt_s,
-                                 edge_queue_s=edge.queue_wait_s)
+                                 edge_queue_s=edge.queue_wait_s, uplink_backlog_bytes=self._uplink_backlog(start))
         if policy is not None:
             plan = policy(edge.candidates, cond)
             if plan.exit is None:  # the policy has no plan: its fastest way, on the device
@@ -165,24 +171,31 @@ class Device:
         self._pending[request_id] = future
         try:
             sent_at = time.monotonic()
-            await self._emulate_upload(len(payload))
+            # the bytes that must cross before an answer can come: ours and what is still queued ahead of them
+            crossing = int(await self._upload(len(payload))) + len(payload)
             props = session.request_properties(response_topic=self.topics.device_responses(self.cfg.device_id),
                                                correlation=request_id, expiry_s=max(left, 0.001))
             try:
                 await self.client.publish(self.topics.edge_request(edge.edge_id, self.cfg.device_id), payload,
                                           qos=session.TRAFFIC_QOS, properties=props)
             except session.MQTT_ERRORS:
-                return None, len(payload), sent_at
+                return None, crossing, sent_at
             # the quickest local way out: the rest of this exit from the cut, or the fastest exit from scratch
             finish_local = min(self._device_rest_s(plan.exit, plan.cut), self._fastest_local_s)
-            wait = deadline_s - (time.monotonic() - start) - finish_local
+            cutoff = deadline_s - finish_local  # after this, no local way meets the deadline
+            if cutoff <= (plan.predicted_s or 0.0) * ANSWER_SLACK:
+                # the answer is due too close to the cut-off to give up on it there: only the edge can meet the
+                # deadline, so it gets until then
+                cutoff = deadline_s
+            wait = cutoff - (time.monotonic() - start)
             if wait <= 0:  # no local way meets the deadline any more: give the edge until then
                 wait = max(deadline_s - (time.monotonic() - start), 0.0)
             try:
-                return await asyncio.wait_for(future, timeout=wait), len(payload), sent_at
+                return await asyncio.wait_for(future, timeout=wait), crossing, sent_at
             except TimeoutError:  # evidence too: these bytes did not make it there and back in the time waited
-                self._cap_link(8.0 * len(payload) / max(time.monotonic() - sent_at, 1e-3))
-                return None, len(payload), sent_at
+                self._cap_link(8.0 * crossing / max(time.monotonic() - sent_at, 1e-3))
+                self._remember_late(request_id, crossing, sent_at)
+                return None, crossing, sent_at
         finally:
             self._pending.pop(request_id, None)
 
@@ -262,10 +275,36 @@ class Device:
         """Change the in-application uplink emulation (0: off) while running."""
         self._emulated_bps = bps
 
-    async def _emulate_upload(self, nbytes: int) -> None:
+    def _uplink_backlog(self, now: float) -> float:
+        """Bytes of our earlier uploads still queued ahead on the uplink, draining at the estimated rate."""
+        return max(self._backlog - self.link.bandwidth_bps / 8.0 * (now - self._backlog_at), 0.0)
+
+    def _remember_late(self, request_id: str, nbytes: int, sent_at: float) -> None:
+        self._late[request_id] = (nbytes, sent_at)
+        while len(self._late) > LATE_REMEMBERED:
+            del self._late[next(iter(self._late))]
+
+    def _late_answer(self, result: InferResult) -> None:
+        """An answer that came after we gave up still times its transfer: a rate sample from a slow link."""
+        sent = self._late.pop(result.request_id, None)
+        if sent is None:
+            return
+        nbytes, sent_at = sent
+        wire_s = time.monotonic() - sent_at - result.queue_s - result.compute_s
+        out_bytes = sum(v.nbytes for v in result.outputs.values())
+        self.update_link(self.link.with_transfer(nbytes + out_bytes, wire_s))
+        log.info("late_answer", request_id=result.request_id, bandwidth_bps=round(self.link.bandwidth_bps))
+
+    async def _upload(self, nbytes: int) -> float:
+        """``nbytes`` are about to go on the uplink: add them to the backlog and return what was queued ahead
+        (with ``emulate_uplink``, first wait out their transfer)."""
+        now = time.monotonic()
+        ahead = self._uplink_backlog(now)
+        self._backlog, self._backlog_at = ahead + nbytes, now
         if self._emulated_bps:
             async with self._uplink:
                 await asyncio.sleep(8.0 * nbytes / self._emulated_bps)
+        return ahead
 
     def update_link(self, link: bandwidth.LinkEstimate) -> None:
         """A measured estimate (probe, transfer, or set by the operator): it replaces any timeout cap."""
@@ -297,7 +336,7 @@ class Device:
             payload = encode(Probe(probe_id=probe_id, device_id=self.cfg.device_id, padding=bytes(size)))
             try:
                 start = time.monotonic()
-                await self._emulate_upload(len(payload))
+                await self._upload(len(payload))
                 props = session.request_properties(response_topic=self.topics.device_responses(self.cfg.device_id),
                                                    correlation=probe_id, expiry_s=PROBE_TIMEOUT_S)
                 await self.client.publish(self.topics.edge_probe(edge_id, self.cfg.device_id), payload,
@@ -341,6 +380,7 @@ class Device:
                 self.edges.heard_from(msg.sender if isinstance(msg, ErrorReply) else msg.edge_id)
                 if isinstance(msg, InferResult):
                     self.edges.served(msg.edge_id)
+                    self._late_answer(msg)
                 key = msg.probe_id if isinstance(msg, ProbeReply) else msg.request_id
                 future = self._pending.get(key)
                 if future is not None and not future.done():

@@ -157,21 +157,22 @@ class Conditions:
     downlink_bps: float | None = None  # defaults to the uplink
     rtt_s: float = 0.0  # fixed cost of one round trip to the edge
     edge_queue_s: float = 0.0  # expected wait in the edge's queue (its advertised load)
+    uplink_backlog_bytes: float = 0.0  # our own earlier uploads still ahead of this one on the uplink
 
     def __post_init__(self) -> None:
         if not self.bandwidth_bps > 0 or (self.downlink_bps is not None and not self.downlink_bps > 0):
             raise PlannerError("bandwidth must be positive")
         if not self.deadline_s > 0:
             raise PlannerError("deadline must be positive")
-        if self.rtt_s < 0 or self.edge_queue_s < 0:
-            raise PlannerError("rtt and edge queue time cannot be negative")
+        if self.rtt_s < 0 or self.edge_queue_s < 0 or self.uplink_backlog_bytes < 0:
+            raise PlannerError("rtt, edge queue time and uplink backlog cannot be negative")
 
 
 def latencies(c: Candidates, cond: Conditions) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """(end-to-end, transfer) predicted seconds of every candidate."""
     down = cond.downlink_bps or cond.bandwidth_bps
     transfer = c.up_bytes * (8.0 / cond.bandwidth_bps) + c.down_bytes * (8.0 / down)
-    transfer = transfer + c.uses_edge * cond.rtt_s
+    transfer = transfer + c.uses_edge * (cond.rtt_s + cond.uplink_backlog_bytes * 8.0 / cond.bandwidth_bps)
     return c.device_s + transfer + c.edge_s + c.uses_edge * cond.edge_queue_s, transfer
 
 

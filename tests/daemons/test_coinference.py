@@ -126,3 +126,38 @@ async def test_a_device_does_not_queue_behind_its_own_answered_request(broker: B
             assert depths == [0] * 40, depths
     finally:
         await edge.stop()
+
+
+async def test_a_late_answer_still_measures_the_link(broker: Broker, prefix: str, edge: EdgeProcess) -> None:
+    """The device gave up on the edge (its estimate was far too high); the answer that comes afterwards is
+    a transfer sample all the same, from exactly the link that made it late."""
+    x = preprocess(load_fashion_mnist("test")[0][:1])
+    cfg = DevicedConfig(device_id="pi-late", topic_prefix=prefix, broker=broker.config, probe_interval_s=0,
+                        initial_bandwidth="10Mbps", emulate_uplink="200kbps")
+    async with Client(cfg) as client:
+        assert await client.wait_for_edge(5)
+        device = client.device
+        samples = device.link.samples
+        outcome = await client.infer(x[0], deadline=0.03)  # planned on the edge; its upload alone takes 0.13 s
+        assert outcome.fallback == "timeout" and outcome.plan.where == "edge"
+        for _ in range(100):
+            if device.link.samples > samples:
+                break
+            await asyncio.sleep(0.01)
+        assert device.link.samples == samples + 1
+        assert 100e3 < device.link.bandwidth_bps < 400e3, device.link
+
+
+async def test_the_uplink_backlog_drains_at_the_estimated_rate() -> None:
+    """Bytes handed to the uplink are queued ahead of the next upload until the estimated rate drains them."""
+    import time
+
+    from deviced.service import build_device
+    from protocol.session import BrokerConfig
+
+    device = build_device(DevicedConfig(device_id="pi-b", broker=BrokerConfig(port=free_port()),
+                                        initial_bandwidth="100kbps"))
+    assert await device._upload(12_500) == 0.0
+    assert await device._upload(1_000) == pytest.approx(12_500, rel=0.01)  # 12.5 bytes drain per ms
+    await asyncio.sleep(0.5)
+    assert device._uplink_backlog(time.monotonic()) == pytest.approx(13_500 - 6_250, rel=0.05)

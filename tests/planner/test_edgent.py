@@ -36,7 +36,8 @@ def models(draw: st.DrawFn) -> list[edgent.ExitInfo]:
 
 
 conditions = st.builds(edgent.Conditions, bandwidth_bps=st.floats(1e3, 1e8), deadline_s=st.floats(1e-4, 5.0),
-                       rtt_s=st.floats(0, 0.05), edge_queue_s=st.floats(0, 0.1))
+                       rtt_s=st.floats(0, 0.05), edge_queue_s=st.floats(0, 0.1),
+                       uplink_backlog_bytes=st.floats(0, 1e5))
 
 
 @settings(max_examples=300, deadline=None)
@@ -82,6 +83,20 @@ def test_device_only_and_edge_only_are_candidates(bundle: Bundle, pi3: LatencyMo
     assert base["exit_only"].feasible is False or base["exit_only"].where == "device"
 
 
+def test_uplink_backlog_delays_every_plan_that_uses_the_edge(bundle: Bundle, pi3: LatencyModel,
+                                                             desktop: LatencyModel) -> None:
+    cands = edgent.compile_candidates(edgent.exits_from_manifest(bundle.manifest), pi3, desktop)
+    cond = edgent.Conditions(bandwidth_bps=4e5, deadline_s=0.3)
+    free, _ = edgent.latencies(cands, cond)
+    queued, _ = edgent.latencies(cands, edgent.Conditions(bandwidth_bps=4e5, deadline_s=0.3,
+                                                          uplink_backlog_bytes=50_000))
+    assert np.allclose(queued - free, np.where(cands.uses_edge, 50_000 * 8 / 4e5, 0.0))
+    # a backlog of a whole second at this rate: only the device can meet the deadline
+    late = edgent.plan(cands, edgent.Conditions(bandwidth_bps=4e5, deadline_s=0.9, uplink_backlog_bytes=50_000))
+    assert edgent.plan(cands, edgent.Conditions(bandwidth_bps=4e5, deadline_s=0.9)).where != "device"
+    assert late.where == "device"
+
+
 def _sweep(cands: edgent.Candidates, bws: list[float], dls: list[float]) -> list[int]:
     return [edgent.plan(cands, edgent.Conditions(bandwidth_bps=b, deadline_s=d)).exit or 0 for b in bws for d in dls]
 
@@ -116,7 +131,8 @@ def test_cut_out_of_range_is_rejected() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{"bandwidth_bps": 0, "deadline_s": 1}, {"bandwidth_bps": 1, "deadline_s": 0},
-                                    {"bandwidth_bps": 1, "deadline_s": 1, "rtt_s": -1}])
+                                    {"bandwidth_bps": 1, "deadline_s": 1, "rtt_s": -1},
+                                    {"bandwidth_bps": 1, "deadline_s": 1, "uplink_backlog_bytes": -1}])
 def test_bad_conditions_are_rejected(kwargs: dict[str, float]) -> None:
     with pytest.raises(PlannerError):
         edgent.Conditions(**kwargs)
