@@ -34,7 +34,7 @@ bench: $(STAMP) system-deps
 	$(VENV)/bin/coinfer bench planner --out bench-results/planner.json
 	$(VENV)/bin/coinfer bench transport --out bench-results/transport.json
 
-# The Edgent experiments on the namespace testbed (root; ~13 minutes). Results: docs/results/edgent.
+# The Edgent experiments on the namespace testbed (root; ~16 minutes). Results: docs/results/edgent.
 bench-edgent: $(STAMP) system-deps
 	$(SUDO) $(VENV)/bin/coinfer bench edgent --out docs/results/edgent
 

@@ -105,6 +105,7 @@ class Device:
         self._measured: bandwidth.LinkEstimate | None = None  # the estimate a timeout cap replaced
         self._cap_expires = 0.0
         self._backlog, self._backlog_at = 0.0, 0.0  # our bytes still on the uplink (a fluid queue), as of when
+        self._last_upload = ""  # an answer to it proves the backlog gone
         # given-up requests: (bytes to cross, sent at); a late answer still times them
         self._late: dict[str, tuple[int, float]] = {}
         self.metrics.bandwidth.set(self.link.bandwidth_bps)
@@ -172,7 +173,7 @@ class Device:
         try:
             sent_at = time.monotonic()
             # the bytes that must cross before an answer can come: ours and what is still queued ahead of them
-            crossing = int(await self._upload(len(payload))) + len(payload)
+            crossing = int(await self._upload(request_id, len(payload))) + len(payload)
             props = session.request_properties(response_topic=self.topics.device_responses(self.cfg.device_id),
                                                correlation=request_id, expiry_s=max(left, 0.001))
             try:
@@ -295,12 +296,12 @@ class Device:
         self.update_link(self.link.with_transfer(nbytes + out_bytes, wire_s))
         log.info("late_answer", request_id=result.request_id, bandwidth_bps=round(self.link.bandwidth_bps))
 
-    async def _upload(self, nbytes: int) -> float:
+    async def _upload(self, upload_id: str, nbytes: int) -> float:
         """``nbytes`` are about to go on the uplink: add them to the backlog and return what was queued ahead
         (with ``emulate_uplink``, first wait out their transfer)."""
         now = time.monotonic()
         ahead = self._uplink_backlog(now)
-        self._backlog, self._backlog_at = ahead + nbytes, now
+        self._backlog, self._backlog_at, self._last_upload = ahead + nbytes, now, upload_id
         if self._emulated_bps:
             async with self._uplink:
                 await asyncio.sleep(8.0 * nbytes / self._emulated_bps)
@@ -336,7 +337,7 @@ class Device:
             payload = encode(Probe(probe_id=probe_id, device_id=self.cfg.device_id, padding=bytes(size)))
             try:
                 start = time.monotonic()
-                await self._upload(len(payload))
+                await self._upload(probe_id, len(payload))
                 props = session.request_properties(response_topic=self.topics.device_responses(self.cfg.device_id),
                                                    correlation=probe_id, expiry_s=PROBE_TIMEOUT_S)
                 await self.client.publish(self.topics.edge_probe(edge_id, self.cfg.device_id), payload,
@@ -382,6 +383,8 @@ class Device:
                     self.edges.served(msg.edge_id)
                     self._late_answer(msg)
                 key = msg.probe_id if isinstance(msg, ProbeReply) else msg.request_id
+                if key == self._last_upload:  # everything we sent has crossed
+                    self._backlog = 0.0
                 future = self._pending.get(key)
                 if future is not None and not future.done():
                     future.set_result(msg)

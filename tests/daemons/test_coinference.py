@@ -153,11 +153,18 @@ async def test_the_uplink_backlog_drains_at_the_estimated_rate() -> None:
     import time
 
     from deviced.service import build_device
+    from protocol.messages import ProbeReply, encode
     from protocol.session import BrokerConfig
 
     device = build_device(DevicedConfig(device_id="pi-b", broker=BrokerConfig(port=free_port()),
                                         initial_bandwidth="100kbps"))
-    assert await device._upload(12_500) == 0.0
-    assert await device._upload(1_000) == pytest.approx(12_500, rel=0.01)  # 12.5 bytes drain per ms
+    assert await device._upload("r1", 12_500) == 0.0
+    assert await device._upload("r2", 1_000) == pytest.approx(12_500, rel=0.01)  # 12.5 bytes drain per ms
     await asyncio.sleep(0.5)
     assert device._uplink_backlog(time.monotonic()) == pytest.approx(13_500 - 6_250, rel=0.05)
+    # an answer to the last upload proves everything sent before it crossed (an answer to an earlier one not)
+    reply = encode(ProbeReply(probe_id="r1", edge_id="e", size=12_500))
+    device.handle("coinfer/device/pi-b/res", reply)
+    assert device._uplink_backlog(time.monotonic()) > 5_000
+    device.handle("coinfer/device/pi-b/res", encode(ProbeReply(probe_id="r2", edge_id="e", size=1_000)))
+    assert device._uplink_backlog(time.monotonic()) == 0.0
