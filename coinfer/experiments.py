@@ -146,17 +146,22 @@ def _calibrate_stages(agent: Agent, exits: Sequence[edgent.ExitInfo], calib: dic
     host = edgent.compile_candidates(exits, calib["edge_model"], calib["edge_model"])
     predicted = [float(host.device_s[(host.exit == r["exit"] - 1) & (host.cut == r["cut"])][0]) for r in stages]
     measured = np.array([r["median_s"] for r in stages])
-    # under a quota, both ways a stage may start (at a refill: busy; anywhere: idle) are fitted; the closer wins
-    fits = []
-    for q in [replace(quota, start=start) for start in QUOTA_STARTS] if quota else [None]:
+
+    def fit(q: CpuQuota | None) -> dict[str, Any]:
         slowdown, overhead = calibrate_stages(predicted, measured.tolist(), cpu_quota=q)
-        model = calib["edge_model"].scaled(slowdown, overhead, name="testbed-device", cpu_quota=q, meta={
-            "calibration": "host per-layer model x slowdown + per-stage overhead, under the device's CPU quota, "
-                           "fitted to whole head stages timed on the device", "slowdown": slowdown,
-            "stage_overhead_s": overhead})
-        fitted = model.stage_s(slowdown * np.array(predicted))
-        fits.append((float(np.mean(np.square(fitted / measured - 1))), slowdown, overhead, q, model, fitted))
-    _, slowdown, overhead, quota, model, fitted = min(fits, key=lambda f: f[0])
+        busy = slowdown * np.array(predicted) + overhead
+        fitted = q.wall_s(busy) if q else busy
+        return {"cpu_quota": q, "slowdown": slowdown, "stage_overhead_s": overhead, "fitted": fitted,
+                "mean_sq_rel_error": float(np.mean(np.square(fitted / measured - 1)))}
+
+    # under a quota, both ways a stage may start (at a refill: busy; anywhere: idle) are fitted; the closer wins
+    fits = [fit(replace(quota, start=start)) for start in QUOTA_STARTS] if quota else [fit(None)]
+    best = min(fits, key=lambda f: f["mean_sq_rel_error"])
+    slowdown, overhead, quota, fitted = best["slowdown"], best["stage_overhead_s"], best["cpu_quota"], best["fitted"]
+    model = calib["edge_model"].scaled(slowdown, overhead, name="testbed-device", cpu_quota=quota, meta={
+        "calibration": "host per-layer model x slowdown + per-stage overhead, under the device's CPU quota, "
+                       "fitted to whole head stages timed on the device", "slowdown": slowdown,
+        "stage_overhead_s": overhead})
     path = tmp / "device-model.json"
     path.write_text(json.dumps(model.to_json(), indent=1) + "\n")
     shutil.copy(path, out / "device-latency-model.json")
@@ -164,8 +169,9 @@ def _calibrate_stages(agent: Agent, exits: Sequence[edgent.ExitInfo], calib: dic
     calib["device_stages"] = {"slowdown": slowdown, "stage_overhead_s": overhead,
                               "cpu_quota": quota.to_json() if quota else None,
                               "error_p50": float(np.median(errors)), "error_p95": float(np.percentile(errors, 95)),
-                              "fits": [{"cpu_quota": f[3].to_json() if f[3] else None, "slowdown": f[1],
-                                        "stage_overhead_s": f[2], "mean_sq_rel_error": f[0]} for f in fits],
+                              "fits": [{**{k: v for k, v in f.items() if k != "fitted"},
+                                        "cpu_quota": f["cpu_quota"].to_json() if f["cpu_quota"] else None}
+                                       for f in fits],
                               "stages": [{**r, "host_predicted_s": p, "calibrated_s": float(f)}
                                          for r, p, f in zip(stages, predicted, fitted, strict=True)]}
     calib["device_model"], calib["device_model_path"] = model, path
@@ -427,10 +433,11 @@ class Experiments:
                  f"{doc['notice_drop']}")
         (self.out / "trace.json").write_text(json.dumps(doc, indent=1) + "\n")
         _plot_trace(self.out / "trace.png", doc, self.bed.describe())
+        without_records = {mode: {k: v for k, v in doc[mode].items() if k != "records"}
+                           for mode in ("coinfer", "fixed")}
         return {"deadline_s": deadline, "drop": {"at_s": DROP_AT_S, "from_bps": trace_bps(DROP_AT_S - 1e-6),
                                                  "to_bps": DROP_TO_BPS},
-                **{k: {kk: vv for kk, vv in v.items() if kk != "records"} if isinstance(v, dict) else v
-                   for k, v in doc.items() if k in ("coinfer", "fixed", "notice_drop")}}
+                **without_records, "notice_drop": doc["notice_drop"]}
 
     def _play(self, stop: threading.Event) -> None:
         """Play the trace on the real link (loopback: the agent plays it in-app)."""

@@ -48,9 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_run(cfg))
             return 0
         deadline = parse_duration(args.deadline or cfg.default_deadline)
-        images = load_bundle(cfg.bundle).preprocess(_read_images(args.file)[: args.count])
-        if args.via_daemon:
-            return asyncio.run(_infer_remote(cfg, images, deadline, as_json=args.json))
+        images = _read_images(args.file)[: args.count]
+        if args.via_daemon:  # the daemon has the model; the input tensors are made here
+            return asyncio.run(_infer_remote(cfg, load_bundle(cfg.bundle).preprocess(images), deadline,
+                                             as_json=args.json))
         return asyncio.run(_infer(cfg, images, deadline, as_json=args.json))
     except (ConfigError, ModelError, PlannerError, ValueError, OSError, RemoteError, TimeoutError) as exc:
         print(f"deviced: error: {exc or type(exc).__name__}", file=sys.stderr)
@@ -77,8 +78,9 @@ def _read_images(path: Path) -> np.ndarray:
     return images
 
 
-async def _infer(cfg: config.DevicedConfig, x: np.ndarray, deadline: float, *, as_json: bool) -> int:
+async def _infer(cfg: config.DevicedConfig, images: np.ndarray, deadline: float, *, as_json: bool) -> int:
     async with Client(cfg) as client:
+        x = client.device.bundle.preprocess(images)
         await client.wait_for_edge(3.0)
         for i, xi in enumerate(x):
             o = await client.infer(xi, deadline=deadline)

@@ -179,7 +179,7 @@ class LatencyModel:
             if quota is not None:
                 _reject_unknown(quota, {"quota_s", "period_s", "start"}, "cpu_quota")
                 quota = CpuQuota(quota_s=float(quota["quota_s"]), period_s=float(quota["period_s"]),
-                                 start=str(quota.get("start", "refill")))
+                                 **({"start": str(quota["start"])} if "start" in quota else {}))
             return cls(name=str(doc.get("name", "unnamed")), types=types, unit=str(doc.get("latency_unit", "ms")),
                        stage_overhead=float(doc.get("stage_overhead", 0.0)), cpu_quota=quota,
                        meta=dict(doc.get("meta", {})))
