@@ -121,8 +121,9 @@ async def _probe(client: Client, repeats: int) -> dict[str, Any]:
     found = [e for _ in range(repeats) if (e := await device.probe(edge.edge_id)) is not None]
     if not found:  # unanswered or uninformative: deviced keeps (and has bounded) its estimate
         return {"bandwidth_bps": device.link.bandwidth_bps, "rtt_s": device.link.rtt_s, "probes": 0}
-    estimate = LinkEstimate(bandwidth_bps=statistics.median(e.bandwidth_bps for e in found),
-                            rtt_s=statistics.median(e.rtt_s for e in found), samples=len(found))
+    bps = statistics.median(e.bandwidth_bps for e in found)
+    estimate = LinkEstimate(bandwidth_bps=bps, rtt_s=statistics.median(e.rtt_s for e in found), samples=len(found),
+                            probed_bps=bps)
     device.update_link(estimate)
     return {"bandwidth_bps": estimate.bandwidth_bps, "rtt_s": estimate.rtt_s, "probes": len(found)}
 

@@ -88,7 +88,8 @@ class Testbed:
                     "(each upload delayed by bytes / rate)", "device_cpu": f"deviced stretches its compute by "
                     f"{1 / e.cpu_quota:.0f}x", "edge_cpu": "this host, unconstrained"}
         return {"mode": "netns testbed", "link": f"veth {VETH_DEVICE} ({NS_DEVICE}, {DEVICE_IP}) <-> {VETH_EDGE} "
-                f"({NS_EDGE}, {EDGE_IP})", "uplink": f"tc tbf on {VETH_DEVICE} egress; downlink unshaped",
+                f"({NS_EDGE}, {EDGE_IP})",
+                "uplink": f"tc tbf on {VETH_DEVICE} egress (GSO off: one segment per packet); downlink unshaped",
                 "device_cpu": f"cgroup {self._cgroup}: {e.cpu_quota:.0%} of one core "
                 f"(quota {int(e.cpu_quota * e.cpu_period_us)} us per {e.cpu_period_us} us)",
                 "edge_cpu": "this host, unconstrained", "delay": "none added (netem unavailable)"}
@@ -129,6 +130,10 @@ class Testbed:
         for ns, dev, peer_ip, peer_ns in ((NS_DEVICE, VETH_DEVICE, EDGE_IP, NS_EDGE),
                                           (NS_EDGE, VETH_EDGE, DEVICE_IP, NS_DEVICE)):
             _sh("ip", "-n", ns, "neigh", "replace", peer_ip, "lladdr", macs[peer_ns], "dev", dev, "nud", "permanent")
+        # one TCP segment per packet on the shaped side: tbf splits an oversized GSO packet only as it enqueues
+        # it, so a 20 KB packet queued at 10 Mbps (25 KB burst) sits at the head for good once the rate drops to
+        # 1 Mbps (2.5 KB burst), and the uplink, new connections included, is dead until the rate rises again
+        _sh("ip", "-n", NS_DEVICE, "link", "set", "dev", VETH_DEVICE, "gso_max_segs", "1")
         _sh("ip", "netns", "exec", NS_DEVICE, "tc", "qdisc", "add", "dev", VETH_DEVICE, "root",
             *tbf_args(self.uplink_bps))
 

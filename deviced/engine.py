@@ -44,6 +44,7 @@ PROBE_TIMEOUT_S = 2.0
 PROBE_TARGET_S = 0.05  # the large probe is sized to take about this long at the current estimate
 PROBE_MIN_SIGNAL_S = 0.01  # below this extra time for its extra bytes, a probe pair says nothing
 PROBE_MAX_BYTES = 64 * 1024
+PROBE_IDLE_BYTES = 1500  # an uplink with no more than a packet of ours unacknowledged is idle enough to probe
 # An unanswered transfer caps the estimate, but it is a guess (the path may just have stalled): the cap holds
 # this long, then the last measured estimate comes back and the edge is tried again.
 CAP_HOLD_S = 5.0
@@ -104,8 +105,7 @@ class Device:
         self._probe_bytes = cfg.probe_sizes[-1]
         self._measured: bandwidth.LinkEstimate | None = None  # the estimate a timeout cap replaced
         self._cap_expires = 0.0
-        self._backlog, self._backlog_at = 0.0, 0.0  # our bytes still on the uplink (a fluid queue), as of when
-        self._last_upload = ""  # an answer to it proves the backlog gone
+        self._emulated_queued = 0  # with emulate_uplink: bytes waiting in the in-app uplink
         # given-up requests: (bytes to cross, sent at); a late answer still times them
         self._late: dict[str, tuple[int, float]] = {}
         self.metrics.bandwidth.set(self.link.bandwidth_bps)
@@ -130,7 +130,7 @@ class Device:
             plan = self._local_plan(deadline_s)
             return await self._finish_local(request_id, feed, plan, start, deadline_s, link, None, "no_edge")
         cond = edgent.Conditions(bandwidth_bps=link.bandwidth_bps, deadline_s=deadline_s, rtt_s=link.rtt_s,
-                                 edge_queue_s=edge.queue_wait_s, uplink_backlog_bytes=self._uplink_backlog(start))
+                                 edge_queue_s=edge.queue_wait_s, uplink_backlog_bytes=self.uplink_backlog())
         if policy is not None:
             plan = policy(edge.candidates, cond)
             if plan.exit is None:  # the policy has no plan: its fastest way, on the device
@@ -173,7 +173,8 @@ class Device:
         try:
             sent_at = time.monotonic()
             # the bytes that must cross before an answer can come: ours and what is still queued ahead of them
-            crossing = int(await self._upload(request_id, len(payload))) + len(payload)
+            crossing = self.uplink_backlog() + len(payload)
+            await self._emulate_upload(len(payload))
             props = session.request_properties(response_topic=self.topics.device_responses(self.cfg.device_id),
                                                correlation=request_id, expiry_s=max(left, 0.001))
             try:
@@ -276,9 +277,11 @@ class Device:
         """Change the in-application uplink emulation (0: off) while running."""
         self._emulated_bps = bps
 
-    def _uplink_backlog(self, now: float) -> float:
-        """Bytes of our earlier uploads still queued ahead on the uplink, draining at the estimated rate."""
-        return max(self._backlog - self.link.bandwidth_bps / 8.0 * (now - self._backlog_at), 0.0)
+    def uplink_backlog(self) -> int:
+        """Bytes of our earlier messages not yet across the uplink (measured on the connection, not modelled): a
+        new upload queues behind them."""
+        on_socket = session.unsent_bytes(self.client) if self.client is not None else 0
+        return on_socket + self._emulated_queued
 
     def _remember_late(self, request_id: str, nbytes: int, sent_at: float) -> None:
         self._late[request_id] = (nbytes, sent_at)
@@ -296,16 +299,16 @@ class Device:
         self.update_link(self.link.with_transfer(nbytes + out_bytes, wire_s))
         log.info("late_answer", request_id=result.request_id, bandwidth_bps=round(self.link.bandwidth_bps))
 
-    async def _upload(self, upload_id: str, nbytes: int) -> float:
-        """``nbytes`` are about to go on the uplink: add them to the backlog and return what was queued ahead
-        (with ``emulate_uplink``, first wait out their transfer)."""
-        now = time.monotonic()
-        ahead = self._uplink_backlog(now)
-        self._backlog, self._backlog_at, self._last_upload = ahead + nbytes, now, upload_id
-        if self._emulated_bps:
+    async def _emulate_upload(self, nbytes: int) -> None:
+        """With ``emulate_uplink``: wait out the transfer of ``nbytes``, behind any queued before them."""
+        if not self._emulated_bps:
+            return
+        self._emulated_queued += nbytes
+        try:
             async with self._uplink:
                 await asyncio.sleep(8.0 * nbytes / self._emulated_bps)
-        return ahead
+        finally:
+            self._emulated_queued -= nbytes
 
     def update_link(self, link: bandwidth.LinkEstimate) -> None:
         """A measured estimate (probe, transfer, or set by the operator): it replaces any timeout cap."""
@@ -323,8 +326,12 @@ class Device:
     # ---- probes and incoming messages -------------------------------------------------------------
     async def probe(self, edge_id: str) -> bandwidth.LinkEstimate | None:
         """Time probes of two (or more) sizes to ``edge_id``; update and return the estimate (None if a probe
-        went unanswered, or the pair was too close in time to tell a rate)."""
+        went unanswered, the uplink was busy, or the pair was too close in time to tell a rate)."""
         if self.client is None:
+            return None
+        if (backlog := self.uplink_backlog()) > PROBE_IDLE_BYTES:
+            # a probe behind our own queued bytes times the queue, and adds to it: wait for an idle uplink
+            log.info("probe_deferred", edge_id=edge_id, uplink_backlog_bytes=backlog)
             return None
         samples = []
         # the sizes twice, back to back: the first round drains any burst allowance the link saved up while
@@ -337,7 +344,7 @@ class Device:
             payload = encode(Probe(probe_id=probe_id, device_id=self.cfg.device_id, padding=bytes(size)))
             try:
                 start = time.monotonic()
-                await self._upload(probe_id, len(payload))
+                await self._emulate_upload(len(payload))
                 props = session.request_properties(response_topic=self.topics.device_responses(self.cfg.device_id),
                                                    correlation=probe_id, expiry_s=PROBE_TIMEOUT_S)
                 await self.client.publish(self.topics.edge_probe(edge_id, self.cfg.device_id), payload,
@@ -357,7 +364,7 @@ class Device:
             # timeout on a clogged link): raise it. Probe larger next time.
             floor = 8.0 * (samples[-1][0] - samples[0][0]) / PROBE_MIN_SIGNAL_S
             if floor > self.link.bandwidth_bps:
-                self.update_link(replace(self.link, bandwidth_bps=floor))
+                self.update_link(replace(self.link, bandwidth_bps=floor, probed_bps=floor))
                 log.info("link_floor_raised", edge_id=edge_id, bandwidth_bps=round(floor))
             self._probe_bytes = min(PROBE_MAX_BYTES, self._probe_bytes * 4)
             return None
@@ -383,8 +390,6 @@ class Device:
                     self.edges.served(msg.edge_id)
                     self._late_answer(msg)
                 key = msg.probe_id if isinstance(msg, ProbeReply) else msg.request_id
-                if key == self._last_upload:  # everything we sent has crossed
-                    self._backlog = 0.0
                 future = self._pending.get(key)
                 if future is not None and not future.done():
                     future.set_result(msg)

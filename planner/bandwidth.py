@@ -10,6 +10,10 @@ from planner.errors import PlannerError
 
 # Weight of a new passive sample, applied in log space: a 10x drop is within 2x after three samples.
 PASSIVE_ALPHA = 0.5
+# Passive samples may read at most this much above the last probe. A shaped link (a token bucket) lets a
+# transfer smaller than its burst through at line rate: a 12 KB request on a 10 Mbps link read as 55 Mbps, and
+# the estimate then sent a probe sized for that into a link that had dropped to 200 kbps.
+PASSIVE_HEADROOM = 2.0
 MIN_TRANSFER_S = 1e-5
 
 
@@ -20,9 +24,10 @@ class LinkEstimate:
     bandwidth_bps: float
     rtt_s: float = 0.0
     samples: int = 0
+    probed_bps: float = 0.0  # the last actively measured rate (0: none yet), which bounds passive samples
 
     def __post_init__(self) -> None:
-        if not self.bandwidth_bps > 0 or self.rtt_s < 0:
+        if not self.bandwidth_bps > 0 or self.rtt_s < 0 or self.probed_bps < 0:
             raise PlannerError(f"bad link estimate {self.bandwidth_bps} bps, rtt {self.rtt_s} s")
 
     def with_transfer(self, nbytes: int, seconds: float, *, alpha: float = PASSIVE_ALPHA) -> LinkEstimate:
@@ -30,6 +35,8 @@ class LinkEstimate:
         if nbytes <= 0 or seconds <= 0:
             return self
         sample = 8.0 * nbytes / max(seconds - self.rtt_s, MIN_TRANSFER_S)
+        if self.probed_bps:
+            sample = min(sample, PASSIVE_HEADROOM * self.probed_bps)
         log_bw = (1 - alpha) * math.log(self.bandwidth_bps) + alpha * math.log(sample)
         return replace(self, bandwidth_bps=math.exp(log_bw), samples=self.samples + 1)
 
@@ -46,4 +53,4 @@ def from_probes(samples: Sequence[tuple[int, float]]) -> LinkEstimate:
     var = sum((b - mean_b) ** 2 for b, _ in samples)
     slope = max(cov / var, 8.0 / 1e11)  # seconds per byte, floored at 100 Gbps
     rtt = max(mean_t - slope * mean_b, 0.0)
-    return LinkEstimate(bandwidth_bps=8.0 / slope, rtt_s=rtt, samples=n)
+    return LinkEstimate(bandwidth_bps=8.0 / slope, rtt_s=rtt, samples=n, probed_bps=8.0 / slope)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import random
 import signal
 import socket
+import struct
 import sys
+import termios
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +82,27 @@ def client(cfg: BrokerConfig, *, identifier: str, will_topic: str = "", sender: 
         # small request/reply messages: Nagle plus delayed ACKs would add ~40 ms to each
         socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
     )
+
+
+def unsent_bytes(client: aiomqtt.Client) -> int:
+    """Bytes this client has handed to its connection that the broker has not yet acknowledged: paho's own send
+    queue plus the socket's (unsent and in flight). A new message queues behind them on a slow uplink."""
+    paho = client._client  # aiomqtt has no public accessor for its paho client
+    queued = sum(len(p["packet"]) - p["pos"] for p in list(getattr(paho, "_out_packet", ())))
+    return int(queued) + socket_unsent(paho.socket())
+
+
+def socket_unsent(sock: object) -> int:
+    """Bytes written to a TCP socket and not yet acknowledged by the peer (Linux ``SIOCOUTQ``); 0 where the
+    platform cannot tell or there is no socket."""
+    fileno = getattr(sock, "fileno", None)
+    if fileno is None or not hasattr(termios, "TIOCOUTQ"):
+        return 0
+    try:
+        out = fcntl.ioctl(fileno(), termios.TIOCOUTQ, b"\0" * 4)
+    except (OSError, ValueError):  # closed, or not a socket the kernel can tell about
+        return 0
+    return max(int(struct.unpack("i", out)[0]), 0)
 
 
 def request_properties(*, response_topic: str, correlation: str, expiry_s: float) -> Properties:

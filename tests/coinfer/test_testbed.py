@@ -64,6 +64,10 @@ def test_namespace_testbed_shapes_the_uplink_and_quota_and_cleans_up(tmp_path: P
         neigh = subprocess.run(["ip", "-n", testbed.NS_DEVICE, "neigh", "show", testbed.EDGE_IP],
                                capture_output=True, text=True).stdout
         assert "PERMANENT" in neigh
+        # one segment per packet: a GSO packet larger than a lowered rate's burst would block the queue for good
+        link = subprocess.run(["ip", "-n", testbed.NS_DEVICE, "-d", "link", "show", testbed.VETH_DEVICE],
+                              capture_output=True, text=True).stdout
+        assert "gso_max_segs 1 " in link
     assert not {testbed.NS_DEVICE, testbed.NS_EDGE} & set(_netns())
     assert not (testbed.CGROUP_ROOT / "cpu" / testbed.CGROUP_NAME).exists()
     assert not (testbed.CGROUP_ROOT / testbed.CGROUP_NAME).exists()

@@ -148,23 +148,26 @@ async def test_a_late_answer_still_measures_the_link(broker: Broker, prefix: str
         assert 100e3 < device.link.bandwidth_bps < 400e3, device.link
 
 
-async def test_the_uplink_backlog_drains_at_the_estimated_rate() -> None:
-    """Bytes handed to the uplink are queued ahead of the next upload until the estimated rate drains them."""
-    import time
+async def test_the_uplink_backlog_is_what_has_not_yet_crossed(broker: Broker, prefix: str,
+                                                             edge: EdgeProcess) -> None:
+    """An upload still on the uplink is backlog (measured, not modelled): a probe waits for an idle uplink, and
+    once the bytes are across the backlog is gone."""
+    import functools
 
-    from deviced.service import build_device
-    from protocol.messages import ProbeReply, encode
-    from protocol.session import BrokerConfig
+    from planner import edgent
 
-    device = build_device(DevicedConfig(device_id="pi-b", broker=BrokerConfig(port=free_port()),
-                                        initial_bandwidth="100kbps"))
-    assert await device._upload("r1", 12_500) == 0.0
-    assert await device._upload("r2", 1_000) == pytest.approx(12_500, rel=0.01)  # 12.5 bytes drain per ms
-    await asyncio.sleep(0.5)
-    assert device._uplink_backlog(time.monotonic()) == pytest.approx(13_500 - 6_250, rel=0.05)
-    # an answer to the last upload proves everything sent before it crossed (an answer to an earlier one not)
-    reply = encode(ProbeReply(probe_id="r1", edge_id="e", size=12_500))
-    device.handle("coinfer/device/pi-b/res", reply)
-    assert device._uplink_backlog(time.monotonic()) > 5_000
-    device.handle("coinfer/device/pi-b/res", encode(ProbeReply(probe_id="r2", edge_id="e", size=1_000)))
-    assert device._uplink_backlog(time.monotonic()) == 0.0
+    x = preprocess(load_fashion_mnist("test")[0][:1])
+    cfg = DevicedConfig(device_id="pi-b", topic_prefix=prefix, broker=broker.config, probe_interval_s=0,
+                        initial_bandwidth="100kbps", emulate_uplink="100kbps")
+    async with Client(cfg) as client:
+        assert await client.wait_for_edge(5)
+        device = client.device
+        assert device.uplink_backlog() == 0
+        request = asyncio.create_task(device.infer(x[0], 5.0, policy=functools.partial(edgent.fixed_plan,
+                                                                                      exit_index=5, cut=0)))
+        await asyncio.sleep(0.05)  # the 3.1 KB input takes 0.25 s at 100 kbps
+        assert device.uplink_backlog() > 28 * 28 * 4
+        edge_id = next(iter(device.edges.edges))
+        assert await device.probe(edge_id) is None  # deferred: it would time our own queue
+        outcome = await request
+        assert outcome.where == "edge" and device.uplink_backlog() == 0
