@@ -54,6 +54,7 @@ class Settings:
     requests: int = 20  # per point
     method_requests: int = 30  # per method and deadline (Fig. 9), the same images for each method
     oracle_repeats: int = 5
+    stage_repeats: int = 20  # timings per head stage for the device model (10 drifted by about 6% between runs)
     profile_sweep: int = 8  # random synthetic chains profiled beside the bundle
     profile_runs: int = 15
     emulation: Emulation = field(default_factory=Emulation)
@@ -86,13 +87,13 @@ def run(out: Path, settings: Settings, log: Callable[[str], None] = print) -> di
         stack.enter_context(_broker(bed, tmp))
         stack.enter_context(_edged(bed, tmp, calib["edge_model_path"], settings.bundle))
         with _agent(bed, tmp, calib["naive_device_model_path"], settings) as agent:
-            _calibrate_stages(agent, exits, calib, settings.cpu_quota, tmp, out, log)
+            _calibrate_stages(agent, exits, calib, settings, tmp, out, log)
         agent = stack.enter_context(_agent(bed, tmp, calib["device_model_path"], settings))
         exp = Experiments(bed, agent, exits, calib, settings, out, log)
         results = exp.run_all()
     summary = {"emulation": emulation, "model": bundle.name,
                "settings": {"requests_per_point": settings.requests, "method_requests": settings.method_requests,
-                            "oracle_repeats": settings.oracle_repeats},
+                            "oracle_repeats": settings.oracle_repeats, "stage_repeats": settings.stage_repeats},
                "wall_s": round(time.monotonic() - started, 1), **results}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     _write_markdown(out, summary, calib)
@@ -132,8 +133,8 @@ def _calibrate(bed: Testbed, s: Settings, tmp: Path, out: Path, log: Callable[[s
     return result
 
 
-def _calibrate_stages(agent: Agent, exits: Sequence[edgent.ExitInfo], calib: dict[str, Any],
-                      quota: CpuQuota | None, tmp: Path, out: Path, log: Callable[[str], None]) -> None:
+def _calibrate_stages(agent: Agent, exits: Sequence[edgent.ExitInfo], calib: dict[str, Any], s: Settings,
+                      tmp: Path, out: Path, log: Callable[[str], None]) -> None:
     """Time whole head stages on the device and scale the host's per-layer model to match them.
 
     Under a CPU quota the per-layer profile does not add up: a layer shorter than the quota runs at full
@@ -142,7 +143,7 @@ def _calibrate_stages(agent: Agent, exits: Sequence[edgent.ExitInfo], calib: dic
     throttling applied to each whole stage (``planner.latency.CpuQuota``).
     """
     log("calibration: timing whole head stages on the device ...")
-    stages = agent.ask(op="stages", repeats=10)["stages"]
+    stages = agent.ask(op="stages", repeats=s.stage_repeats)["stages"]
     host = edgent.compile_candidates(exits, calib["edge_model"], calib["edge_model"])
     predicted = [float(host.device_s[(host.exit == r["exit"] - 1) & (host.cut == r["cut"])][0]) for r in stages]
     measured = np.array([r["median_s"] for r in stages])
@@ -155,6 +156,7 @@ def _calibrate_stages(agent: Agent, exits: Sequence[edgent.ExitInfo], calib: dic
                 "mean_sq_rel_error": float(np.mean(np.square(fitted / measured - 1)))}
 
     # under a quota, both ways a stage may start (at a refill: busy; anywhere: idle) are fitted; the closer wins
+    quota = s.cpu_quota
     fits = [fit(replace(quota, start=start)) for start in QUOTA_STARTS] if quota else [fit(None)]
     best = min(fits, key=lambda f: f["mean_sq_rel_error"])
     slowdown, overhead, quota, fitted = best["slowdown"], best["stage_overhead_s"], best["cpu_quota"], best["fitted"]
