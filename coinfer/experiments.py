@@ -156,8 +156,8 @@ def _calibrate_stages(agent: Agent, exits: Sequence[edgent.ExitInfo], calib: dic
                 "mean_sq_rel_error": float(np.mean(np.square(fitted / measured - 1)))}
 
     # under a quota, both ways a stage may start (at a refill: busy; anywhere: idle) are fitted; the closer wins
-    quota = s.cpu_quota
-    fits = [fit(replace(quota, start=start)) for start in QUOTA_STARTS] if quota else [fit(None)]
+    device_quota = s.cpu_quota
+    fits = [fit(replace(device_quota, start=start)) for start in QUOTA_STARTS] if device_quota else [fit(None)]
     best = min(fits, key=lambda f: f["mean_sq_rel_error"])
     slowdown, overhead, quota, fitted = best["slowdown"], best["stage_overhead_s"], best["cpu_quota"], best["fitted"]
     model = calib["edge_model"].scaled(slowdown, overhead, name="testbed-device", cpu_quota=quota, meta={

@@ -147,10 +147,7 @@ class Device:
         tensors = feed if plan.cut == 0 else await self.run_stage(self.runner.stage(plan.exit, plan.cut, HEAD), feed)
         reply, sent_bytes, sent_at = await self._offload(request_id, edge, plan, tensors, start, deadline_s)
         if isinstance(reply, InferResult):
-            received = time.monotonic()
-            out_bytes = sum(v.nbytes for v in reply.outputs.values())
-            wire_s = received - sent_at - reply.queue_s - reply.compute_s
-            self.update_link(self.link.with_transfer(sent_bytes + out_bytes, wire_s))
+            self._transfer_sample(reply, sent_bytes, sent_at)
             logits = next(iter(reply.outputs.values()))
             where = "edge" if plan.cut == 0 else "split"
             return self._done(request_id, logits, plan.exit, where, plan, edge.edge_id, None, start, deadline_s, link)
@@ -293,11 +290,15 @@ class Device:
         sent = self._late.pop(result.request_id, None)
         if sent is None:
             return
-        nbytes, sent_at = sent
+        self._transfer_sample(result, *sent)
+        log.info("late_answer", request_id=result.request_id, bandwidth_bps=round(self.link.bandwidth_bps))
+
+    def _transfer_sample(self, result: InferResult, sent_bytes: int, sent_at: float) -> None:
+        """Fold an answered request into the estimate: its bytes both ways over its time on the wire (the
+        answer's time in the edge's queue and compute taken out)."""
         wire_s = time.monotonic() - sent_at - result.queue_s - result.compute_s
         out_bytes = sum(v.nbytes for v in result.outputs.values())
-        self.update_link(self.link.with_transfer(nbytes + out_bytes, wire_s))
-        log.info("late_answer", request_id=result.request_id, bandwidth_bps=round(self.link.bandwidth_bps))
+        self.update_link(self.link.with_transfer(sent_bytes + out_bytes, wire_s))
 
     async def _emulate_upload(self, nbytes: int) -> None:
         """With ``emulate_uplink``: wait out the transfer of ``nbytes``, behind any queued before them."""

@@ -1,4 +1,5 @@
 import asyncio
+import functools
 import json
 from pathlib import Path
 
@@ -9,7 +10,14 @@ from deviced.config import DevicedConfig
 from deviced.service import Client
 from models.bundle import Bundle
 from models.data import load_fashion_mnist, preprocess
+from planner import edgent
 from tests.daemons.conftest import Broker, EdgeProcess, free_port
+
+EDGE_ONLY = functools.partial(edgent.fixed_plan, exit_index=5, cut=0)
+
+
+def _one_image() -> np.ndarray:
+    return preprocess(load_fashion_mnist("test")[0][:1])
 
 
 def _whole(bundle: Bundle, client: Client, exit_index: int, x: np.ndarray) -> np.ndarray:
@@ -38,10 +46,9 @@ async def test_coinferred_answer_equals_whole_model(broker: Broker, prefix: str,
 
 async def test_no_broker_still_answers_locally(bundle: Bundle) -> None:
     from protocol.session import BrokerConfig
-    from tests.daemons.conftest import free_port
 
     cfg = DevicedConfig(device_id="pi-2", broker=BrokerConfig(port=free_port()), probe_interval_s=0)
-    x = preprocess(load_fashion_mnist("test")[0][:1])
+    x = _one_image()
     async with Client(cfg) as client:
         outcome = await client.infer(x[0], deadline=1.0)
     assert outcome.where == "device" and outcome.fallback == "no_edge"
@@ -87,7 +94,7 @@ async def test_a_timeout_cap_expires_back_to_the_measured_estimate(monkeypatch: 
     monkeypatch.setattr(engine, "CAP_HOLD_S", 0.2)
     cfg = DevicedConfig(device_id="pi-cap", broker=BrokerConfig(port=free_port()), probe_interval_s=0,
                         initial_bandwidth="8Mbps")
-    x = preprocess(load_fashion_mnist("test")[0][:1])
+    x = _one_image()
     async with Client(cfg) as client:
         device = client.device
         device._cap_link(13e3)
@@ -102,24 +109,20 @@ async def test_a_device_does_not_queue_behind_its_own_answered_request(broker: B
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """edged re-advertises its queue while serving us; once our answer is in, that request is no longer
     ahead of our next one (it would add a whole service time to every prediction)."""
-    import functools
-
     from edged import server
     from edged.config import EdgedConfig
-    from planner import edgent
 
     monkeypatch.setattr(server, "LOAD_POLL_S", 0.0005)  # an advert at nearly every change of depth
     edge = EdgeProcess(EdgedConfig(edge_id="edge-q", topic_prefix=prefix, broker=broker.config))
-    x = preprocess(load_fashion_mnist("test")[0][:1])
+    x = _one_image()
     cfg = DevicedConfig(device_id="pi-q", topic_prefix=prefix, broker=broker.config, probe_interval_s=0,
                         initial_bandwidth="10Mbps")
-    edge_only = functools.partial(edgent.fixed_plan, exit_index=5, cut=0)
     try:
         async with Client(cfg) as client:
             assert await client.wait_for_edge(5)
             view, depths = client.device.edges.edges["edge-q"], []
             for _ in range(40):
-                outcome = await client.device.infer(x[0], 5.0, policy=edge_only)
+                outcome = await client.device.infer(x[0], 5.0, policy=EDGE_ONLY)
                 assert outcome.where == "edge"
                 depths.append(view.queue_depth)
                 await asyncio.sleep(0.002)  # let adverts sent during our request arrive, as a real app would
@@ -131,7 +134,7 @@ async def test_a_device_does_not_queue_behind_its_own_answered_request(broker: B
 async def test_a_late_answer_still_measures_the_link(broker: Broker, prefix: str, edge: EdgeProcess) -> None:
     """The device gave up on the edge (its estimate was far too high); the answer that comes afterwards is
     a transfer sample all the same, from exactly the link that made it late."""
-    x = preprocess(load_fashion_mnist("test")[0][:1])
+    x = _one_image()
     cfg = DevicedConfig(device_id="pi-late", topic_prefix=prefix, broker=broker.config, probe_interval_s=0,
                         initial_bandwidth="10Mbps", emulate_uplink="200kbps")
     async with Client(cfg) as client:
@@ -152,19 +155,14 @@ async def test_the_uplink_backlog_is_what_has_not_yet_crossed(broker: Broker, pr
                                                              edge: EdgeProcess) -> None:
     """An upload still on the uplink is backlog (measured, not modelled): a probe waits for an idle uplink, and
     once the bytes are across the backlog is gone."""
-    import functools
-
-    from planner import edgent
-
-    x = preprocess(load_fashion_mnist("test")[0][:1])
+    x = _one_image()
     cfg = DevicedConfig(device_id="pi-b", topic_prefix=prefix, broker=broker.config, probe_interval_s=0,
                         initial_bandwidth="100kbps", emulate_uplink="100kbps")
     async with Client(cfg) as client:
         assert await client.wait_for_edge(5)
         device = client.device
         assert device.uplink_backlog() == 0
-        request = asyncio.create_task(device.infer(x[0], 5.0, policy=functools.partial(edgent.fixed_plan,
-                                                                                      exit_index=5, cut=0)))
+        request = asyncio.create_task(device.infer(x[0], 5.0, policy=EDGE_ONLY))
         await asyncio.sleep(0.05)  # the 3.1 KB input takes 0.25 s at 100 kbps
         assert device.uplink_backlog() > 28 * 28 * 4
         edge_id = next(iter(device.edges.edges))
