@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
 from planner import edgent
 from planner.errors import PlannerError
-from planner.latency import LatencyModel
+from planner.latency import LatencyModel, SpeedFactor
 from protocol import PROTOCOL_VERSION
 from protocol.messages import Advert, Status
 
@@ -30,6 +30,7 @@ class EdgeView:
     suspect_until: float = 0.0  # a request timed out: avoid this edge until then
     unanswered: int = 0  # requests in a row that timed out with nothing heard from the edge
     queue_depth: int = 0  # the advert's, less our requests answered since
+    speed: SpeedFactor = field(default_factory=SpeedFactor)  # its compute times vs its advertised model
 
     @property
     def queue_wait_s(self) -> float:
@@ -65,7 +66,7 @@ class EdgeDirectory:
             try:
                 edge_model = LatencyModel.from_json(advert.latency_model)
                 view.candidates = edgent.compile_candidates(self.exits, self.device_model, edge_model)
-                view.model_key = key
+                view.model_key, view.speed = key, SpeedFactor()  # a new model: its own speed is unknown
             except PlannerError as exc:
                 view.candidates = None
                 log.warning("edge_advert_unusable", edge_id=edge_id, error=str(exc))

@@ -21,7 +21,7 @@ from deviced.metrics import DeviceMetrics
 from models.bundle import Bundle
 from models.runtime import HEAD, TAIL, Stage, StageRunner
 from planner import bandwidth, edgent
-from planner.latency import LatencyModel
+from planner.latency import LatencyModel, SpeedFactor
 from planner.units import parse_bandwidth
 from protocol import session
 from protocol.errors import ProtocolError
@@ -68,6 +68,8 @@ class Outcome:
     latency_s: float
     deadline_s: float
     bandwidth_bps: float  # estimate used for the plan
+    stage_s: float = 0.0  # measured: time in device stages (head, tail or local)
+    edge_s: float | None = None  # measured by the edge: its queue + compute (None: no answer used)
 
     @property
     def met(self) -> bool:
@@ -77,7 +79,8 @@ class Outcome:
         """The per-request record (logged as ``request_done``)."""
         return {"request_id": self.request_id, "exit": self.exit, "where": self.where, "edge_id": self.edge_id,
                 "fallback": self.fallback, "latency_s": round(self.latency_s, 6), "deadline_s": self.deadline_s,
-                "met": self.met, "bandwidth_bps": round(self.bandwidth_bps), "plan": self.plan.to_json()}
+                "met": self.met, "bandwidth_bps": round(self.bandwidth_bps), "stage_s": round(self.stage_s, 6),
+                "edge_s": None if self.edge_s is None else round(self.edge_s, 6), "plan": self.plan.to_json()}
 
 
 class Device:
@@ -101,7 +104,10 @@ class Device:
         self._prefix = f"{cfg.device_id}-{os.getpid()}-{int(time.time()) % 100000}"
         self._uplink = asyncio.Lock()
         self._emulated_bps = parse_bandwidth(cfg.emulate_uplink) if cfg.emulate_uplink else 0.0
-        self._fastest_local_s = self._local_plan(0.0).predicted_s or 0.0  # the quickest way to any answer
+        self.device_speed = SpeedFactor()  # this device's stage times against its latency model, learned online
+        # the quickest way to any answer, at the model's speed
+        self._fastest_local_s = edgent.local_plan(self.local, edgent.Conditions(bandwidth_bps=1.0,
+                                                                                 deadline_s=1e-9)).predicted_s or 0.0
         self._probe_bytes = cfg.probe_sizes[-1]
         self._measured: bandwidth.LinkEstimate | None = None  # the estimate a timeout cap replaced
         self._cap_expires = 0.0
@@ -130,7 +136,8 @@ class Device:
             plan = self._local_plan(deadline_s)
             return await self._finish_local(request_id, feed, plan, start, deadline_s, link, None, "no_edge")
         cond = edgent.Conditions(bandwidth_bps=link.bandwidth_bps, deadline_s=deadline_s, rtt_s=link.rtt_s,
-                                 edge_queue_s=edge.queue_wait_s, uplink_backlog_bytes=self.uplink_backlog())
+                                 edge_queue_s=edge.queue_wait_s, uplink_backlog_bytes=self.uplink_backlog(),
+                                 device_speed=self.device_speed.value, edge_speed=edge.speed.value)
         if policy is not None:
             plan = policy(edge.candidates, cond)
             if plan.exit is None:  # the policy has no plan: its fastest way, on the device
@@ -144,17 +151,22 @@ class Device:
         assert plan.exit is not None and plan.cut is not None and plan.n_layers is not None
         if plan.cut == plan.n_layers:
             return await self._finish_local(request_id, feed, plan, start, deadline_s, link, None, None)
-        tensors = feed if plan.cut == 0 else await self.run_stage(self.runner.stage(plan.exit, plan.cut, HEAD), feed)
+        tensors, head_s = feed, 0.0
+        if plan.cut:
+            tensors, head_s = await self._timed_stage(plan.exit, plan.cut, feed)
         reply, sent_bytes, sent_at = await self._offload(request_id, edge, plan, tensors, start, deadline_s)
         if isinstance(reply, InferResult):
             self._transfer_sample(reply, sent_bytes, sent_at)
+            self._observe_edge(edge, plan.exit, plan.cut, reply.compute_s)
             logits = next(iter(reply.outputs.values()))
             where = "edge" if plan.cut == 0 else "split"
-            return self._done(request_id, logits, plan.exit, where, plan, edge.edge_id, None, start, deadline_s, link)
+            return self._done(request_id, logits, plan.exit, where, plan, edge.edge_id, None, start, deadline_s, link,
+                              stage_s=head_s, edge_s=reply.queue_s + reply.compute_s)
         reason = reply.code.value if isinstance(reply, ErrorReply) else "timeout"
         if reason == "timeout":
             self.edges.on_timeout(edge.edge_id, time.monotonic())
-        return await self._fallback(request_id, feed, tensors, plan, start, deadline_s, link, edge.edge_id, reason)
+        return await self._fallback(request_id, feed, tensors, plan, start, deadline_s, link, edge.edge_id, reason,
+                                    head_s)
 
     async def _offload(self, request_id: str, edge: EdgeView, plan: edgent.Plan,
                        tensors: Mapping[str, npt.NDArray[Any]], start: float,
@@ -180,7 +192,8 @@ class Device:
             except session.MQTT_ERRORS:
                 return None, crossing, sent_at
             # the quickest local way out: the rest of this exit from the cut, or the fastest exit from scratch
-            finish_local = min(self._device_rest_s(plan.exit, plan.cut), self._fastest_local_s)
+            finish_local = min(self._device_rest_s(plan.exit, plan.cut),
+                               self._fastest_local_s * self.device_speed.value)
             cutoff = deadline_s - finish_local  # after this, no local way meets the deadline
             if cutoff <= (plan.predicted_s or 0.0) * ANSWER_SLACK:
                 # the answer is due too close to the cut-off to give up on it there: only the edge can meet the
@@ -200,11 +213,12 @@ class Device:
 
     async def _fallback(self, request_id: str, feed: Mapping[str, npt.NDArray[Any]],
                         tensors: Mapping[str, npt.NDArray[Any]], plan: edgent.Plan, start: float, deadline_s: float,
-                        link: bandwidth.LinkEstimate, edge_id: str, reason: str) -> Outcome:
+                        link: bandwidth.LinkEstimate, edge_id: str, reason: str, head_s: float) -> Outcome:
         """Finish locally: the rest of the planned exit from the cut, or an earlier exit from scratch."""
         assert plan.exit is not None and plan.cut is not None and plan.n_layers is not None
         self.metrics.fallbacks.labels(reason).inc()
-        left = deadline_s - (time.monotonic() - start)
+        fallback_start = time.monotonic()
+        left = deadline_s - (fallback_start - start)
         rest = self._device_rest_s(plan.exit, plan.cut)
         local = self._local_plan(left)
         if rest <= left or (not local.feasible and rest <= (local.predicted_s or 0.0)):
@@ -218,7 +232,8 @@ class Device:
             stage = self.runner.stage(local.exit, len(self.exits[local.exit - 1].layers), HEAD)
             out = await self.run_stage(stage, feed)
             logits, exit_index = next(iter(out.values())), local.exit
-        return self._done(request_id, logits, exit_index, "fallback", plan, edge_id, reason, start, deadline_s, link)
+        return self._done(request_id, logits, exit_index, "fallback", plan, edge_id, reason, start, deadline_s, link,
+                          stage_s=head_s + time.monotonic() - fallback_start)
 
     async def _finish_local(self, request_id: str, feed: Mapping[str, npt.NDArray[Any]], plan: edgent.Plan,
                             start: float, deadline_s: float, link: bandwidth.LinkEstimate, edge_id: str | None,
@@ -226,28 +241,50 @@ class Device:
         assert plan.exit is not None
         if reason:
             self.metrics.fallbacks.labels(reason).inc()
-        n = len(self.exits[plan.exit - 1].layers)
-        out = await self.run_stage(self.runner.stage(plan.exit, n, HEAD), feed)
+        out, stage_s = await self._timed_stage(plan.exit, len(self.exits[plan.exit - 1].layers), feed)
         return self._done(request_id, next(iter(out.values())), plan.exit, "device", plan, edge_id, reason, start,
-                          deadline_s, link)
+                          deadline_s, link, stage_s=stage_s)
 
     def _local_plan(self, deadline_s: float) -> edgent.Plan:
         """The most accurate exit that fits on the device alone, else the fastest one (flagged infeasible)."""
-        return edgent.local_plan(self.local, edgent.Conditions(bandwidth_bps=1.0, deadline_s=max(deadline_s, 1e-9)))
+        return edgent.local_plan(self.local, edgent.Conditions(bandwidth_bps=1.0, deadline_s=max(deadline_s, 1e-9),
+                                                               device_speed=self.device_speed.value))
+
+    def _model_device_s(self, exit_index: int, cut: int) -> float:
+        """The device model's time of an exit's first ``cut`` layers run as one stage (not speed-corrected)."""
+        return float(self.local.device_s[edgent.candidate(self.local, exit_index, cut)])
 
     def _device_rest_s(self, exit_index: int, cut: int) -> float:
-        """Predicted device time of an exit's layers after ``cut`` (the whole exit at cut 0)."""
-        rows = self.local.exit == exit_index - 1
-        full = float(self.local.device_s[rows & ~self.local.uses_edge][0])
-        head = self.local.device_s[rows & (self.local.cut == cut)] if cut else np.zeros(1)
-        return max(full - float(head[0]), 0.0)
+        """Predicted device time of an exit's layers after ``cut`` (the whole exit at cut 0), at today's speed."""
+        rest = self._model_device_s(exit_index, len(self.exits[exit_index - 1].layers)) - \
+            self._model_device_s(exit_index, cut)
+        return max(rest, 0.0) * self.device_speed.value
+
+    async def _timed_stage(self, exit_index: int, cut: int,
+                           feed: Mapping[str, npt.NDArray[Any]]) -> tuple[dict[str, npt.NDArray[Any]], float]:
+        """Run the head stage of ``cut`` layers (its session built first, untimed); fold its time into the
+        device's speed factor."""
+        stage = self.runner.stage(exit_index, cut, HEAD)
+        start = time.monotonic()
+        out = await self.run_stage(stage, feed)
+        took = time.monotonic() - start
+        self.device_speed = self.device_speed.update(took, self._model_device_s(exit_index, cut))
+        self.metrics.speed.labels("device").set(self.device_speed.value)
+        return out, took
+
+    def _observe_edge(self, edge: EdgeView, exit_index: int, cut: int, compute_s: float) -> None:
+        """The edge computed our tail in ``compute_s``: fold it into that edge's speed factor."""
+        if edge.candidates is not None:
+            predicted = float(edge.candidates.edge_s[edgent.candidate(edge.candidates, exit_index, cut)])
+            edge.speed = edge.speed.update(compute_s, predicted)
+            self.metrics.speed.labels(edge.edge_id).set(edge.speed.value)
 
     def _done(self, request_id: str, logits: npt.NDArray[Any], exit_index: int, where: str, plan: edgent.Plan,
               edge_id: str | None, reason: str | None, start: float, deadline_s: float,
-              link: bandwidth.LinkEstimate) -> Outcome:
+              link: bandwidth.LinkEstimate, *, stage_s: float, edge_s: float | None = None) -> Outcome:
         outcome = Outcome(request_id=request_id, logits=np.asarray(logits), exit=exit_index, where=where, plan=plan,
                           edge_id=edge_id, fallback=reason, latency_s=time.monotonic() - start,
-                          deadline_s=deadline_s, bandwidth_bps=link.bandwidth_bps)
+                          deadline_s=deadline_s, bandwidth_bps=link.bandwidth_bps, stage_s=stage_s, edge_s=edge_s)
         self.metrics.latency.observe(outcome.latency_s)
         self.metrics.deadline.set(deadline_s)
         self.metrics.deadline_ratio.observe(outcome.latency_s / deadline_s if deadline_s > 0 else float("inf"))

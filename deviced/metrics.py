@@ -28,6 +28,9 @@ class DeviceMetrics:
         self.bandwidth = Gauge("coinfer_device_bandwidth_estimate_bps", "Uplink estimate", registry=r)
         self.exit = Gauge("coinfer_device_plan_exit", "Exit of the last plan (1-based)", registry=r)
         self.cut = Gauge("coinfer_device_plan_cut", "Layers on the device in the last plan", registry=r)
+        self.speed = Gauge("coinfer_device_speed_factor",
+                           "Measured / modelled stage times, learned online: 'device' or an edge id (over 1: slower)",
+                           ["machine"], registry=r)
         self.accuracy = Gauge("coinfer_device_expected_accuracy", "Expected accuracy of the last plan", registry=r)
 
     def serve(self, port: int) -> None:

@@ -158,6 +158,8 @@ class Conditions:
     rtt_s: float = 0.0  # fixed cost of one round trip to the edge
     edge_queue_s: float = 0.0  # expected wait in the edge's queue (its advertised load)
     uplink_backlog_bytes: float = 0.0  # our own earlier uploads still ahead of this one on the uplink
+    device_speed: float = 1.0  # measured / modelled stage times on the device now (``latency.SpeedFactor``)
+    edge_speed: float = 1.0  # the same on the edge
 
     def __post_init__(self) -> None:
         if not self.bandwidth_bps > 0 or (self.downlink_bps is not None and not self.downlink_bps > 0):
@@ -166,6 +168,8 @@ class Conditions:
             raise PlannerError("deadline must be positive")
         if self.rtt_s < 0 or self.edge_queue_s < 0 or self.uplink_backlog_bytes < 0:
             raise PlannerError("rtt, edge queue time and uplink backlog cannot be negative")
+        if not (self.device_speed > 0 and self.edge_speed > 0):
+            raise PlannerError("speed factors must be positive")
 
 
 def latencies(c: Candidates, cond: Conditions) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
@@ -173,7 +177,8 @@ def latencies(c: Candidates, cond: Conditions) -> tuple[npt.NDArray[np.float64],
     down = cond.downlink_bps or cond.bandwidth_bps
     transfer = c.up_bytes * (8.0 / cond.bandwidth_bps) + c.down_bytes * (8.0 / down)
     transfer = transfer + c.uses_edge * (cond.rtt_s + cond.uplink_backlog_bytes * 8.0 / cond.bandwidth_bps)
-    return c.device_s + transfer + c.edge_s + c.uses_edge * cond.edge_queue_s, transfer
+    compute = c.device_s * cond.device_speed + c.edge_s * cond.edge_speed + c.uses_edge * cond.edge_queue_s
+    return compute + transfer, transfer
 
 
 def plan(c: Candidates, cond: Conditions) -> Plan:
@@ -210,13 +215,19 @@ def baselines(c: Candidates, cond: Conditions) -> dict[str, Plan]:
             "exit_only": exit_only}
 
 
-def fixed_plan(c: Candidates, cond: Conditions, exit_index: int, cut: int) -> Plan:
-    """The plan running exit ``exit_index`` (1-based) with ``cut`` layers on the device, as predicted now."""
+def candidate(c: Candidates, exit_index: int, cut: int) -> int:
+    """The index of exit ``exit_index`` (1-based) with ``cut`` layers on the device among ``c``."""
     hits = np.flatnonzero((c.exit == exit_index - 1) & (c.cut == cut))
     if hits.size == 0:
         raise PlannerError(f"exit {exit_index} has no cut after {cut} layers")
+    return int(hits[0])
+
+
+def fixed_plan(c: Candidates, cond: Conditions, exit_index: int, cut: int) -> Plan:
+    """The plan running exit ``exit_index`` (1-based) with ``cut`` layers on the device, as predicted now."""
+    i = candidate(c, exit_index, cut)
     total, transfer = latencies(c, cond)
-    return _plan_at(c, int(hits[0]), total, transfer, cond)
+    return _plan_at(c, i, total, transfer, cond)
 
 
 def local_plan(c: Candidates, cond: Conditions) -> Plan:
@@ -235,8 +246,9 @@ def _plan_at(c: Candidates, i: int, total: npt.NDArray[np.float64], transfer: np
              cond: Conditions) -> Plan:
     return Plan(feasible=bool(total[i] <= cond.deadline_s), exit=int(c.exit[i]) + 1, cut=int(c.cut[i]),
                 n_layers=int(c.n_layers[i]), cut_tensors=c.tensors[i], predicted_s=float(total[i]),
-                device_s=float(c.device_s[i]), transfer_s=float(transfer[i]),
-                edge_s=float(c.edge_s[i] + c.uses_edge[i] * cond.edge_queue_s), accuracy=float(c.accuracy[i]))
+                device_s=float(c.device_s[i] * cond.device_speed), transfer_s=float(transfer[i]),
+                edge_s=float(c.edge_s[i] * cond.edge_speed + c.uses_edge[i] * cond.edge_queue_s),
+                accuracy=float(c.accuracy[i]))
 
 
 def exits_from_manifest(manifest: Mapping[str, Any]) -> list[ExitInfo]:

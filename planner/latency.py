@@ -270,3 +270,38 @@ def calibrate_stages(predicted_s: Sequence[float], measured_s: Sequence[float],
     if slope <= 0:
         raise LatencyModelError(f"calibration found a non-positive slowdown {slope:.3g}")
     return float(slope), max(float(overhead), 0.0)
+
+
+# The measured/predicted ratio a ``SpeedFactor`` will report at most (and 1 / it at least): a stage seen to
+# take 10x its prediction is more likely a stall than the machine's speed.
+SPEED_FACTOR_LIMIT = 10.0
+SPEED_ALPHA = 0.1  # weight of a new stage timing (by its length) in the running sums
+SPEED_PRIOR_S = 0.01  # predicted seconds of agreement the factor starts from: one short stage cannot swing it
+
+
+@dataclass(frozen=True, slots=True)
+class SpeedFactor:
+    """How much slower (> 1) or faster a machine runs now than its latency model says, learned online.
+
+    Every stage the machine runs gives (measured, predicted) seconds. The factor is the ratio of their
+    exponentially weighted sums: long stages weigh by their length, so a 10 ms stage that met a 10 ms CPU
+    throttle does not move the estimate of a 400 ms one. It follows what a fitted model cannot: thermal
+    throttling, other load on the machine, or a calibration made in other conditions.
+    """
+
+    measured_s: float = SPEED_PRIOR_S
+    predicted_s: float = SPEED_PRIOR_S
+    samples: int = 0
+
+    @property
+    def value(self) -> float:
+        return float(np.clip(self.measured_s / self.predicted_s, 1 / SPEED_FACTOR_LIMIT, SPEED_FACTOR_LIMIT))
+
+    def update(self, measured_s: float, predicted_s: float, *, alpha: float = SPEED_ALPHA) -> SpeedFactor:
+        """Fold in one stage that took ``measured_s`` where the (unscaled) model said ``predicted_s``."""
+        if not (measured_s > 0 and predicted_s > 0 and np.isfinite(measured_s) and np.isfinite(predicted_s)):
+            return self
+        measured_s = float(np.clip(measured_s, predicted_s / SPEED_FACTOR_LIMIT, predicted_s * SPEED_FACTOR_LIMIT))
+        return SpeedFactor(measured_s=(1 - alpha) * self.measured_s + alpha * measured_s,
+                           predicted_s=(1 - alpha) * self.predicted_s + alpha * predicted_s,
+                           samples=self.samples + 1)

@@ -38,6 +38,27 @@ def test_notice_counts_requests_until_the_estimate_is_within_2x() -> None:
     assert experiments._notice(recs[:2], at=10.0, new_bps=1e6)["requests"] is None
 
 
+def _rec(latency: float, predicted: float, plan: tuple[int, int] = (1, 7), stage: float = 0.0,
+         edge: float | None = None) -> dict[str, object]:
+    return {"latency_s": latency, "predicted_s": predicted, "plan_exit": plan[0], "plan_cut": plan[1],
+            "stage_s": stage, "edge_s": edge, "predicted_device_s": predicted if edge is None else 0.0,
+            "predicted_edge_s": None if edge is None else 0.02}
+
+
+def test_prediction_errors_say_what_no_model_could_beat() -> None:
+    # a device stage measured at 30 or 40 ms (a CPU-quota period apart): no one prediction is within 10% of both
+    device = [_rec(m, 0.031, stage=m) for m in (0.030, 0.040, 0.040, 0.040)]
+    edge = [_rec(0.1, 0.095, (5, 0), edge=0.03), _rec(0.1, 0.095, (5, 0), edge=0.03)]
+    got = experiments._errors([device, edge])
+    assert got["requests"] == 6
+    assert got["within_10pct"] == pytest.approx(3 / 6)  # 30 ms and both edge requests
+    assert got["within_10pct_best_possible"] == pytest.approx(5 / 6)  # 40 ms x3 and the edge pair
+    assert got["bias_ms"]["device"] == pytest.approx(9.0)  # median stage 40 ms vs 31 predicted
+    assert got["bias_ms"]["edge"] == pytest.approx(10.0)  # 30 ms on the edge vs 20 predicted
+    assert got["bias_ms"]["link"] == pytest.approx(-5.0)  # the rest: 70 ms measured vs 75 predicted
+    assert experiments._best_share([]) == 0 and experiments._errors([[]]) == {"requests": 0}
+
+
 def test_loopback_testbed_runs_commands_as_they_are() -> None:
     bed = testbed.Testbed(testbed.Emulation(), loopback=True)
     with bed:

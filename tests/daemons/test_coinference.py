@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from coinfer import resources
 from deviced.config import DevicedConfig
 from deviced.service import Client
 from models.bundle import Bundle
@@ -163,9 +164,46 @@ async def test_the_uplink_backlog_is_what_has_not_yet_crossed(broker: Broker, pr
         device = client.device
         assert device.uplink_backlog() == 0
         request = asyncio.create_task(device.infer(x[0], 5.0, policy=EDGE_ONLY))
-        await asyncio.sleep(0.05)  # the 3.1 KB input takes 0.25 s at 100 kbps
+        for _ in range(20):  # the 3.1 KB input takes 0.25 s at 100 kbps, once the request has planned
+            await asyncio.sleep(0.01)
+            if device.uplink_backlog():
+                break
         assert device.uplink_backlog() > 28 * 28 * 4
         edge_id = next(iter(device.edges.edges))
         assert await device.probe(edge_id) is None  # deferred: it would time our own queue
         outcome = await request
         assert outcome.where == "edge" and device.uplink_backlog() == 0
+
+
+async def test_the_device_learns_how_fast_it_runs(bundle: Bundle) -> None:
+    from protocol.session import BrokerConfig
+
+    x = _one_image()
+    learned = {}
+    for slowdown in (1.0, 3.0):  # the same model, on a device 3x slower than the other
+        cfg = DevicedConfig(device_id="pi-speed", broker=BrokerConfig(port=free_port()), probe_interval_s=0,
+                            latency_model=resources.DESKTOP_MODEL, emulate_slowdown=slowdown)
+        async with Client(cfg) as client:
+            outcomes = [await client.infer(x[0], deadline=5.0) for _ in range(40)]
+        speed = client.device.device_speed
+        assert speed.samples == len(outcomes)
+        assert all(o.where == "device" and 0 < o.stage_s <= o.latency_s and o.edge_s is None for o in outcomes)
+        learned[slowdown] = speed.value
+        # later predictions include what was learned: they follow the stage times measured
+        ratio = outcomes[-1].plan.device_s / float(np.median([o.stage_s for o in outcomes[-10:]]))
+        assert 0.5 < ratio < 2.0, ratio
+    assert 2.0 < learned[3.0] / learned[1.0] < 4.5, learned
+
+
+async def test_the_device_learns_how_fast_the_edge_runs(broker: Broker, prefix: str, edge: EdgeProcess) -> None:
+    cfg = DevicedConfig(device_id="pi-edge-speed", topic_prefix=prefix, broker=broker.config, probe_interval_s=0,
+                        initial_bandwidth="100Mbps")
+    x = _one_image()
+    async with Client(cfg) as client:
+        assert await client.wait_for_edge(5)
+        outcomes = [await client.device.infer(x[0], 2.0, policy=EDGE_ONLY) for _ in range(5)]
+        view = client.device.edges.edges[outcomes[0].edge_id or ""]
+    assert all(o.where == "edge" and o.edge_s is not None and o.edge_s > 0 for o in outcomes)
+    assert view.speed.samples == 5 and view.speed.value != 1.0
+    # the plan's edge part is the model's time scaled by the learned factor
+    assert outcomes[-1].plan.edge_s is not None and outcomes[-1].plan.edge_s > 0

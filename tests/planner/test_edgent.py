@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -97,6 +99,24 @@ def test_uplink_backlog_delays_every_plan_that_uses_the_edge(bundle: Bundle, pi3
     assert late.where == "device"
 
 
+def test_speed_factors_scale_each_side_and_move_the_plan(bundle: Bundle, pi3: LatencyModel,
+                                                          desktop: LatencyModel) -> None:
+    cands = edgent.compile_candidates(edgent.exits_from_manifest(bundle.manifest), pi3, desktop)
+    base = edgent.Conditions(bandwidth_bps=4e5, deadline_s=0.3, edge_queue_s=0.01)
+    free, _ = edgent.latencies(cands, base)
+    slow, _ = edgent.latencies(cands, edgent.Conditions(bandwidth_bps=4e5, deadline_s=0.3, edge_queue_s=0.01,
+                                                        device_speed=2.0, edge_speed=3.0))
+    assert np.allclose(slow - free, cands.device_s + 2 * cands.edge_s)  # the queue wait is not compute: unscaled
+    plan = edgent.fixed_plan(cands, replace(base, device_speed=2.0, edge_speed=3.0), 1, 2)
+    i = edgent.candidate(cands, 1, 2)
+    assert plan.device_s == pytest.approx(2 * cands.device_s[i])
+    assert plan.edge_s == pytest.approx(3 * cands.edge_s[i] + 0.01)
+    # behind 10 kbps, on a device found 4x slower than its model, only an earlier exit still fits
+    narrow = edgent.Conditions(bandwidth_bps=1e4, deadline_s=1.0)
+    assert (edgent.plan(cands, narrow).where, edgent.plan(cands, narrow).exit) == ("device", 4)
+    assert edgent.plan(cands, replace(narrow, device_speed=4.0)).exit == 1
+
+
 def _sweep(cands: edgent.Candidates, bws: list[float], dls: list[float]) -> list[int]:
     return [edgent.plan(cands, edgent.Conditions(bandwidth_bps=b, deadline_s=d)).exit or 0 for b in bws for d in dls]
 
@@ -132,7 +152,9 @@ def test_cut_out_of_range_is_rejected() -> None:
 
 @pytest.mark.parametrize("kwargs", [{"bandwidth_bps": 0, "deadline_s": 1}, {"bandwidth_bps": 1, "deadline_s": 0},
                                     {"bandwidth_bps": 1, "deadline_s": 1, "rtt_s": -1},
-                                    {"bandwidth_bps": 1, "deadline_s": 1, "uplink_backlog_bytes": -1}])
+                                    {"bandwidth_bps": 1, "deadline_s": 1, "uplink_backlog_bytes": -1},
+                                    {"bandwidth_bps": 1, "deadline_s": 1, "device_speed": 0},
+                                    {"bandwidth_bps": 1, "deadline_s": 1, "edge_speed": -1}])
 def test_bad_conditions_are_rejected(kwargs: dict[str, float]) -> None:
     with pytest.raises(PlannerError):
         edgent.Conditions(**kwargs)

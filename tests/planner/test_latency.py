@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from planner.errors import LatencyModelError
-from planner.latency import TABLE_I_VARIABLES, LatencyModel, Sample, fit
+from planner.latency import SPEED_FACTOR_LIMIT, TABLE_I_VARIABLES, LatencyModel, Sample, SpeedFactor, fit
 
 
 def test_reference_pi3_matches_table_ii(pi3: LatencyModel) -> None:
@@ -141,3 +141,30 @@ def test_calibrate_stages_under_a_quota_recovers_the_cpu_speed(pi3: LatencyModel
     assert model.stage_s(0.0) > 0 and model.stage_s(0.02) > 9 * 0.02  # throttled about 10x
     with pytest.raises(LatencyModelError):
         LatencyModel.from_json({**model.to_json(), "cpu_quota": {"quota_s": 0.001}})
+
+
+def test_speed_factor_learns_how_much_slower_the_machine_runs() -> None:
+    speed = SpeedFactor()
+    assert speed.value == 1.0  # no evidence: the model as it is
+    for _ in range(60):
+        speed = speed.update(0.39, 0.30)
+    assert speed.value == pytest.approx(1.3, rel=0.01)
+    assert speed.samples == 60
+
+
+def test_speed_factor_weighs_stages_by_their_length() -> None:
+    # a long stage runs at its model's speed; short ones meet a whole CPU-quota period now and then
+    speed = SpeedFactor()
+    for i in range(60):
+        speed = speed.update(0.40, 0.40).update(0.010 if i % 2 else 0.003, 0.003)
+    assert 1.0 < speed.value < 1.05  # the short stages' 2x average ratio hardly moves it
+
+
+def test_speed_factor_ignores_nonsense_and_bounds_outliers() -> None:
+    speed = SpeedFactor()
+    assert speed.update(0.0, 0.1) == speed and speed.update(0.1, 0.0) == speed
+    assert speed.update(float("nan"), 0.1) == speed
+    stalled = speed
+    for _ in range(100):
+        stalled = stalled.update(100.0, 0.1)  # a stall, not the machine's speed
+    assert stalled.value == pytest.approx(SPEED_FACTOR_LIMIT, rel=1e-3)
