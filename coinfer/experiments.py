@@ -587,7 +587,8 @@ def _plot_oracle(path: Path, result: dict[float, dict[str, Any]], emulation: dic
     fig, ax = _figure("coinfer vs the best measured plan at the same exit", emulation)
     xs = np.arange(len(result))
     ax.bar(xs - 0.2, [v["coinfer_s"] * 1e3 for v in result.values()], 0.4, label="coinfer (median)")
-    ax.bar(xs + 0.2, [v["oracle_s"] * 1e3 for v in result.values()], 0.4, label="oracle (best measured plan, in turns with coinfer)")
+    ax.bar(xs + 0.2, [v["oracle_s"] * 1e3 for v in result.values()], 0.4,
+           label="oracle (best measured plan, in turns with coinfer)")
     ax.set_xticks(xs, [format_bandwidth(b) for b in result])
     ax.set_ylabel("ms")
     ax.legend()

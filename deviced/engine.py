@@ -105,9 +105,7 @@ class Device:
         self._uplink = asyncio.Lock()
         self._emulated_bps = parse_bandwidth(cfg.emulate_uplink) if cfg.emulate_uplink else 0.0
         self.device_speed = SpeedFactor()  # this device's stage times against its latency model, learned online
-        # the quickest way to any answer, at the model's speed
-        self._fastest_local_s = edgent.local_plan(self.local, edgent.Conditions(bandwidth_bps=1.0,
-                                                                                 deadline_s=1e-9)).predicted_s or 0.0
+        self._fastest_local_s = self._local_plan(0.0).predicted_s or 0.0  # the quickest way to any answer, as modelled
         self._probe_bytes = cfg.probe_sizes[-1]
         self._measured: bandwidth.LinkEstimate | None = None  # the estimate a timeout cap replaced
         self._cap_expires = 0.0
@@ -156,7 +154,7 @@ class Device:
             tensors, head_s = await self._timed_stage(plan.exit, plan.cut, feed)
         reply, sent_bytes, sent_at = await self._offload(request_id, edge, plan, tensors, start, deadline_s)
         if isinstance(reply, InferResult):
-            self._transfer_sample(reply, sent_bytes, sent_at)
+            self.update_link(self.link.with_transfer(*self._transfer(reply, sent_bytes, sent_at)))
             self._observe_edge(edge, plan.exit, plan.cut, reply.compute_s)
             logits = next(iter(reply.outputs.values()))
             where = "edge" if plan.cut == 0 else "split"
@@ -327,15 +325,20 @@ class Device:
         sent = self._late.pop(result.request_id, None)
         if sent is None:
             return
-        self._transfer_sample(result, *sent)
+        sample = self._transfer(result, *sent)
+        measured, expires = self._measured, self._cap_expires
+        self.update_link(self.link.with_transfer(*sample))
+        if measured is not None:
+            # the timeout cap still holds, and what returns when it expires learns the sample too: otherwise a
+            # device whose plans stay local (no more samples) would keep this one estimate for good
+            self._measured, self._cap_expires = measured.with_transfer(*sample), expires
         log.info("late_answer", request_id=result.request_id, bandwidth_bps=round(self.link.bandwidth_bps))
 
-    def _transfer_sample(self, result: InferResult, sent_bytes: int, sent_at: float) -> None:
-        """Fold an answered request into the estimate: its bytes both ways over its time on the wire (the
-        answer's time in the edge's queue and compute taken out)."""
+    def _transfer(self, result: InferResult, sent_bytes: int, sent_at: float) -> tuple[int, float]:
+        """(bytes both ways, seconds on the wire) of an answered request: the edge's queue and compute taken
+        out."""
         wire_s = time.monotonic() - sent_at - result.queue_s - result.compute_s
-        out_bytes = sum(v.nbytes for v in result.outputs.values())
-        self.update_link(self.link.with_transfer(sent_bytes + out_bytes, wire_s))
+        return sent_bytes + sum(v.nbytes for v in result.outputs.values()), wire_s
 
     async def _emulate_upload(self, nbytes: int) -> None:
         """With ``emulate_uplink``: wait out the transfer of ``nbytes``, behind any queued before them."""

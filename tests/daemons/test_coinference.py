@@ -8,6 +8,7 @@ import pytest
 
 from coinfer import resources
 from deviced.config import DevicedConfig
+from deviced.engine import PROBE_IDLE_BYTES
 from deviced.service import Client
 from models.bundle import Bundle
 from models.data import load_fashion_mnist, preprocess
@@ -150,6 +151,9 @@ async def test_a_late_answer_still_measures_the_link(broker: Broker, prefix: str
             await asyncio.sleep(0.01)
         assert device.link.samples == samples + 1
         assert 100e3 < device.link.bandwidth_bps < 400e3, device.link
+        # the timeout cap still holds, and the estimate it gives way to has learned the sample as well
+        assert device._measured is not None and device._measured.samples == samples + 1
+        assert device._measured.bandwidth_bps < 2e6, device._measured
 
 
 async def test_the_uplink_backlog_is_what_has_not_yet_crossed(broker: Broker, prefix: str,
@@ -162,7 +166,7 @@ async def test_the_uplink_backlog_is_what_has_not_yet_crossed(broker: Broker, pr
     async with Client(cfg) as client:
         assert await client.wait_for_edge(5)
         device = client.device
-        assert device.uplink_backlog() == 0
+        assert device.uplink_backlog() <= PROBE_IDLE_BYTES  # at most an acknowledgement of ours in flight
         request = asyncio.create_task(device.infer(x[0], 5.0, policy=EDGE_ONLY))
         for _ in range(20):  # the 3.1 KB input takes 0.25 s at 100 kbps, once the request has planned
             await asyncio.sleep(0.01)
@@ -172,7 +176,8 @@ async def test_the_uplink_backlog_is_what_has_not_yet_crossed(broker: Broker, pr
         edge_id = next(iter(device.edges.edges))
         assert await device.probe(edge_id) is None  # deferred: it would time our own queue
         outcome = await request
-        assert outcome.where == "edge" and device.uplink_backlog() == 0
+        # the input is across; what may remain is an acknowledgement of ours on its way (idle, for deviced)
+        assert outcome.where == "edge" and device.uplink_backlog() <= PROBE_IDLE_BYTES
 
 
 async def test_the_device_learns_how_fast_it_runs(bundle: Bundle) -> None:
