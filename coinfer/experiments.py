@@ -145,7 +145,7 @@ def _calibrate_stages(agent: Agent, exits: Sequence[edgent.ExitInfo], calib: dic
     log("calibration: timing whole head stages on the device ...")
     stages = agent.ask(op="stages", repeats=s.stage_repeats)["stages"]
     host = edgent.compile_candidates(exits, calib["edge_model"], calib["edge_model"])
-    predicted = [float(host.device_s[(host.exit == r["exit"] - 1) & (host.cut == r["cut"])][0]) for r in stages]
+    predicted = [float(host.device_s[edgent.candidate(host, r["exit"], r["cut"])]) for r in stages]
     measured = np.array([r["median_s"] for r in stages])
 
     def fit(q: CpuQuota | None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ published Raspberry Pi convolution model has a negative intercept.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -295,13 +296,13 @@ class SpeedFactor:
 
     @property
     def value(self) -> float:
-        return float(np.clip(self.measured_s / self.predicted_s, 1 / SPEED_FACTOR_LIMIT, SPEED_FACTOR_LIMIT))
+        return min(max(self.measured_s / self.predicted_s, 1 / SPEED_FACTOR_LIMIT), SPEED_FACTOR_LIMIT)
 
     def update(self, measured_s: float, predicted_s: float, *, alpha: float = SPEED_ALPHA) -> SpeedFactor:
         """Fold in one stage that took ``measured_s`` where the (unscaled) model said ``predicted_s``."""
-        if not (measured_s > 0 and predicted_s > 0 and np.isfinite(measured_s) and np.isfinite(predicted_s)):
+        if not (0 < measured_s < math.inf and 0 < predicted_s < math.inf):  # NaN fails these too
             return self
-        measured_s = float(np.clip(measured_s, predicted_s / SPEED_FACTOR_LIMIT, predicted_s * SPEED_FACTOR_LIMIT))
+        measured_s = min(max(measured_s, predicted_s / SPEED_FACTOR_LIMIT), predicted_s * SPEED_FACTOR_LIMIT)
         return SpeedFactor(measured_s=(1 - alpha) * self.measured_s + alpha * measured_s,
                            predicted_s=(1 - alpha) * self.predicted_s + alpha * predicted_s,
                            samples=self.samples + 1)

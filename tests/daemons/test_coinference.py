@@ -1,6 +1,7 @@
 import asyncio
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,14 @@ EDGE_ONLY = functools.partial(edgent.fixed_plan, exit_index=5, cut=0)
 
 def _one_image() -> np.ndarray:
     return preprocess(load_fashion_mnist("test")[0][:1])
+
+
+async def _until(condition: Callable[[], object], *, tries: int, step_s: float = 0.01) -> None:
+    """Poll ``condition`` every ``step_s`` until it holds or ``tries`` run out (the caller asserts after)."""
+    for _ in range(tries):
+        if condition():
+            return
+        await asyncio.sleep(step_s)
 
 
 def _whole(bundle: Bundle, client: Client, exit_index: int, x: np.ndarray) -> np.ndarray:
@@ -145,10 +154,7 @@ async def test_a_late_answer_still_measures_the_link(broker: Broker, prefix: str
         samples = device.link.samples
         outcome = await client.infer(x[0], deadline=0.03)  # planned on the edge; its upload alone takes 0.13 s
         assert outcome.fallback == "timeout" and outcome.plan.where == "edge"
-        for _ in range(100):
-            if device.link.samples > samples:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: device.link.samples > samples, tries=100)
         assert device.link.samples == samples + 1
         assert 100e3 < device.link.bandwidth_bps < 400e3, device.link
         # the timeout cap still holds, and the estimate it gives way to has learned the sample as well
@@ -168,10 +174,8 @@ async def test_the_uplink_backlog_is_what_has_not_yet_crossed(broker: Broker, pr
         device = client.device
         assert device.uplink_backlog() <= PROBE_IDLE_BYTES  # at most an acknowledgement of ours in flight
         request = asyncio.create_task(device.infer(x[0], 5.0, policy=EDGE_ONLY))
-        for _ in range(20):  # the 3.1 KB input takes 0.25 s at 100 kbps, once the request has planned
-            await asyncio.sleep(0.01)
-            if device.uplink_backlog():
-                break
+        # the 3.1 KB input takes 0.25 s at 100 kbps, once the request has planned
+        await _until(device.uplink_backlog, tries=20)
         assert device.uplink_backlog() > 28 * 28 * 4
         edge_id = next(iter(device.edges.edges))
         assert await device.probe(edge_id) is None  # deferred: it would time our own queue
