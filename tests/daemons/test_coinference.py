@@ -175,7 +175,7 @@ async def test_the_uplink_backlog_is_what_has_not_yet_crossed(broker: Broker, pr
         assert device.uplink_backlog() <= PROBE_IDLE_BYTES  # at most an acknowledgement of ours in flight
         request = asyncio.create_task(device.infer(x[0], 5.0, policy=EDGE_ONLY))
         # the 3.1 KB input takes 0.25 s at 100 kbps, once the request has planned
-        await _until(device.uplink_backlog, tries=20)
+        await _until(lambda: device.uplink_backlog() > 28 * 28 * 4, tries=50)
         assert device.uplink_backlog() > 28 * 28 * 4
         edge_id = next(iter(device.edges.edges))
         assert await device.probe(edge_id) is None  # deferred: it would time our own queue
