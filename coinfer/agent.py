@@ -189,7 +189,8 @@ async def _stream(client: Client, cmd: dict[str, Any], x: np.ndarray, y: np.ndar
 
 def _record(o: Outcome, deadline: float, label: int, *, method: str) -> dict[str, Any]:
     return {"method": method, "deadline_s": deadline, "plan_exit": o.plan.exit, "plan_cut": o.plan.cut,
-            "where": o.where, "exit": o.exit, "predicted_s": o.plan.predicted_s, "latency_s": o.latency_s,
+            "where": o.where, "exit": o.exit, "predicted_s": o.plan.predicted_s,
+            "bound_s": o.plan.bound_s, "latency_s": o.latency_s,
             "met": o.latency_s <= deadline, "correct": int(np.argmax(o.logits)) == label, "fallback": o.fallback,
             "bandwidth_est_bps": o.bandwidth_bps, "stage_s": o.stage_s, "edge_s": o.edge_s,
             "predicted_device_s": o.plan.device_s, "predicted_edge_s": o.plan.edge_s}

@@ -25,6 +25,9 @@ class DevicedConfig:
     default_deadline: str = "300ms"
     probe_interval_s: float = 10.0  # 0: no active probes (passive estimates only)
     probe_sizes: tuple[int, ...] = (256, 2048)  # bytes; the last grows to ~50 ms of transfer at the estimate
+    # Plan so that this share of requests would have met the deadline, going by how far the recent ones ran over
+    # their predictions (``planner.latency.Margin``); 0: on the prediction alone, as Edgent does.
+    plan_quantile: float = 0.9
     metrics_port: int = 0
     # Emulation for single-machine runs, stated in every output that uses it (0 / 1: off).
     emulate_uplink: str = ""  # e.g. "500kbps": delay each upload as if sent at this rate
@@ -41,6 +44,8 @@ class DevicedConfig:
             parse_bandwidth(self.emulate_uplink)
         if self.emulate_slowdown < 1.0 or self.threads < 1:
             raise ValueError("emulate_slowdown must be >= 1 and threads >= 1")
+        if not 0.0 <= self.plan_quantile <= 1.0:
+            raise ValueError("plan_quantile must be within [0, 1]")
         if len(set(self.probe_sizes)) < 2:
             raise ValueError("probe_sizes needs two different sizes")
 

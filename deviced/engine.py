@@ -21,7 +21,7 @@ from deviced.metrics import DeviceMetrics
 from models.bundle import Bundle
 from models.runtime import HEAD, TAIL, Stage, StageRunner
 from planner import bandwidth, edgent
-from planner.latency import LatencyModel, SpeedFactor
+from planner.latency import LatencyModel, Margin, SpeedFactor
 from planner.units import parse_bandwidth
 from protocol import session
 from protocol.errors import ProtocolError
@@ -105,6 +105,8 @@ class Device:
         self._uplink = asyncio.Lock()
         self._emulated_bps = parse_bandwidth(cfg.emulate_uplink) if cfg.emulate_uplink else 0.0
         self.device_speed = SpeedFactor()  # this device's stage times against its latency model, learned online
+        # how far requests ran over their predictions: the device's part, and the rest (link and edge)
+        self.device_margin = self.remote_margin = Margin(cfg.plan_quantile)
         self._fastest_local_s = self._local_plan(0.0).predicted_s or 0.0  # the quickest way to any answer, as modelled
         self._probe_bytes = cfg.probe_sizes[-1]
         self._measured: bandwidth.LinkEstimate | None = None  # the estimate a timeout cap replaced
@@ -135,7 +137,8 @@ class Device:
             return await self._finish_local(request_id, feed, plan, start, deadline_s, link, None, "no_edge")
         cond = edgent.Conditions(bandwidth_bps=link.bandwidth_bps, deadline_s=deadline_s, rtt_s=link.rtt_s,
                                  edge_queue_s=edge.queue_wait_s, uplink_backlog_bytes=self.uplink_backlog(),
-                                 device_speed=self.device_speed.value, edge_speed=edge.speed.value)
+                                 device_speed=self.device_speed.value, edge_speed=edge.speed.value,
+                                 device_margin=self.device_margin.value, remote_margin=self.remote_margin.value)
         if policy is not None:
             plan = policy(edge.candidates, cond)
             if plan.exit is None:  # the policy has no plan: its fastest way, on the device
@@ -246,7 +249,8 @@ class Device:
     def _local_plan(self, deadline_s: float) -> edgent.Plan:
         """The most accurate exit that fits on the device alone, else the fastest one (flagged infeasible)."""
         return edgent.local_plan(self.local, edgent.Conditions(bandwidth_bps=1.0, deadline_s=max(deadline_s, 1e-9),
-                                                               device_speed=self.device_speed.value))
+                                                               device_speed=self.device_speed.value,
+                                                               device_margin=self.device_margin.value))
 
     def _model_device_s(self, exit_index: int, cut: int) -> float:
         """The device model's time of an exit's first ``cut`` layers run as one stage (not speed-corrected)."""
@@ -289,8 +293,23 @@ class Device:
         self.metrics.requests.labels(where).inc()
         if not outcome.met:
             self.metrics.deadline_misses.inc()
+        self._observe_margins(outcome)
         log.info("request_done", **outcome.record())
         return outcome
+
+    def _observe_margins(self, o: Outcome) -> None:
+        """Fold how far this request ran over its prediction into the margins, part by part."""
+        p = o.plan
+        if p.predicted_s is None or p.device_s is None:
+            return
+        if o.where == "device":  # all of it on the device, from arrival to answer
+            self.device_margin = self.device_margin.update(o.latency_s, p.predicted_s)
+        elif o.where in ("edge", "split") or o.fallback == "timeout":  # a timeout: the remote part took longer
+            if o.where == "split":
+                self.device_margin = self.device_margin.update(o.stage_s, p.device_s)
+            self.remote_margin = self.remote_margin.update(o.latency_s - o.stage_s, p.predicted_s - p.device_s)
+        self.metrics.margin.labels("device").set(self.device_margin.value)
+        self.metrics.margin.labels("remote").set(self.remote_margin.value)
 
     def _observe_plan(self, plan: edgent.Plan) -> None:
         self.metrics.exit.set(plan.exit or 0)

@@ -31,6 +31,9 @@ class DeviceMetrics:
         self.speed = Gauge("coinfer_device_speed_factor",
                            "Measured / modelled stage times, learned online: 'device' or an edge id (over 1: slower)",
                            ["machine"], registry=r)
+        self.margin = Gauge("coinfer_device_plan_margin",
+                            "Planned-against / predicted time of a plan's part: 'device' or 'remote' (link + edge)",
+                            ["part"], registry=r)
         self.accuracy = Gauge("coinfer_device_expected_accuracy", "Expected accuracy of the last plan", registry=r)
 
     def serve(self, port: int) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +61,17 @@ class StageRunner:
             if found is None:
                 found = self._stages[key] = self._build(exit_index, cut, part)
             return found
+
+    def warm(self, keys: Iterable[tuple[int, int, str]]) -> None:
+        """Build the stages ``(exit, cut, part)`` now, so that their first request does not wait for them."""
+        for key in keys:
+            self.stage(*key)
+
+    @property
+    def built(self) -> frozenset[tuple[int, int, str]]:
+        """The (exit, cut, part) stages built so far."""
+        with self._lock:
+            return frozenset(self._stages)
 
     def cut_tensors(self, exit_index: int, cut: int) -> tuple[str, ...]:
         """Names of the tensors crossing at ``cut`` of an exit (the input name at cut 0)."""

@@ -86,6 +86,7 @@ class Plan:
     n_layers: int | None
     cut_tensors: tuple[str, ...]
     predicted_s: float | None
+    bound_s: float | None  # the prediction with the margins: what met (or missed) the deadline
     device_s: float | None
     transfer_s: float | None
     edge_s: float | None
@@ -100,12 +101,12 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {"feasible": self.feasible, "exit": self.exit, "cut": self.cut, "n_layers": self.n_layers,
                 "cut_tensors": list(self.cut_tensors), "where": self.where, "predicted_s": self.predicted_s,
-                "device_s": self.device_s, "transfer_s": self.transfer_s, "edge_s": self.edge_s,
-                "accuracy": self.accuracy}
+                "bound_s": self.bound_s, "device_s": self.device_s, "transfer_s": self.transfer_s,
+                "edge_s": self.edge_s, "accuracy": self.accuracy}
 
 
 INFEASIBLE = Plan(feasible=False, exit=None, cut=None, n_layers=None, cut_tensors=(), predicted_s=None,
-                  device_s=None, transfer_s=None, edge_s=None, accuracy=None)
+                  bound_s=None, device_s=None, transfer_s=None, edge_s=None, accuracy=None)
 
 
 def compile_candidates(exits: Sequence[ExitInfo], device: LatencyModel, edge: LatencyModel) -> Candidates:
@@ -160,6 +161,10 @@ class Conditions:
     uplink_backlog_bytes: float = 0.0  # our own earlier uploads still ahead of this one on the uplink
     device_speed: float = 1.0  # measured / modelled stage times on the device now (``latency.SpeedFactor``)
     edge_speed: float = 1.0  # the same on the edge
+    # How much longer than predicted the device's part and the rest (link, edge) may take (``latency.Margin``):
+    # a plan is feasible when its prediction with these margins meets the deadline. 1: the prediction itself.
+    device_margin: float = 1.0
+    remote_margin: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.bandwidth_bps > 0 or (self.downlink_bps is not None and not self.downlink_bps > 0):
@@ -170,6 +175,8 @@ class Conditions:
             raise PlannerError("rtt, edge queue time and uplink backlog cannot be negative")
         if not (self.device_speed > 0 and self.edge_speed > 0):
             raise PlannerError("speed factors must be positive")
+        if not (self.device_margin >= 1 and self.remote_margin >= 1):
+            raise PlannerError("margins are at least 1")
 
 
 def latencies(c: Candidates, cond: Conditions) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
@@ -181,15 +188,25 @@ def latencies(c: Candidates, cond: Conditions) -> tuple[npt.NDArray[np.float64],
     return compute + transfer, transfer
 
 
+def bounds(c: Candidates, cond: Conditions, total: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """What each candidate's latency (``total``, from ``latencies``) may reach with the margins: the device's
+    part times ``device_margin``, the rest times ``remote_margin``. This is what must meet the deadline."""
+    if cond.device_margin == 1 and cond.remote_margin == 1:
+        return total
+    device = c.device_s * cond.device_speed
+    return total + device * (cond.device_margin - 1) + (total - device) * (cond.remote_margin - 1)
+
+
 def plan(c: Candidates, cond: Conditions) -> Plan:
-    """Edgent's Algorithm 1: the most accurate exit whose best cut meets the deadline, at that best cut."""
+    """Edgent's Algorithm 1: the most accurate exit whose best cut meets the deadline, at that best cut (the
+    fastest predicted of those that meet it, margins included)."""
     total, transfer = latencies(c, cond)
-    ok = total <= cond.deadline_s
+    ok = bounds(c, cond, total) <= cond.deadline_s
     if not ok.any():
         return INFEASIBLE
     for _, first, stop in c.rank:
         if ok[first:stop].any():
-            best = first + int(np.argmin(total[first:stop]))
+            best = first + int(np.argmin(np.where(ok[first:stop], total[first:stop], np.inf)))
             return _plan_at(c, best, total, transfer, cond)
     return INFEASIBLE  # pragma: no cover - unreachable: some candidate was feasible
 
@@ -234,7 +251,7 @@ def local_plan(c: Candidates, cond: Conditions) -> Plan:
     """The most accurate exit that meets the deadline on the device alone; else the fastest (infeasible)."""
     total, transfer = latencies(c, cond)
     on_device = np.flatnonzero(~c.uses_edge)
-    fits = on_device[total[on_device] <= cond.deadline_s]
+    fits = on_device[bounds(c, cond, total)[on_device] <= cond.deadline_s]
     if fits.size:
         best = max(fits, key=lambda i: (c.accuracy[i], c.exit[i]))
     else:
@@ -244,8 +261,9 @@ def local_plan(c: Candidates, cond: Conditions) -> Plan:
 
 def _plan_at(c: Candidates, i: int, total: npt.NDArray[np.float64], transfer: npt.NDArray[np.float64],
              cond: Conditions) -> Plan:
-    return Plan(feasible=bool(total[i] <= cond.deadline_s), exit=int(c.exit[i]) + 1, cut=int(c.cut[i]),
-                n_layers=int(c.n_layers[i]), cut_tensors=c.tensors[i], predicted_s=float(total[i]),
+    bound = float(bounds(c, cond, total)[i])
+    return Plan(feasible=bound <= cond.deadline_s, exit=int(c.exit[i]) + 1, cut=int(c.cut[i]),
+                n_layers=int(c.n_layers[i]), cut_tensors=c.tensors[i], predicted_s=float(total[i]), bound_s=bound,
                 device_s=float(c.device_s[i] * cond.device_speed), transfer_s=float(transfer[i]),
                 edge_s=float(c.edge_s[i] * cond.edge_speed + c.uses_edge[i] * cond.edge_queue_s),
                 accuracy=float(c.accuracy[i]))

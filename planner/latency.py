@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -306,3 +306,39 @@ class SpeedFactor:
         return SpeedFactor(measured_s=(1 - alpha) * self.measured_s + alpha * measured_s,
                            predicted_s=(1 - alpha) * self.predicted_s + alpha * predicted_s,
                            samples=self.samples + 1)
+
+
+MARGIN_WINDOW = 64  # the recent requests whose prediction errors set a margin
+MARGIN_MIN_SAMPLES = 8  # fewer than this: no margin yet (the point prediction)
+
+
+@dataclass(frozen=True, slots=True)
+class Margin:
+    """How much longer than predicted one part of a plan may take, learned from recent requests.
+
+    The ``quantile`` of measured / predicted seconds over the last ``MARGIN_WINDOW`` requests, and never under
+    1: planned against, it lets that share of requests meet a deadline their point prediction only just meets
+    (a device whose CPU quota turns a 33 ms prediction into 30, 40 or 50 ms). ``quantile`` 0 turns it off.
+    """
+
+    quantile: float = 0.0
+    ratios: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.quantile <= 1.0:
+            raise LatencyModelError(f"a margin quantile is within [0, 1], not {self.quantile}")
+
+    @property
+    def value(self) -> float:
+        if not self.quantile or len(self.ratios) < MARGIN_MIN_SAMPLES:
+            return 1.0
+        ordered = sorted(self.ratios)
+        k = min(max(math.ceil(self.quantile * len(ordered)) - 1, 0), len(ordered) - 1)
+        return min(max(ordered[k], 1.0), SPEED_FACTOR_LIMIT)
+
+    def update(self, measured_s: float, predicted_s: float) -> Margin:
+        """Fold in one part that took ``measured_s`` where the plan predicted ``predicted_s``."""
+        if not (0 <= measured_s < math.inf and 0 < predicted_s < math.inf) or not self.quantile:
+            return self
+        return replace(self, ratios=(*self.ratios[1 - MARGIN_WINDOW:], measured_s / predicted_s))
+

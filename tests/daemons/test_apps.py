@@ -39,6 +39,8 @@ async def test_app_request_answered_like_the_whole_model(deviced: DevicedConfig,
                                                          bundle: Bundle) -> None:
     x = preprocess(load_fashion_mnist("test")[0][:5])
     runner = build_device(deviced).runner
+    # every whole exit is built at start: no first request of one waits for its session
+    assert runner.built == {(e, len(info.layers), "head") for e, info in enumerate(bundle.exits, 1)}
     async with RemoteClient(deviced.broker, deviced.device_id, prefix=deviced.topic_prefix) as app:
         for xi in x:
             r = await app.infer(xi, deadline=1.0)

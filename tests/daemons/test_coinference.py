@@ -2,6 +2,7 @@ import asyncio
 import functools
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from deviced.service import Client
 from models.bundle import Bundle
 from models.data import load_fashion_mnist, preprocess
 from planner import edgent
+from planner.latency import MARGIN_MIN_SAMPLES
 from tests.daemons.conftest import Broker, EdgeProcess, free_port
 
 EDGE_ONLY = functools.partial(edgent.fixed_plan, exit_index=5, cut=0)
@@ -202,6 +204,35 @@ async def test_the_device_learns_how_fast_it_runs(bundle: Bundle) -> None:
         ratio = outcomes[-1].plan.device_s / float(np.median([o.stage_s for o in outcomes[-10:]]))
         assert 0.5 < ratio < 2.0, ratio
     assert 2.0 < learned[3.0] / learned[1.0] < 4.5, learned
+
+
+async def test_the_device_plans_with_a_margin_for_its_overruns() -> None:
+    from protocol.session import BrokerConfig
+
+    x = _one_image()
+    for quantile in (0.9, 0.0):
+        cfg = DevicedConfig(device_id="pi-margin", broker=BrokerConfig(port=free_port()), probe_interval_s=0,
+                            latency_model=resources.DESKTOP_MODEL, plan_quantile=quantile)
+        async with Client(cfg) as client:
+            device = client.device
+            outcomes = []
+            for i in range(30):  # a jittery device: every other request runs 3x slower (its speed factor: ~2x)
+                device.cfg = replace(cfg, emulate_slowdown=3.0 if i % 2 else 1.0)
+                outcomes.append(await client.infer(x[0], deadline=5.0))
+            margin, rest = device.device_margin.value, device._device_rest_s(5, 0)
+            # a deadline the top exit's prediction meets, but not with the margin
+            tight = await client.infer(x[0], deadline=rest * (1 + margin) / 2)
+        used = [o.plan.bound_s / o.plan.predicted_s for o in outcomes if o.plan.bound_s and o.plan.predicted_s]
+        if quantile:
+            assert len(device.device_margin.ratios) == 31 and margin > 1.2, device.device_margin
+            assert used[:MARGIN_MIN_SAMPLES] == [1.0] * MARGIN_MIN_SAMPLES  # no margin before enough requests
+            assert min(used[MARGIN_MIN_SAMPLES:]) > 1.0
+            assert tight.plan.exit is not None and tight.plan.exit < 5
+            gauge = device.metrics.registry.get_sample_value("coinfer_device_plan_margin", {"part": "device"})
+            assert gauge == device.device_margin.value
+        else:  # off: Edgent's rule, the point prediction
+            assert margin == 1.0 and used == [1.0] * len(outcomes)
+            assert tight.plan.exit == 5
 
 
 async def test_the_device_learns_how_fast_the_edge_runs(broker: Broker, prefix: str, edge: EdgeProcess) -> None:

@@ -39,7 +39,9 @@ def models(draw: st.DrawFn) -> list[edgent.ExitInfo]:
 
 conditions = st.builds(edgent.Conditions, bandwidth_bps=st.floats(1e3, 1e8), deadline_s=st.floats(1e-4, 5.0),
                        rtt_s=st.floats(0, 0.05), edge_queue_s=st.floats(0, 0.1),
-                       uplink_backlog_bytes=st.floats(0, 1e5))
+                       uplink_backlog_bytes=st.floats(0, 1e5),
+                       device_margin=st.one_of(st.just(1.0), st.floats(1.0, 3.0)),
+                       remote_margin=st.one_of(st.just(1.0), st.floats(1.0, 3.0)))
 
 
 @settings(max_examples=300, deadline=None)
@@ -49,18 +51,22 @@ def test_plan_is_never_worse_than_any_alternative(exits: list[edgent.ExitInfo], 
     cands = edgent.compile_candidates(exits, _linear(1.0), _linear(edge_scale))
     total, _ = edgent.latencies(cands, cond)
     chosen = edgent.plan(cands, cond)
-    ok = total <= cond.deadline_s
+    bound = edgent.bounds(cands, cond, total)
+    ok = bound <= cond.deadline_s
     if not chosen.feasible:
         assert not ok.any() and chosen.exit is None
         return
-    assert chosen.predicted_s is not None and chosen.accuracy is not None
-    assert chosen.predicted_s <= cond.deadline_s
-    # no feasible candidate is more accurate; none at the same exit is faster
+    assert chosen.predicted_s is not None and chosen.bound_s is not None and chosen.accuracy is not None
+    assert chosen.predicted_s <= chosen.bound_s <= cond.deadline_s
+    # no feasible candidate is more accurate; none feasible at the same exit is faster
     assert not (ok & (cands.accuracy > chosen.accuracy)).any()
-    same_exit = cands.exit == chosen.exit - 1
+    same_exit = ok & (cands.exit == chosen.exit - 1)
     assert chosen.predicted_s <= total[same_exit].min() + 1e-15
     parts = (chosen.device_s or 0) + (chosen.transfer_s or 0) + (chosen.edge_s or 0)
     assert parts == pytest.approx(chosen.predicted_s)
+    # the margins stretch each side's part: the device's compute, and everything else
+    device = chosen.device_s or 0
+    assert chosen.bound_s == pytest.approx(device * cond.device_margin + (parts - device) * cond.remote_margin)
 
 
 @settings(max_examples=100, deadline=None)
@@ -117,6 +123,23 @@ def test_speed_factors_scale_each_side_and_move_the_plan(bundle: Bundle, pi3: La
     assert edgent.plan(cands, replace(narrow, device_speed=4.0)).exit == 1
 
 
+def test_margins_trade_accuracy_for_deadlines_met(bundle: Bundle, pi3: LatencyModel,
+                                                  desktop: LatencyModel) -> None:
+    cands = edgent.compile_candidates(edgent.exits_from_manifest(bundle.manifest), pi3, desktop)
+    narrow = edgent.Conditions(bandwidth_bps=1e4, deadline_s=1.0)  # behind 10 kbps: only the device fits
+    point = edgent.plan(cands, narrow)
+    assert point.where == "device" and point.bound_s == point.predicted_s
+    assert point.predicted_s is not None and point.predicted_s > 1.0 / 1.5  # within 1.5x of the deadline
+    # planned against 1.5x its prediction, that exit no longer fits: an earlier one does, with room
+    safe = edgent.plan(cands, replace(narrow, device_margin=1.5))
+    assert safe.exit is not None and point.exit is not None and safe.exit < point.exit
+    assert safe.bound_s == pytest.approx(1.5 * (safe.predicted_s or 0)) and safe.bound_s <= 1.0
+    # the remote margin leaves a plan that runs on the device alone as it was
+    assert edgent.plan(cands, replace(narrow, remote_margin=3.0)) == point
+    # and the local plan (no edge, or a fallback) is held to the margin too
+    assert edgent.local_plan(cands, replace(narrow, device_margin=1.5)).exit == safe.exit
+
+
 def _sweep(cands: edgent.Candidates, bws: list[float], dls: list[float]) -> list[int]:
     return [edgent.plan(cands, edgent.Conditions(bandwidth_bps=b, deadline_s=d)).exit or 0 for b in bws for d in dls]
 
@@ -154,7 +177,8 @@ def test_cut_out_of_range_is_rejected() -> None:
                                     {"bandwidth_bps": 1, "deadline_s": 1, "rtt_s": -1},
                                     {"bandwidth_bps": 1, "deadline_s": 1, "uplink_backlog_bytes": -1},
                                     {"bandwidth_bps": 1, "deadline_s": 1, "device_speed": 0},
-                                    {"bandwidth_bps": 1, "deadline_s": 1, "edge_speed": -1}])
+                                    {"bandwidth_bps": 1, "deadline_s": 1, "edge_speed": -1},
+                                    {"bandwidth_bps": 1, "deadline_s": 1, "device_margin": 0.9}])
 def test_bad_conditions_are_rejected(kwargs: dict[str, float]) -> None:
     with pytest.raises(PlannerError):
         edgent.Conditions(**kwargs)

@@ -4,7 +4,17 @@ import numpy as np
 import pytest
 
 from planner.errors import LatencyModelError
-from planner.latency import SPEED_FACTOR_LIMIT, TABLE_I_VARIABLES, LatencyModel, Sample, SpeedFactor, fit
+from planner.latency import (
+    MARGIN_MIN_SAMPLES,
+    MARGIN_WINDOW,
+    SPEED_FACTOR_LIMIT,
+    TABLE_I_VARIABLES,
+    LatencyModel,
+    Margin,
+    Sample,
+    SpeedFactor,
+    fit,
+)
 
 
 def test_reference_pi3_matches_table_ii(pi3: LatencyModel) -> None:
@@ -168,3 +178,37 @@ def test_speed_factor_ignores_nonsense_and_bounds_outliers() -> None:
     for _ in range(100):
         stalled = stalled.update(100.0, 0.1)  # a stall, not the machine's speed
     assert stalled.value == pytest.approx(SPEED_FACTOR_LIMIT, rel=1e-3)
+
+
+def test_margin_is_the_quantile_of_recent_overruns() -> None:
+    margin = Margin(0.9)
+    for _ in range(MARGIN_MIN_SAMPLES - 1):
+        margin = margin.update(0.040, 0.033)
+    assert margin.value == 1.0  # too few requests to tell: the prediction itself
+    # a device whose CPU quota turns a 33 ms prediction into 30, 40 or 50 ms
+    margin = Margin(0.9)
+    for i in range(100):
+        margin = margin.update((0.030, 0.040, 0.040, 0.040, 0.050)[i % 5], 0.033)
+    assert len(margin.ratios) == MARGIN_WINDOW
+    assert margin.value == pytest.approx(0.050 / 0.033)
+    assert Margin(0.5, margin.ratios).value == pytest.approx(0.040 / 0.033)
+    # predictions that run long only at random and rarely: the margin is 1, never below
+    early = Margin(0.9)
+    for i in range(50):
+        early = early.update(0.9 if i % 20 else 1.5, 1.0)
+    assert early.value == 1.0
+
+
+def test_margin_forgets_old_requests_and_ignores_nonsense() -> None:
+    margin = Margin(0.9)
+    for _ in range(MARGIN_WINDOW):
+        margin = margin.update(2.0, 1.0)
+    assert margin.value == pytest.approx(2.0)
+    for _ in range(MARGIN_WINDOW):
+        margin = margin.update(1.1, 1.0)
+    assert margin.value == pytest.approx(1.1)  # the link got steadier: the margin follows
+    assert margin.update(float("nan"), 1.0) == margin and margin.update(1.0, 0.0) == margin
+    assert Margin(0.0).update(5.0, 1.0).value == 1.0  # off: the point prediction, as Edgent plans
+    with pytest.raises(LatencyModelError):
+        Margin(1.5)
+
