@@ -10,8 +10,9 @@ on stdout (logs go to stderr). Commands::
     {"op": "stream", "mode": "coinfer"|"fixed", "deadline_s": 0.05, "duration_s": 30, "probe_every_s": 2}
     {"op": "stages", "repeats": 10}   -> {"stages": [{"exit", "cut", "median_s"}]} (head stages, timed)
 
-``method`` is ``coinfer`` (the Edgent search with deviced's own fallback), one of the baselines, or
-``fixed``; a baseline or fixed plan is chosen at the request's deadline and then run to completion (no
+``method`` is ``coinfer`` (the Edgent search with deviced's own fallback), ``coinfer_point`` (the same
+with deviced's margins off for these requests: Edgent's own rule, the point prediction), one of the
+baselines, or ``fixed``; a baseline or fixed plan is chosen at the request's deadline and then run to completion (no
 fallback), and ``met`` is judged against that deadline.
 """
 
@@ -19,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,13 +35,14 @@ import numpy as np
 
 from coinfer.experiments import trace_bps
 from deviced.config import DevicedConfig
-from deviced.engine import Outcome, Policy
+from deviced.engine import Device, Outcome, Policy
 from deviced.service import Client
 from models.bundle import DEFAULT_BUNDLE
 from models.data import load_fashion_mnist
 from models.runtime import HEAD
 from planner import edgent
 from planner.bandwidth import LinkEstimate
+from planner.latency import Margin
 from protocol.session import BrokerConfig, configure_logging
 from protocol.topics import DEFAULT_PREFIX
 
@@ -99,10 +102,11 @@ async def _command(client: Client, cmd: dict[str, Any], x: np.ndarray, y: np.nda
         deadline = float(cmd["deadline_s"])
         policy, exec_deadline = _policy(cmd, deadline)
         records = []
-        for i in range(int(cmd["first"]), int(cmd["first"]) + int(cmd["count"])):
-            j = i % len(x)
-            outcome = await device.infer(x[j], exec_deadline, policy=policy)
-            records.append(_record(outcome, deadline, int(y[j]), method=cmd["method"]))
+        with _margins_off(device, cmd["method"] == "coinfer_point"):
+            for i in range(int(cmd["first"]), int(cmd["first"]) + int(cmd["count"])):
+                j = i % len(x)
+                outcome = await device.infer(x[j], exec_deadline, policy=policy)
+                records.append(_record(outcome, deadline, int(y[j]), method=cmd["method"]))
         return {"records": records}
     if op == "stream":
         return await _stream(client, cmd, x, y)
@@ -146,10 +150,22 @@ async def _stages(client: Client, x: np.ndarray, repeats: int) -> list[dict[str,
     return rows
 
 
+@contextlib.contextmanager
+def _margins_off(device: Device, off: bool) -> Iterator[None]:
+    """With ``off``: deviced plans on the point prediction meanwhile, and learns no margin from it."""
+    saved = device.device_margin, device.remote_margin
+    if off:
+        device.device_margin = device.remote_margin = Margin(0.0)
+    try:
+        yield
+    finally:
+        device.device_margin, device.remote_margin = saved
+
+
 def _policy(cmd: dict[str, Any], deadline: float) -> tuple[Policy | None, float]:
     """(policy, execution deadline) of a ``run`` command."""
     method = cmd["method"]
-    if method == "coinfer":
+    if method in ("coinfer", "coinfer_point"):
         return None, deadline
     if method == "fixed":
         return (functools.partial(edgent.fixed_plan, exit_index=int(cmd["exit"]), cut=int(cmd["cut"])),

@@ -31,10 +31,12 @@ async def test_agent_runs_methods_fixed_plans_stages_and_streams(broker: Broker,
         edge_only = (await asyncio.to_thread(ask, op="run", method="fixed", exit=5, cut=0, deadline_s=1.0,
                                              first=0, count=3))["records"]
         assert [r["where"] for r in edge_only] == ["edge"] * 3  # type: ignore[index]
-        for method in ("coinfer", "device_only", "exit_only"):
+        for method in ("coinfer", "coinfer_point", "device_only", "exit_only"):
             recs = (await asyncio.to_thread(ask, op="run", method=method, deadline_s=1.0, first=3,
                                             count=2))["records"]
             assert len(recs) == 2 and all(r["method"] == method for r in recs)  # type: ignore[index]
+            if method == "coinfer_point":  # planned on the prediction alone
+                assert all(r["bound_s"] == r["predicted_s"] for r in recs)  # type: ignore[index]
         stages = (await asyncio.to_thread(ask, op="stages", repeats=2))["stages"]
         assert len(stages) >= 10 and all(s["median_s"] > 0 for s in stages)  # type: ignore[index]
         stream = (await asyncio.to_thread(ask, op="stream", mode="fixed", deadline_s=1.0, duration_s=1.0,
