@@ -155,7 +155,7 @@ def _margins_off(device: Device, off: bool) -> Iterator[None]:
     """With ``off``: deviced plans on the point prediction meanwhile, and learns no margin from it."""
     saved = device.device_margin, device.remote_margin
     if off:
-        device.device_margin = device.remote_margin = Margin(0.0)
+        device.device_margin, device.remote_margin = Margin(0.0, relative=False), Margin(0.0)
     try:
         yield
     finally:

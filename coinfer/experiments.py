@@ -359,7 +359,7 @@ class Experiments:
         return doc
 
     def methods(self, deadlines: Sequence[float], bps: float) -> dict[str, Any]:
-        self.log(f"Fig. 9: accuracy vs deadline at {format_bandwidth(bps)}, five methods ...")
+        self.log(f"Fig. 9: accuracy vs deadline at {format_bandwidth(bps)}, {len(METHODS)} methods ...")
         self.settle(bps)
         table: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
         n = self.s.method_requests

@@ -106,7 +106,8 @@ class Device:
         self._emulated_bps = parse_bandwidth(cfg.emulate_uplink) if cfg.emulate_uplink else 0.0
         self.device_speed = SpeedFactor()  # this device's stage times against its latency model, learned online
         # how far requests ran over their predictions: the device's part, and the rest (link and edge)
-        self.device_margin = self.remote_margin = Margin(cfg.plan_quantile)
+        self.device_margin = Margin(cfg.plan_quantile, relative=False)  # seconds: CPU time comes in slices
+        self.remote_margin = Margin(cfg.plan_quantile)  # a factor: a link's errors grow with the bytes
         self._fastest_local_s = self._local_plan(0.0).predicted_s or 0.0  # the quickest way to any answer, as modelled
         self._probe_bytes = cfg.probe_sizes[-1]
         self._measured: bandwidth.LinkEstimate | None = None  # the estimate a timeout cap replaced
@@ -138,7 +139,7 @@ class Device:
         cond = edgent.Conditions(bandwidth_bps=link.bandwidth_bps, deadline_s=deadline_s, rtt_s=link.rtt_s,
                                  edge_queue_s=edge.queue_wait_s, uplink_backlog_bytes=self.uplink_backlog(),
                                  device_speed=self.device_speed.value, edge_speed=edge.speed.value,
-                                 device_margin=self.device_margin.value, remote_margin=self.remote_margin.value)
+                                 device_margin_s=self.device_margin.value, remote_margin=self.remote_margin.value)
         if policy is not None:
             plan = policy(edge.candidates, cond)
             if plan.exit is None:  # the policy has no plan: its fastest way, on the device
@@ -250,7 +251,7 @@ class Device:
         """The most accurate exit that fits on the device alone, else the fastest one (flagged infeasible)."""
         return edgent.local_plan(self.local, edgent.Conditions(bandwidth_bps=1.0, deadline_s=max(deadline_s, 1e-9),
                                                                device_speed=self.device_speed.value,
-                                                               device_margin=self.device_margin.value))
+                                                               device_margin_s=self.device_margin.value))
 
     def _model_device_s(self, exit_index: int, cut: int) -> float:
         """The device model's time of an exit's first ``cut`` layers run as one stage (not speed-corrected)."""
@@ -308,8 +309,8 @@ class Device:
             if o.where == "split":
                 self.device_margin = self.device_margin.update(o.stage_s, p.device_s)
             self.remote_margin = self.remote_margin.update(o.latency_s - o.stage_s, p.predicted_s - p.device_s)
-        self.metrics.margin.labels("device").set(self.device_margin.value)
-        self.metrics.margin.labels("remote").set(self.remote_margin.value)
+        self.metrics.device_margin.set(self.device_margin.value)
+        self.metrics.remote_margin.set(self.remote_margin.value)
 
     def _observe_plan(self, plan: edgent.Plan) -> None:
         self.metrics.exit.set(plan.exit or 0)

@@ -31,9 +31,10 @@ class DeviceMetrics:
         self.speed = Gauge("coinfer_device_speed_factor",
                            "Measured / modelled stage times, learned online: 'device' or an edge id (over 1: slower)",
                            ["machine"], registry=r)
-        self.margin = Gauge("coinfer_device_plan_margin",
-                            "Planned-against / predicted time of a plan's part: 'device' or 'remote' (link + edge)",
-                            ["part"], registry=r)
+        self.device_margin = Gauge("coinfer_device_plan_margin_seconds",
+                                   "Planned with: seconds added to the device's predicted compute", registry=r)
+        self.remote_margin = Gauge("coinfer_device_plan_margin_ratio",
+                                   "Planned with: factor on the predicted link + edge time", registry=r)
         self.accuracy = Gauge("coinfer_device_expected_accuracy", "Expected accuracy of the last plan", registry=r)
 
     def serve(self, port: int) -> None:

@@ -162,8 +162,9 @@ class Conditions:
     device_speed: float = 1.0  # measured / modelled stage times on the device now (``latency.SpeedFactor``)
     edge_speed: float = 1.0  # the same on the edge
     # How much longer than predicted the device's part and the rest (link, edge) may take (``latency.Margin``):
-    # a plan is feasible when its prediction with these margins meets the deadline. 1: the prediction itself.
-    device_margin: float = 1.0
+    # a plan is feasible when its prediction with these margins meets the deadline. Seconds added to any plan
+    # that computes on the device; a factor on the rest of any plan that uses the edge.
+    device_margin_s: float = 0.0
     remote_margin: float = 1.0
 
     def __post_init__(self) -> None:
@@ -175,8 +176,8 @@ class Conditions:
             raise PlannerError("rtt, edge queue time and uplink backlog cannot be negative")
         if not (self.device_speed > 0 and self.edge_speed > 0):
             raise PlannerError("speed factors must be positive")
-        if not (self.device_margin >= 1 and self.remote_margin >= 1):
-            raise PlannerError("margins are at least 1")
+        if not (self.device_margin_s >= 0 and self.remote_margin >= 1):
+            raise PlannerError("margins add time: device_margin_s >= 0, remote_margin >= 1")
 
 
 def latencies(c: Candidates, cond: Conditions) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
@@ -190,11 +191,11 @@ def latencies(c: Candidates, cond: Conditions) -> tuple[npt.NDArray[np.float64],
 
 def bounds(c: Candidates, cond: Conditions, total: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """What each candidate's latency (``total``, from ``latencies``) may reach with the margins: the device's
-    part times ``device_margin``, the rest times ``remote_margin``. This is what must meet the deadline."""
-    if cond.device_margin == 1 and cond.remote_margin == 1:
+    part plus ``device_margin_s``, the rest times ``remote_margin``. This is what must meet the deadline."""
+    if cond.device_margin_s == 0 and cond.remote_margin == 1:
         return total
     device = c.device_s * cond.device_speed
-    return total + device * (cond.device_margin - 1) + (total - device) * (cond.remote_margin - 1)
+    return total + (device > 0) * cond.device_margin_s + (total - device) * (cond.remote_margin - 1)
 
 
 def plan(c: Candidates, cond: Conditions) -> Plan:

@@ -316,13 +316,16 @@ MARGIN_MIN_SAMPLES = 8  # fewer than this: no margin yet (the point prediction)
 class Margin:
     """How much longer than predicted one part of a plan may take, learned from recent requests.
 
-    The ``quantile`` of measured / predicted seconds over the last ``MARGIN_WINDOW`` requests, and never under
-    1: planned against, it lets that share of requests meet a deadline their point prediction only just meets
-    (a device whose CPU quota turns a 33 ms prediction into 30, 40 or 50 ms). ``quantile`` 0 turns it off.
+    The ``quantile`` of the overruns of the last ``MARGIN_WINDOW`` requests, never below none: planned
+    against, it lets that share of requests meet a deadline their point prediction only just meets. An
+    overrun is ``measured / predicted`` when ``relative`` (a link: its errors grow with the bytes), else
+    ``measured - predicted`` seconds (a CPU: a quota turns a 33 ms stage into 30, 40 or 50 ms and a 380 ms one
+    into 370 or 420 ms, by whole periods whatever its length). ``quantile`` 0 turns the margin off.
     """
 
     quantile: float = 0.0
-    ratios: tuple[float, ...] = ()
+    relative: bool = True
+    overruns: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.quantile <= 1.0:
@@ -330,15 +333,17 @@ class Margin:
 
     @property
     def value(self) -> float:
-        if not self.quantile or len(self.ratios) < MARGIN_MIN_SAMPLES:
-            return 1.0
-        ordered = sorted(self.ratios)
+        """A factor (``relative``, at least 1) or seconds to add (at least 0)."""
+        none = 1.0 if self.relative else 0.0
+        if not self.quantile or len(self.overruns) < MARGIN_MIN_SAMPLES:
+            return none
+        ordered = sorted(self.overruns)
         k = min(max(math.ceil(self.quantile * len(ordered)) - 1, 0), len(ordered) - 1)
-        return min(max(ordered[k], 1.0), SPEED_FACTOR_LIMIT)
+        return min(max(ordered[k], none), SPEED_FACTOR_LIMIT) if self.relative else max(ordered[k], none)
 
     def update(self, measured_s: float, predicted_s: float) -> Margin:
         """Fold in one part that took ``measured_s`` where the plan predicted ``predicted_s``."""
         if not (0 <= measured_s < math.inf and 0 < predicted_s < math.inf) or not self.quantile:
             return self
-        return replace(self, ratios=(*self.ratios[1 - MARGIN_WINDOW:], measured_s / predicted_s))
-
+        overrun = measured_s / predicted_s if self.relative else measured_s - predicted_s
+        return replace(self, overruns=(*self.overruns[1 - MARGIN_WINDOW:], overrun))

@@ -221,17 +221,18 @@ async def test_the_device_plans_with_a_margin_for_its_overruns() -> None:
                 outcomes.append(await client.infer(x[0], deadline=5.0))
             margin, rest = device.device_margin.value, device._device_rest_s(5, 0)
             # a deadline the top exit's prediction meets, but not with the margin
-            tight = await client.infer(x[0], deadline=rest * (1 + margin) / 2)
-        used = [o.plan.bound_s / o.plan.predicted_s for o in outcomes if o.plan.bound_s and o.plan.predicted_s]
+            tight = await client.infer(x[0], deadline=rest + margin / 2 if margin else rest)
+        used = [o.plan.bound_s - o.plan.predicted_s for o in outcomes if o.plan.bound_s and o.plan.predicted_s]
         if quantile:
-            assert len(device.device_margin.ratios) == 31 and margin > 1.2, device.device_margin
-            assert used[:MARGIN_MIN_SAMPLES] == [1.0] * MARGIN_MIN_SAMPLES  # no margin before enough requests
-            assert min(used[MARGIN_MIN_SAMPLES:]) > 1.0
+            # the slow half ran ~1.5x its prediction of ~2x the model: a few ms over, in seconds
+            assert len(device.device_margin.overruns) == 31 and margin > 0.1 * rest, (device.device_margin, rest)
+            assert used[:MARGIN_MIN_SAMPLES] == [0.0] * MARGIN_MIN_SAMPLES  # no margin before enough requests
+            assert min(used[-10:]) > 0.0  # planned with it, once the overruns have shown
             assert tight.plan.exit is not None and tight.plan.exit < 5
-            gauge = device.metrics.registry.get_sample_value("coinfer_device_plan_margin", {"part": "device"})
+            gauge = device.metrics.registry.get_sample_value("coinfer_device_plan_margin_seconds")
             assert gauge == device.device_margin.value
         else:  # off: Edgent's rule, the point prediction
-            assert margin == 1.0 and used == [1.0] * len(outcomes)
+            assert margin == 0.0 and used == [0.0] * len(outcomes)
             assert tight.plan.exit == 5
 
 

@@ -40,7 +40,7 @@ def models(draw: st.DrawFn) -> list[edgent.ExitInfo]:
 conditions = st.builds(edgent.Conditions, bandwidth_bps=st.floats(1e3, 1e8), deadline_s=st.floats(1e-4, 5.0),
                        rtt_s=st.floats(0, 0.05), edge_queue_s=st.floats(0, 0.1),
                        uplink_backlog_bytes=st.floats(0, 1e5),
-                       device_margin=st.one_of(st.just(1.0), st.floats(1.0, 3.0)),
+                       device_margin_s=st.one_of(st.just(0.0), st.floats(0.0, 0.5)),
                        remote_margin=st.one_of(st.just(1.0), st.floats(1.0, 3.0)))
 
 
@@ -64,9 +64,10 @@ def test_plan_is_never_worse_than_any_alternative(exits: list[edgent.ExitInfo], 
     assert chosen.predicted_s <= total[same_exit].min() + 1e-15
     parts = (chosen.device_s or 0) + (chosen.transfer_s or 0) + (chosen.edge_s or 0)
     assert parts == pytest.approx(chosen.predicted_s)
-    # the margins stretch each side's part: the device's compute, and everything else
+    # the margins stretch each side's part: time added to the device's compute, a factor on everything else
     device = chosen.device_s or 0
-    assert chosen.bound_s == pytest.approx(device * cond.device_margin + (parts - device) * cond.remote_margin)
+    assert chosen.bound_s == pytest.approx(device + (device > 0) * cond.device_margin_s
+                                           + (parts - device) * cond.remote_margin)
 
 
 @settings(max_examples=100, deadline=None)
@@ -129,15 +130,19 @@ def test_margins_trade_accuracy_for_deadlines_met(bundle: Bundle, pi3: LatencyMo
     narrow = edgent.Conditions(bandwidth_bps=1e4, deadline_s=1.0)  # behind 10 kbps: only the device fits
     point = edgent.plan(cands, narrow)
     assert point.where == "device" and point.bound_s == point.predicted_s
-    assert point.predicted_s is not None and point.predicted_s > 1.0 / 1.5  # within 1.5x of the deadline
-    # planned against 1.5x its prediction, that exit no longer fits: an earlier one does, with room
-    safe = edgent.plan(cands, replace(narrow, device_margin=1.5))
+    assert point.predicted_s is not None and point.predicted_s > 0.6  # less than 400 ms to spare
+    # planned against 400 ms more than its prediction, that exit no longer fits: an earlier one does
+    safe = edgent.plan(cands, replace(narrow, device_margin_s=0.4))
     assert safe.exit is not None and point.exit is not None and safe.exit < point.exit
-    assert safe.bound_s == pytest.approx(1.5 * (safe.predicted_s or 0)) and safe.bound_s <= 1.0
+    assert safe.bound_s == pytest.approx((safe.predicted_s or 0) + 0.4) and safe.bound_s <= 1.0
     # the remote margin leaves a plan that runs on the device alone as it was
     assert edgent.plan(cands, replace(narrow, remote_margin=3.0)) == point
     # and the local plan (no edge, or a fallback) is held to the margin too
-    assert edgent.local_plan(cands, replace(narrow, device_margin=1.5)).exit == safe.exit
+    assert edgent.local_plan(cands, replace(narrow, device_margin_s=0.4)).exit == safe.exit
+    # an edge-only plan computes nothing on the device: the device margin leaves it as it was
+    wide = edgent.Conditions(bandwidth_bps=1e7, deadline_s=1.0)
+    assert edgent.plan(cands, wide).where == "edge" and edgent.plan(cands, replace(wide, device_margin_s=0.9)) == \
+        edgent.plan(cands, wide)
 
 
 def _sweep(cands: edgent.Candidates, bws: list[float], dls: list[float]) -> list[int]:
@@ -178,7 +183,8 @@ def test_cut_out_of_range_is_rejected() -> None:
                                     {"bandwidth_bps": 1, "deadline_s": 1, "uplink_backlog_bytes": -1},
                                     {"bandwidth_bps": 1, "deadline_s": 1, "device_speed": 0},
                                     {"bandwidth_bps": 1, "deadline_s": 1, "edge_speed": -1},
-                                    {"bandwidth_bps": 1, "deadline_s": 1, "device_margin": 0.9}])
+                                    {"bandwidth_bps": 1, "deadline_s": 1, "device_margin_s": -0.1},
+                                    {"bandwidth_bps": 1, "deadline_s": 1, "remote_margin": 0.9}])
 def test_bad_conditions_are_rejected(kwargs: dict[str, float]) -> None:
     with pytest.raises(PlannerError):
         edgent.Conditions(**kwargs)

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -181,22 +182,27 @@ def test_speed_factor_ignores_nonsense_and_bounds_outliers() -> None:
 
 
 def test_margin_is_the_quantile_of_recent_overruns() -> None:
-    margin = Margin(0.9)
+    margin = Margin(0.9, relative=False)
     for _ in range(MARGIN_MIN_SAMPLES - 1):
         margin = margin.update(0.040, 0.033)
-    assert margin.value == 1.0  # too few requests to tell: the prediction itself
-    # a device whose CPU quota turns a 33 ms prediction into 30, 40 or 50 ms
-    margin = Margin(0.9)
+    assert margin.value == 0.0  # too few requests to tell: the prediction itself
+    # a device whose CPU quota turns a 33 ms prediction into 30, 40 or 50 ms: seconds over
     for i in range(100):
         margin = margin.update((0.030, 0.040, 0.040, 0.040, 0.050)[i % 5], 0.033)
-    assert len(margin.ratios) == MARGIN_WINDOW
-    assert margin.value == pytest.approx(0.050 / 0.033)
-    assert Margin(0.5, margin.ratios).value == pytest.approx(0.040 / 0.033)
-    # predictions that run long only at random and rarely: the margin is 1, never below
-    early = Margin(0.9)
-    for i in range(50):
-        early = early.update(0.9 if i % 20 else 1.5, 1.0)
-    assert early.value == 1.0
+    assert len(margin.overruns) == MARGIN_WINDOW
+    assert margin.value == pytest.approx(0.017)
+    assert replace(margin, quantile=0.5).value == pytest.approx(0.007)
+    # a link: the same as factors
+    link = Margin(0.9)
+    for i in range(100):
+        link = link.update((0.30, 0.40, 0.40, 0.40, 0.50)[i % 5], 0.33)
+    assert link.value == pytest.approx(0.50 / 0.33)
+    # predictions that run long only at random and rarely: no margin, never a negative one
+    for relative in (True, False):
+        early = Margin(0.9, relative=relative)
+        for i in range(50):
+            early = early.update(0.9 if i % 20 else 1.5, 1.0)
+        assert early.value == (1.0 if relative else 0.0)
 
 
 def test_margin_forgets_old_requests_and_ignores_nonsense() -> None:
@@ -209,6 +215,6 @@ def test_margin_forgets_old_requests_and_ignores_nonsense() -> None:
     assert margin.value == pytest.approx(1.1)  # the link got steadier: the margin follows
     assert margin.update(float("nan"), 1.0) == margin and margin.update(1.0, 0.0) == margin
     assert Margin(0.0).update(5.0, 1.0).value == 1.0  # off: the point prediction, as Edgent plans
+    assert Margin(0.0, relative=False).update(5.0, 1.0).value == 0.0
     with pytest.raises(LatencyModelError):
         Margin(1.5)
-
