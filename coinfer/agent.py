@@ -12,8 +12,8 @@ on stdout (logs go to stderr). Commands::
 
 ``method`` is ``coinfer`` (the Edgent search with deviced's own fallback), ``coinfer_point`` (the same
 with deviced's margins off for these requests: Edgent's own rule, the point prediction), one of the
-baselines, or ``fixed``; a baseline or fixed plan is chosen at the request's deadline and then run to completion (no
-fallback), and ``met`` is judged against that deadline.
+baselines, or ``fixed``; a baseline or fixed plan is chosen at the request's deadline and then run to
+completion (no fallback), and ``met`` is judged against that deadline.
 """
 
 from __future__ import annotations

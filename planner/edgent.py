@@ -201,14 +201,14 @@ def bounds(c: Candidates, cond: Conditions, total: npt.NDArray[np.float64]) -> n
 def plan(c: Candidates, cond: Conditions) -> Plan:
     """Edgent's Algorithm 1: the most accurate exit whose best cut meets the deadline, at that best cut (the
     fastest predicted of those that meet it, margins included)."""
-    total, transfer = latencies(c, cond)
-    ok = bounds(c, cond, total) <= cond.deadline_s
+    total, transfer, bound = _costs(c, cond)
+    ok = bound <= cond.deadline_s
     if not ok.any():
         return INFEASIBLE
     for _, first, stop in c.rank:
         if ok[first:stop].any():
             best = first + int(np.argmin(np.where(ok[first:stop], total[first:stop], np.inf)))
-            return _plan_at(c, best, total, transfer, cond)
+            return _plan_at(c, best, total, transfer, bound, cond)
     return INFEASIBLE  # pragma: no cover - unreachable: some candidate was feasible
 
 
@@ -219,7 +219,8 @@ def baselines(c: Candidates, cond: Conditions) -> dict[str, Plan]:
     (Neurosurgeon) takes that exit's fastest cut; exit_only (right-sizing without partitioning) runs
     on the device the most accurate exit that meets the deadline there.
     """
-    total, transfer = latencies(c, cond)
+    costs = _costs(c, cond)
+    total = costs[0]
     _top, first, stop = c.rank[0]
     span = np.arange(first, stop)
     device_only = int(span[c.cut[span] == c.n_layers[span]][0])
@@ -227,9 +228,9 @@ def baselines(c: Candidates, cond: Conditions) -> dict[str, Plan]:
     partition = first + int(np.argmin(total[first:stop]))
     local = local_plan(c, cond)
     exit_only = local if local.feasible else INFEASIBLE
-    return {"device_only": _plan_at(c, device_only, total, transfer, cond),
-            "edge_only": _plan_at(c, edge_only, total, transfer, cond),
-            "partition_only": _plan_at(c, partition, total, transfer, cond),
+    return {"device_only": _plan_at(c, device_only, *costs, cond),
+            "edge_only": _plan_at(c, edge_only, *costs, cond),
+            "partition_only": _plan_at(c, partition, *costs, cond),
             "exit_only": exit_only}
 
 
@@ -244,27 +245,35 @@ def candidate(c: Candidates, exit_index: int, cut: int) -> int:
 def fixed_plan(c: Candidates, cond: Conditions, exit_index: int, cut: int) -> Plan:
     """The plan running exit ``exit_index`` (1-based) with ``cut`` layers on the device, as predicted now."""
     i = candidate(c, exit_index, cut)
-    total, transfer = latencies(c, cond)
-    return _plan_at(c, i, total, transfer, cond)
+    return _plan_at(c, i, *_costs(c, cond), cond)
 
 
 def local_plan(c: Candidates, cond: Conditions) -> Plan:
     """The most accurate exit that meets the deadline on the device alone; else the fastest (infeasible)."""
-    total, transfer = latencies(c, cond)
+    total, transfer, bound = _costs(c, cond)
     on_device = np.flatnonzero(~c.uses_edge)
-    fits = on_device[bounds(c, cond, total)[on_device] <= cond.deadline_s]
+    fits = on_device[bound[on_device] <= cond.deadline_s]
     if fits.size:
         best = max(fits, key=lambda i: (c.accuracy[i], c.exit[i]))
     else:
         best = on_device[int(np.argmin(total[on_device]))]
-    return _plan_at(c, int(best), total, transfer, cond)
+    return _plan_at(c, int(best), total, transfer, bound, cond)
+
+
+_Costs = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]
+
+
+def _costs(c: Candidates, cond: Conditions) -> _Costs:
+    """(end-to-end, transfer, with the margins) seconds of every candidate, computed once per decision."""
+    total, transfer = latencies(c, cond)
+    return total, transfer, bounds(c, cond, total)
 
 
 def _plan_at(c: Candidates, i: int, total: npt.NDArray[np.float64], transfer: npt.NDArray[np.float64],
-             cond: Conditions) -> Plan:
-    bound = float(bounds(c, cond, total)[i])
-    return Plan(feasible=bound <= cond.deadline_s, exit=int(c.exit[i]) + 1, cut=int(c.cut[i]),
-                n_layers=int(c.n_layers[i]), cut_tensors=c.tensors[i], predicted_s=float(total[i]), bound_s=bound,
+             bound: npt.NDArray[np.float64], cond: Conditions) -> Plan:
+    return Plan(feasible=bool(bound[i] <= cond.deadline_s), exit=int(c.exit[i]) + 1, cut=int(c.cut[i]),
+                n_layers=int(c.n_layers[i]), cut_tensors=c.tensors[i], predicted_s=float(total[i]),
+                bound_s=float(bound[i]),
                 device_s=float(c.device_s[i] * cond.device_speed), transfer_s=float(transfer[i]),
                 edge_s=float(c.edge_s[i] * cond.edge_speed + c.uses_edge[i] * cond.edge_queue_s),
                 accuracy=float(c.accuracy[i]))

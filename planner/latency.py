@@ -326,20 +326,18 @@ class Margin:
     quantile: float = 0.0
     relative: bool = True
     overruns: tuple[float, ...] = ()
+    # a factor (``relative``, at least 1) or seconds to add (at least 0); set once here, read on every plan
+    value: float = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.quantile <= 1.0:
             raise LatencyModelError(f"a margin quantile is within [0, 1], not {self.quantile}")
-
-    @property
-    def value(self) -> float:
-        """A factor (``relative``, at least 1) or seconds to add (at least 0)."""
-        none = 1.0 if self.relative else 0.0
-        if not self.quantile or len(self.overruns) < MARGIN_MIN_SAMPLES:
-            return none
-        ordered = sorted(self.overruns)
-        k = min(max(math.ceil(self.quantile * len(ordered)) - 1, 0), len(ordered) - 1)
-        return min(max(ordered[k], none), SPEED_FACTOR_LIMIT) if self.relative else max(ordered[k], none)
+        value = none = 1.0 if self.relative else 0.0
+        if self.quantile and len(self.overruns) >= MARGIN_MIN_SAMPLES:
+            ordered = sorted(self.overruns)
+            k = min(max(math.ceil(self.quantile * len(ordered)) - 1, 0), len(ordered) - 1)
+            value = min(max(ordered[k], none), SPEED_FACTOR_LIMIT) if self.relative else max(ordered[k], none)
+        object.__setattr__(self, "value", value)
 
     def update(self, measured_s: float, predicted_s: float) -> Margin:
         """Fold in one part that took ``measured_s`` where the plan predicted ``predicted_s``."""
