@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import json
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,14 +34,13 @@ import numpy as np
 
 from coinfer.experiments import trace_bps
 from deviced.config import DevicedConfig
-from deviced.engine import Device, Outcome, Policy
+from deviced.engine import Outcome
 from deviced.service import Client
 from models.bundle import DEFAULT_BUNDLE
 from models.data import load_fashion_mnist
-from models.runtime import HEAD
-from planner import edgent
+from planner import policies
 from planner.bandwidth import LinkEstimate
-from planner.latency import Margin
+from planner.core import Decision, Infeasible, Observation, Planner, Segment, View
 from protocol.session import BrokerConfig, configure_logging
 from protocol.topics import DEFAULT_PREFIX
 
@@ -94,7 +92,7 @@ async def _command(client: Client, cmd: dict[str, Any], x: np.ndarray, y: np.nda
     device = client.device
     op = cmd["op"]
     if op == "uplink":
-        device.set_emulated_uplink(float(cmd["bps"]))
+        device.dispatch.set_emulated_uplink(float(cmd["bps"]))
         return {}
     if op == "probe":
         return await _probe(client, int(cmd.get("repeats", 5)))
@@ -102,7 +100,8 @@ async def _command(client: Client, cmd: dict[str, Any], x: np.ndarray, y: np.nda
         deadline = float(cmd["deadline_s"])
         policy, exec_deadline = _policy(cmd, deadline)
         records = []
-        with _margins_off(device, cmd["method"] == "coinfer_point"):
+        point = device.learning.suspended() if cmd["method"] == "coinfer_point" else contextlib.nullcontext()
+        with point:
             for i in range(int(cmd["first"]), int(cmd["first"]) + int(cmd["count"])):
                 j = i % len(x)
                 outcome = await device.infer(x[j], exec_deadline, policy=policy)
@@ -124,11 +123,11 @@ async def _probe(client: Client, repeats: int) -> dict[str, Any]:
     assert edge is not None
     found = [e for _ in range(repeats) if (e := await device.probe(edge.edge_id)) is not None]
     if not found:  # unanswered or uninformative: deviced keeps (and has bounded) its estimate
-        return {"bandwidth_bps": device.link.bandwidth_bps, "rtt_s": device.link.rtt_s, "probes": 0}
+        return {"bandwidth_bps": device.link.estimate.bandwidth_bps, "rtt_s": device.link.estimate.rtt_s, "probes": 0}
     bps = statistics.median(e.bandwidth_bps for e in found)
     estimate = LinkEstimate(bandwidth_bps=bps, rtt_s=statistics.median(e.rtt_s for e in found), samples=len(found),
                             probed_bps=bps)
-    device.update_link(estimate)
+    device.link.set(estimate)
     return {"bandwidth_bps": estimate.bandwidth_bps, "rtt_s": estimate.rtt_s, "probes": len(found)}
 
 
@@ -136,55 +135,55 @@ async def _stages(client: Client, x: np.ndarray, repeats: int) -> list[dict[str,
     """Median wall time of head stages (exit, cut) run the way deviced runs them: for calibration."""
     device, rows = client.device, []
     feed = {device.bundle.input_name: x[0].reshape(device.bundle.input_shape)}
-    for e, info in enumerate(device.exits, 1):
-        n = len(info.layers)
+    for info in device.bundle.exits:
+        n, heads = len(info.layers), {c.index: c.tensors for c in info.cuts}
         for cut in sorted({max(1, n // 4), n // 2, 3 * n // 4, n}):
-            stage = device.runner.stage(e, cut, HEAD)
+            segment = device.runner.whole(info.index) if cut == n else \
+                Segment(info.index, frozenset({info.input}), heads[cut])
+            stage = device.runner.stage(segment)
             await device.run_stage(stage, feed)  # warm: session creation is not a stage time
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
                 await device.run_stage(stage, feed)
                 times.append(time.perf_counter() - start)
-            rows.append({"exit": e, "cut": cut, "median_s": statistics.median(times)})
+            rows.append({"exit": info.index, "cut": cut, "median_s": statistics.median(times)})
     return rows
 
 
-@contextlib.contextmanager
-def _margins_off(device: Device, off: bool) -> Iterator[None]:
-    """With ``off``: deviced plans on the point prediction meanwhile, and learns no margin from it."""
-    saved = device.device_margin, device.remote_margin
-    if off:
-        device.device_margin, device.remote_margin = Margin(0.0, relative=False), Margin(0.0)
-    try:
-        yield
-    finally:
-        device.device_margin, device.remote_margin = saved
-
-
-def _policy(cmd: dict[str, Any], deadline: float) -> tuple[Policy | None, float]:
-    """(policy, execution deadline) of a ``run`` command."""
+def _policy(cmd: dict[str, Any], deadline: float) -> tuple[Planner | None, float]:
+    """(policy, execution deadline) of a ``run`` command: deviced's own for coinfer, else the registered policy
+    of that name (``fixed`` takes the command's exit and cut) judged at ``deadline`` and run to completion."""
     method = cmd["method"]
     if method in ("coinfer", "coinfer_point"):
         return None, deadline
-    if method == "fixed":
-        return (functools.partial(edgent.fixed_plan, exit_index=int(cmd["exit"]), cut=int(cmd["cut"])),
-                RUN_TO_COMPLETION_S)
-    if method not in edgent.BASELINES:
-        raise ValueError(f"unknown method {method!r}")
-    return (lambda c, cond: edgent.baselines(c, replace(cond, deadline_s=deadline))[method]), RUN_TO_COMPLETION_S
+    params = {k: int(cmd[k]) for k in ("exit", "cut") if k in cmd}
+    return _AtDeadline(policies.make(method, **params), deadline), RUN_TO_COMPLETION_S
+
+
+class _AtDeadline:
+    """A policy deciding for ``deadline_s`` while the request runs under another (to completion)."""
+
+    def __init__(self, inner: Planner, deadline_s: float) -> None:
+        self.inner, self.deadline_s = inner, deadline_s
+
+    def decide(self, view: View) -> Decision | Infeasible:
+        return self.inner.decide(replace(view, conditions=replace(view.conditions, deadline_s=self.deadline_s)))
+
+    def observe(self, outcome: Observation) -> None:
+        self.inner.observe(outcome)
 
 
 async def _stream(client: Client, cmd: dict[str, Any], x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """Requests back to back for ``duration_s`` while the orchestrator changes the link under them."""
     device, deadline = client.device, float(cmd["deadline_s"])
-    fixed: Policy | None = None
+    fixed: Planner | None = None
     records, start, next_probe, i = [], time.monotonic(), 0.0, 0
     every = float(cmd.get("probe_every_s", 0))
     emulate_trace = bool(cmd.get("emulate_trace"))  # loopback mode: the trace is played in-app, here
     while (now := time.monotonic() - start) < float(cmd["duration_s"]):
         if emulate_trace:
-            device.set_emulated_uplink(trace_bps(now))
+            device.dispatch.set_emulated_uplink(trace_bps(now))
         if cmd["mode"] == "coinfer" and every and now >= next_probe:
             edge = device.edges.choose(asyncio.get_running_loop().time())
             if edge is not None:
@@ -196,8 +195,7 @@ async def _stream(client: Client, cmd: dict[str, Any], x: np.ndarray, y: np.ndar
         else:
             outcome = await device.infer(x[j], RUN_TO_COMPLETION_S if fixed else deadline, policy=fixed)
             if fixed is None:  # the plan the first request got, kept for the whole trace
-                fixed = functools.partial(edgent.fixed_plan, exit_index=outcome.plan.exit or 1,
-                                          cut=outcome.plan.cut or 0)
+                fixed = policies.make("fixed", exit=outcome.plan.exit, cut=outcome.plan.cut_tensors)
         records.append({**_record(outcome, deadline, int(y[j]), method=cmd["mode"]), "t": round(now, 4)})
         i += 1
     return {"records": records}

@@ -4,50 +4,55 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from coinfer import resources
-from planner import edgent
+from planner import edgent, policies
+from planner.core import Candidates, Conditions, CutPoint, ExitInfo, LayerInfo, View
 
 SYNTHETIC_LAYERS = 500
 SYNTHETIC_EXITS = 5
 
 
 def synthetic_chain(n_layers: int = SYNTHETIC_LAYERS, n_exits: int = SYNTHETIC_EXITS,
-                    seed: int = 0) -> list[edgent.ExitInfo]:
+                    seed: int = 0) -> list[ExitInfo]:
     """A planner-level chain of ``n_layers`` conv/relu/pool/fc layers with ``n_exits`` evenly spaced exits."""
     rng = np.random.default_rng(seed)
     kinds = ("conv", "relu", "pool", "fc")
     layers = []
     for i in range(n_layers):
         size = float(rng.integers(1_000, 200_000))
-        layers.append(edgent.LayerInfo(name=f"l{i}", kind=kinds[i % 4], features={
+        layers.append(LayerInfo(name=f"l{i}", kind=kinds[i % 4], features={
             "input_bytes": size, "output_bytes": size * float(rng.uniform(0.25, 1.0)),
             "filter_term": float(rng.integers(16, 512)), "flops": size * 100.0}))
     exits = []
     for e in range(n_exits):
         n = n_layers * (e + 1) // n_exits
         chain = tuple(layers[:n])
-        cuts = tuple(edgent.CutPoint(index=i, bytes=int(chain[i - 1].features["output_bytes"]), tensors=(f"l{i - 1}",))
-                     for i in range(1, n))
-        exits.append(edgent.ExitInfo(accuracy=0.5 + 0.08 * e, layers=chain, cuts=cuts, input_bytes=3136,
-                                     result_bytes=40))
+        cuts = tuple(CutPoint(index=i, bytes=int(chain[i - 1].features["output_bytes"]),
+                              tensors=frozenset({f"l{i - 1}"})) for i in range(1, n))
+        exits.append(ExitInfo(index=e + 1, output=f"l{n - 1}", input="input", accuracy=0.5 + 0.08 * e, layers=chain,
+                              cuts=cuts, input_bytes=3136, result_bytes=40))
     return exits
 
 
-def decision_times(cands: edgent.Candidates, requests: int, seed: int = 0) -> dict[str, float]:
-    """Distribution of one ``plan`` call over random bandwidths (50 kbps-10 Mbps) and deadlines (50 ms-2 s)."""
+def decision_times(cands: Candidates, requests: int, seed: int = 0, *,
+                   decide: Callable[[View], object] | None = None) -> dict[str, float]:
+    """Distribution of one decision over random bandwidths (50 kbps-10 Mbps) and deadlines (50 ms-2 s):
+    ``decide`` (default: the Edgent policy as deviced calls it, with its plan for an infeasible request)."""
     rng = np.random.default_rng(seed)
-    conds = [edgent.Conditions(bandwidth_bps=float(b), deadline_s=float(d))
+    decide = decide or policies.make(policies.DEFAULT).decide
+    views = [View(candidates=cands, conditions=Conditions(bandwidth_bps=float(b), deadline_s=float(d)))
              for b, d in zip(rng.uniform(5e4, 1e7, requests), rng.uniform(0.05, 2.0, requests), strict=True)]
-    for cond in conds[:200]:
-        edgent.plan(cands, cond)
+    for view in views[:200]:
+        decide(view)
     times = np.empty(requests)
-    for i, cond in enumerate(conds):
+    for i, view in enumerate(views):
         start = time.perf_counter_ns()
-        edgent.plan(cands, cond)
+        decide(view)
         times[i] = time.perf_counter_ns() - start
     times *= 1e-9
     return {"p50_s": float(np.percentile(times, 50)), "p99_s": float(np.percentile(times, 99)),
@@ -55,17 +60,22 @@ def decision_times(cands: edgent.Candidates, requests: int, seed: int = 0) -> di
 
 
 def planner_bench(requests: int = 20000) -> dict[str, Any]:
-    """Decision time of the Edgent search for the shipped bundle and for a 500-layer synthetic chain."""
+    """Decision time for the shipped bundle and for a 500-layer synthetic chain: the policy's whole decision
+    (``bundle``, ``synthetic_500``) and Edgent's search alone (``*_search``)."""
     device = resources.load_latency_model(resources.PI3_MODEL)
     edge = resources.load_latency_model(resources.DESKTOP_MODEL)
     bundle = resources.default_bundle()
-    ours = edgent.compile_candidates(edgent.exits_from_manifest(bundle.manifest), device, edge)
+    ours = edgent.compile_candidates(bundle.exits, device, edge)
     synth = edgent.compile_candidates(synthetic_chain(), device, edge)
+
+    def search(view: View) -> object:
+        return edgent.plan(view.candidates, view.conditions)
+
     return {"bundle": decision_times(ours, requests), "synthetic_500": decision_times(synth, requests),
+            "bundle_search": decision_times(ours, requests, decide=search),
+            "synthetic_500_search": decision_times(synth, requests, decide=search),
             "host": {"machine": platform.machine(), "python": platform.python_version()},
             "latency_models": [device.name, edge.name]}
-
-
 
 
 TRANSPORT_SIZES = (4096, 65536, 1 << 20)

@@ -17,7 +17,8 @@ from coinfer import bench, resources
 from models import branchy, graph
 from models.bundle import BUNDLES_DIR, DEFAULT_BUNDLE, MANIFEST, load_bundle
 from models.errors import ModelError
-from planner import edgent, units
+from planner import edgent, policies, units
+from planner.core import Candidates, Conditions, Decision, Infeasible, View
 from planner.errors import PlannerError
 from planner.latency import FIT_VARIABLES, TABLE_I_VARIABLES, Sample, fit
 
@@ -93,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--edge-model", type=Path, default=resources.DESKTOP_MODEL)
         s.add_argument("--rtt", default=None, help="fixed round-trip cost, e.g. 5ms (default 0)")
         s.add_argument("--json", action="store_true")
+        s.add_argument("--policy", default=policies.DEFAULT, choices=sorted(set(policies.POLICIES) - {"fixed"}),
+                       help=f"planning policy (default {policies.DEFAULT})")
         if name == "plan":
             s.add_argument("--bandwidth", required=True, help="uplink, e.g. 500kbps or 1.5Mbps")
             s.add_argument("--deadline", required=True, help="e.g. 300ms or 1s")
@@ -262,20 +265,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup(args: argparse.Namespace) -> tuple[str, edgent.Candidates, float]:
+def _setup(args: argparse.Namespace) -> tuple[str, Candidates, float]:
     bundle = load_bundle(args.bundle)
     device = resources.load_latency_model(args.device_model)
     edge = resources.load_latency_model(args.edge_model)
-    cands = edgent.compile_candidates(edgent.exits_from_manifest(bundle.manifest), device, edge)
+    cands = edgent.compile_candidates(bundle.exits, device, edge)
     rtt = units.parse_duration(args.rtt) if args.rtt else 0.0
     return bundle.name, cands, rtt
 
 
-def _plan_row(label: str, p: edgent.Plan) -> str:
-    if p.exit is None:
-        return f"{label:<15} {'infeasible':>10}"
-    def ms(v: float | None) -> str:
-        return f"{(v or 0.0) * 1e3:8.1f}"
+def _plan_row(label: str, p: Decision | Infeasible) -> str:
+    if isinstance(p, Infeasible):
+        return f"{label:<15} {'infeasible':>10}  {p.reason}"
+
+    def ms(v: float) -> str:
+        return f"{v * 1e3:8.1f}"
 
     return (f"{label:<15} {'yes' if p.feasible else 'MISS':>10} {p.exit:>4} {p.cut:>3}/{p.n_layers:<3} {p.where:<6} "
             f"{ms(p.predicted_s)} {ms(p.device_s)} {ms(p.transfer_s)} {ms(p.edge_s)} {p.accuracy:8.4f}")
@@ -287,16 +291,17 @@ HEADER = (f"{'method':<15} {'meets':>10} {'exit':>4} {'cut':>7} {'where':<6} {'t
 
 def cmd_plan(args: argparse.Namespace) -> int:
     name, cands, rtt = _setup(args)
-    cond = edgent.Conditions(bandwidth_bps=units.parse_bandwidth(args.bandwidth),
-                             deadline_s=units.parse_duration(args.deadline), rtt_s=rtt)
-    chosen, base = edgent.plan(cands, cond), edgent.baselines(cands, cond)
+    cond = Conditions(bandwidth_bps=units.parse_bandwidth(args.bandwidth),
+                      deadline_s=units.parse_duration(args.deadline), rtt_s=rtt)
+    chosen, base = policies.make(args.policy).decide(View(candidates=cands, conditions=cond)), \
+        edgent.baselines(cands, cond)
     if args.json:
         print(json.dumps({**chosen.to_json(), "bandwidth_bps": cond.bandwidth_bps, "deadline_s": cond.deadline_s,
                           "baselines": {k: v.to_json() for k, v in base.items()}}, indent=1))
         return 0
     print(f"{name}: uplink {args.bandwidth}, deadline {args.deadline}")
     print(HEADER)
-    print(_plan_row("coinfer", chosen))
+    print(_plan_row(args.policy, chosen))
     for k, v in base.items():
         print(_plan_row(k, v))
     return 0 if chosen.feasible else 1
@@ -308,9 +313,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     dls = [units.parse_duration(d) for d in args.deadlines.split(",")]
     rows = [(bw, dl) for bw in bws for dl in dls]
     results = []
+    policy = policies.make(args.policy)
     for bw, dl in rows:
-        cond = edgent.Conditions(bandwidth_bps=bw, deadline_s=dl, rtt_s=rtt)
-        results.append({"bandwidth_bps": bw, "deadline_s": dl, **edgent.plan(cands, cond).to_json()})
+        view = View(candidates=cands, conditions=Conditions(bandwidth_bps=bw, deadline_s=dl, rtt_s=rtt))
+        results.append({"bandwidth_bps": bw, "deadline_s": dl, **policy.decide(view).to_json()})
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
@@ -421,8 +427,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     doc = bench.planner_bench(requests=args.requests)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    for k in ("bundle", "synthetic_500"):
-        print(f"{k:<14} p50 {doc[k]['p50_s'] * 1e6:7.1f} us   p99 {doc[k]['p99_s'] * 1e6:7.1f} us")
+    for k in ("bundle", "synthetic_500", "bundle_search", "synthetic_500_search"):
+        print(f"{k:<21} p50 {doc[k]['p50_s'] * 1e6:7.1f} us   p99 {doc[k]['p99_s'] * 1e6:7.1f} us")
     print(f"-> {args.out}")
     return 0
 

@@ -47,7 +47,7 @@ async def _run_link(port: int, link: str, deadline_s: float, x: np.ndarray) -> t
         if not await client.wait_for_edge(30):
             raise RuntimeError("edged did not come online")
         outcomes = [await client.infer(xi, deadline=deadline_s) for xi in x]
-        return outcomes, client.device.link.bandwidth_bps
+        return outcomes, client.device.link.estimate.bandwidth_bps
 
 
 def _print_row(link: str, deadline_s: float, outcomes: list[Outcome], labels: np.ndarray, estimate: float) -> None:

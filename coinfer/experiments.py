@@ -29,6 +29,7 @@ from coinfer import resources
 from coinfer.testbed import Emulation, Testbed, process
 from models.bundle import BUNDLES_DIR, load_bundle
 from planner import edgent
+from planner.core import Conditions, ExitInfo
 from planner.latency import QUOTA_STARTS, CpuQuota, LatencyModel, calibrate_stages
 from planner.units import format_bandwidth
 
@@ -41,7 +42,7 @@ PAPER_DEADLINES_S = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 BANDWIDTHS = (50e3, 100e3, 200e3, 400e3, 500e3, 750e3, 1e6, 1.5e6, 2e6)
 ORACLE_BANDWIDTHS = (100e3, 400e3, 1e6, 2e6)
 # coinfer_point: coinfer planning on the point prediction, as Edgent does (deviced's margins off)
-METHODS = ("device_only", "edge_only", "partition_only", "exit_only", "coinfer_point", "coinfer")
+METHODS = (*edgent.BASELINES, "coinfer_point", "coinfer")  # coinfer: deviced as configured (Edgent)
 # (seconds, bps): steps, then a ramp, half of it below 400 kbps where the input upload alone takes 250 ms;
 # the 10 -> 1 Mbps step times how fast the device notices a drop
 TRACE = ((0.0, 10e6), (8.0, 10e6), (8.0, 1e6), (16.0, 1e6), (16.0, 200e3), (28.0, 200e3), (28.0, 2e6),
@@ -83,7 +84,7 @@ def run(out: Path, settings: Settings, log: Callable[[str], None] = print) -> di
         log(f"testbed: {emulation['mode']}; device {emulation['device_cpu']}")
         bundle = load_bundle(settings.bundle)
         log(f"model: {bundle.name} ({settings.bundle})")
-        exits = edgent.exits_from_manifest(bundle.manifest)  # the bundle agent and edged serve
+        exits = bundle.exits  # the bundle agent and edged serve
         calib = _calibrate(bed, settings, tmp, out, log)
         stack.enter_context(_broker(bed, tmp))
         stack.enter_context(_edged(bed, tmp, calib["edge_model_path"], settings.bundle))
@@ -134,7 +135,7 @@ def _calibrate(bed: Testbed, s: Settings, tmp: Path, out: Path, log: Callable[[s
     return result
 
 
-def _calibrate_stages(agent: Agent, exits: Sequence[edgent.ExitInfo], calib: dict[str, Any], s: Settings,
+def _calibrate_stages(agent: Agent, exits: Sequence[ExitInfo], calib: dict[str, Any], s: Settings,
                       tmp: Path, out: Path, log: Callable[[str], None]) -> None:
     """Time whole head stages on the device and scale the host's per-layer model to match them.
 
@@ -146,7 +147,7 @@ def _calibrate_stages(agent: Agent, exits: Sequence[edgent.ExitInfo], calib: dic
     log("calibration: timing whole head stages on the device ...")
     stages = agent.ask(op="stages", repeats=s.stage_repeats)["stages"]
     host = edgent.compile_candidates(exits, calib["edge_model"], calib["edge_model"])
-    predicted = [float(host.device_s[edgent.candidate(host, r["exit"], r["cut"])]) for r in stages]
+    predicted = [float(host.device_s[host.index(r["exit"], r["cut"])]) for r in stages]
     measured = np.array([r["median_s"] for r in stages])
 
     def fit(q: CpuQuota | None) -> dict[str, Any]:
@@ -275,7 +276,7 @@ def _agent(bed: Testbed, tmp: Path, model: Path, s: Settings) -> Iterator[Agent]
 # ---- the experiments -------------------------------------------------------------------------------
 
 class Experiments:
-    def __init__(self, bed: Testbed, agent: Agent, exits: Sequence[edgent.ExitInfo], calib: dict[str, Any],
+    def __init__(self, bed: Testbed, agent: Agent, exits: Sequence[ExitInfo], calib: dict[str, Any],
                  s: Settings, out: Path, log: Callable[[str], None]) -> None:
         self.bed, self.agent, self.s, self.out, self.log = bed, agent, s, out, log
         self.exits = exits
@@ -388,18 +389,18 @@ class Experiments:
             self.settle(bps)
             exit_chosen = Counter(r["exit"] for r in self.runs("coinfer", deadline, count=self.s.oracle_repeats)
                                   ).most_common(1)[0][0]
-            order = np.argsort(edgent.latencies(c, edgent.Conditions(bandwidth_bps=bps, deadline_s=1.0))[0])
+            order = np.argsort(edgent.latencies(c, Conditions(bandwidth_bps=bps, deadline_s=1.0))[0])
             best, measured, pruned = float("inf"), [], 0
             for i in order:
-                if c.exit[i] + 1 != exit_chosen:
+                if c.exit[i] != exit_chosen:
                     continue
                 if c.up_bytes[i] * 8 / bps > best:  # its upload alone exceeds the best measured: cannot win
                     pruned += 1
                     continue
-                rec = self.runs("fixed", deadline, count=self.s.oracle_repeats, exit=int(c.exit[i]) + 1,
+                rec = self.runs("fixed", deadline, count=self.s.oracle_repeats, exit=int(c.exit[i]),
                                 cut=int(c.cut[i]))
                 m = statistics.median(r["latency_s"] for r in rec)
-                measured.append({"exit": int(c.exit[i]) + 1, "cut": int(c.cut[i]), "median_s": m})
+                measured.append({"exit": int(c.exit[i]), "cut": int(c.cut[i]), "median_s": m})
                 best = min(best, m)
             # coinfer against the best plan measured again, request by request in turns: the device's speed drifts
             # by about 10% over minutes, and measured minutes apart the same plan read 340 and 380 ms

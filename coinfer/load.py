@@ -46,6 +46,7 @@ from protocol.topics import Topics
 
 PREFIX = "load"
 EXIT = 5  # the whole network on the edge: the heaviest tail a device can ask for
+DEVICED_START_TRIES = 20  # 1 s each: the soak's deviced loads its bundle and sessions before it answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +253,10 @@ async def soak(s: Stack, settings: LoadSettings, rate: float, images: np.ndarray
 
         async def application() -> None:
             async with RemoteClient(s.config, "soak-dev", prefix=PREFIX) as c:
+                for _ in range(DEVICED_START_TRIES):  # deviced is up once it answers (not counted)
+                    with contextlib.suppress(TimeoutError):
+                        await c.infer(images[0], deadline=0.2, timeout=1.0)
+                        break
                 end = time.monotonic() + settings.soak_s
                 i = 0
                 while time.monotonic() < end:

@@ -80,6 +80,13 @@ class Mosquitto:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
 
+    def kill(self) -> None:
+        """SIGKILL: the broker dies; its clients see their connections close."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
     def __enter__(self) -> Mosquitto:
         return self.start()
 

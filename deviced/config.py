@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from models.bundle import DEFAULT_BUNDLE
-from planner import REFERENCE_DIR
+from planner import REFERENCE_DIR, policies
+from planner.core import Planner
+from planner.errors import PlannerError
 from planner.units import parse_bandwidth, parse_duration
 from protocol.config import load_daemon
 from protocol.session import BrokerConfig
@@ -33,6 +37,9 @@ class DevicedConfig:
     emulate_uplink: str = ""  # e.g. "500kbps": delay each upload as if sent at this rate
     emulate_slowdown: float = 1.0  # stretch local compute by this factor (a Pi-class device)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
+    # the ``[planner]`` table: ``policy`` (a name in ``planner.policies``, default edgent) and that policy's own
+    # parameters
+    planner: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_id(self.device_id, "device_id")
@@ -48,7 +55,18 @@ class DevicedConfig:
             raise ValueError("plan_quantile must be within [0, 1]")
         if len(set(self.probe_sizes)) < 2:
             raise ValueError("probe_sizes needs two different sizes")
+        self.make_policy()  # an unknown policy or bad parameters fail at start-up
+
+    def make_policy(self) -> Planner:
+        """A new instance of the configured planning policy."""
+        params = dict(self.planner)
+        name = params.pop("policy", policies.DEFAULT)
+        try:
+            return policies.make(str(name), **params)
+        except PlannerError as exc:
+            raise ValueError(f"[planner] {exc}") from exc
 
 
 def load(path: Path) -> DevicedConfig:
-    return load_daemon(DevicedConfig, path, "deviced", paths=("bundle", "latency_model"), lists=("probe_sizes",))
+    return load_daemon(DevicedConfig, path, "deviced", paths=("bundle", "latency_model"), lists=("probe_sizes",),
+                       tables=("planner",))

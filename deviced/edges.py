@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
 from planner import edgent
+from planner.core import Candidates, ExitInfo
 from planner.errors import PlannerError
 from planner.latency import LatencyModel, SpeedFactor
 from protocol import PROTOCOL_VERSION
@@ -25,7 +27,7 @@ class EdgeView:
     edge_id: str
     online: bool = False
     advert: Advert | None = None
-    candidates: edgent.Candidates | None = None  # our exits costed with this edge's latency model
+    candidates: Candidates | None = None  # our exits costed with this edge's latency model
     model_key: str = ""
     suspect_until: float = 0.0  # a request timed out: avoid this edge until then
     unanswered: int = 0  # requests in a row that timed out with nothing heard from the edge
@@ -43,7 +45,7 @@ class EdgeView:
 class EdgeDirectory:
     """Edges by id; ``choose`` returns a usable one (online, right protocol, serves our bundle)."""
 
-    def __init__(self, *, digest: str, exits: list[edgent.ExitInfo], device_model: LatencyModel,
+    def __init__(self, *, digest: str, exits: Sequence[ExitInfo], device_model: LatencyModel,
                  wanted: str = "") -> None:
         self.digest = digest
         self.exits = exits

@@ -15,10 +15,12 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from deviced.calls import PendingCalls
 from deviced.config import DevicedConfig
 from deviced.engine import Device, Outcome
+from deviced.errors import BrokerLost
 from models.bundle import load_bundle
-from models.runtime import HEAD, StageRunner
+from models.runtime import StageRunner
 from planner.errors import LatencyModelError
 from planner.latency import LatencyModel
 from planner.units import parse_duration
@@ -41,7 +43,7 @@ def build_device(cfg: DevicedConfig) -> Device:
     runner = StageRunner(bundle, threads=cfg.threads)
     # every whole exit, built now: the first local request (or fallback) of each would otherwise wait for its
     # session (~60 ms for exit 1 under a 10% CPU quota), and a broken model shows at start, not mid-request
-    runner.warm((e, len(info.layers), HEAD) for e, info in enumerate(bundle.exits, 1))
+    runner.warm(runner.whole(info.index) for info in bundle.exits)
     return Device(cfg, bundle=bundle, runner=runner, device_model=model)
 
 
@@ -58,7 +60,7 @@ async def run(device: Device, *, shutdown: asyncio.Event, connected: asyncio.Eve
                     await client.subscribe(topic, qos=1)
                 await client.publish(topics.device_status(cfg.device_id),
                                      encode(Status(state="online", sender=cfg.device_id)), qos=1, retain=True)
-                device.client = client
+                device.dispatch.attach(client)
                 backoff.reset()
                 log.info("mqtt_connected", device_id=cfg.device_id)
                 if connected is not None:
@@ -74,12 +76,12 @@ async def run(device: Device, *, shutdown: asyncio.Event, connected: asyncio.Eve
         except* session.MQTT_ERRORS as group:
             delay = backoff.next()
             log.warning("mqtt_disconnected", error=str(_first_leaf(group)), retry_in_s=round(delay, 2))
-            device.client = None
+            device.dispatch.detach(_first_leaf(group))
             if connected is not None:
                 connected.clear()
             await session.sleep_unless(shutdown, delay)
         finally:
-            device.client = None
+            device.dispatch.detach()
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -91,12 +93,16 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 async def _receive(client: aiomqtt.Client, device: Device) -> None:
     apps_topic = device.topics.device_infer(device.cfg.device_id)
     async with asyncio.TaskGroup() as tg:
-        async for message in client.messages:
-            payload = message.payload if isinstance(message.payload, bytes) else b""
-            if message.topic.matches(apps_topic):
-                tg.create_task(_serve_app(client, device, message, payload))
-            elif payload:
-                device.handle(str(message.topic), payload)
+        try:
+            async for message in client.messages:
+                payload = message.payload if isinstance(message.payload, bytes) else b""
+                if message.topic.matches(apps_topic):
+                    tg.create_task(_serve_app(client, device, message, payload))
+                elif payload:
+                    device.dispatch.handle(str(message.topic), payload)
+        except session.MQTT_ERRORS as exc:  # the session is gone: every waiter learns it now, not at its timeout
+            device.dispatch.detach(exc)
+            raise
 
 
 async def _serve_app(client: aiomqtt.Client, device: Device, message: aiomqtt.Message, payload: bytes) -> None:
@@ -205,7 +211,7 @@ class RemoteClient:
         self.device_id = device_id
         self.client_id = client_id or f"app-{os.getpid()}-{next(_app_ids)}"
         self.broker = broker
-        self._pending: dict[bytes, asyncio.Future[AppResult | ErrorReply]] = {}
+        self._calls: PendingCalls[bytes, AppResult | ErrorReply] = PendingCalls()
         self._ids = itertools.count()
         self._stack = contextlib.AsyncExitStack()
         self._client: aiomqtt.Client | None = None
@@ -223,39 +229,38 @@ class RemoteClient:
         await self._stack.aclose()
 
     async def infer(self, x: npt.NDArray[np.float32], deadline: float = 0.0, *, timeout: float = 5.0) -> AppResult:
-        """One request; ``deadline`` in seconds (0: deviced's default). Raises RemoteError or TimeoutError."""
+        """One request; ``deadline`` in seconds (0: deviced's default). Raises RemoteError, TimeoutError, or
+        BrokerLost when the broker connection ends meanwhile."""
         assert self._client is not None, "use RemoteClient as an async context manager"
         request_id = f"{self.client_id}-{next(self._ids)}"[-64:]
-        correlation = request_id.encode()
-        future: asyncio.Future[AppResult | ErrorReply] = asyncio.get_running_loop().create_future()
-        self._pending[correlation] = future
         props = session.request_properties(response_topic=self.topics.app_responses(self.device_id, self.client_id),
                                            correlation=request_id, expiry_s=max(deadline, timeout))
-        try:
+        with self._calls.expect(request_id.encode()) as future:
             await self._client.publish(self.topics.device_infer(self.device_id),
                                        encode(AppRequest(request_id=request_id, tensors={"input": x},
                                                          deadline_s=deadline)),
                                        qos=1, properties=props)
             answer = await asyncio.wait_for(future, timeout=max(deadline, 0.0) + timeout)
-        finally:
-            self._pending.pop(correlation, None)
         if isinstance(answer, ErrorReply):
             raise RemoteError(answer)
         return answer
 
     async def _read(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            _, correlation = session.response_of(message)
-            future = self._pending.get(correlation or b"")
-            if future is None or future.done() or not isinstance(message.payload, bytes):
-                continue
-            try:
-                answer = decode(message.payload, expect=(AppResult, ErrorReply))
-            except ProtocolError as exc:
-                future.set_exception(exc)
-            else:
-                assert isinstance(answer, AppResult | ErrorReply)
-                future.set_result(answer)
+        try:
+            async for message in client.messages:
+                _, correlation = session.response_of(message)
+                if not isinstance(message.payload, bytes):
+                    continue
+                try:
+                    answer = decode(message.payload, expect=(AppResult, ErrorReply))
+                except ProtocolError as exc:
+                    self._calls.fail(correlation or b"", exc)
+                else:
+                    assert isinstance(answer, AppResult | ErrorReply)
+                    self._calls.resolve(correlation or b"", answer)
+        except session.MQTT_ERRORS as exc:  # the broker is gone: every waiting call fails now, not at its timeout
+            self._calls.fail_all(BrokerLost(f"broker connection lost: {exc}"))
+            raise
 
 
 _app_ids = itertools.count()

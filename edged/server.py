@@ -13,8 +13,9 @@ import structlog
 from edged.config import EdgedConfig
 from edged.metrics import EdgeMetrics
 from models.bundle import Bundle, load_bundle
-from models.errors import CutError, ModelError
-from models.runtime import TAIL, StageInputError, StageRunner
+from models.errors import CutError, ModelError, UnknownTensorError
+from models.runtime import StageInputError, StageRunner
+from planner.core import Segment
 from protocol import session
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
@@ -182,14 +183,22 @@ async def _admit(client: aiomqtt.Client, state: EdgeState, req: InferRequest, re
         await _error(client, state, reply_to, correlation, req.request_id, ErrorCode.UNKNOWN_BUNDLE,
                      f"bundle {req.bundle[:12]} is not served by {state.cfg.edge_id}")
         return
-    try:
-        stage = runner.stage(req.exit, req.cut, TAIL)
+    try:  # the tensors it carries name the cut: the tail runs from them to the exit's output
+        segment = _tail(runner, req)
+        # a new segment's session takes a while to build: off the event loop
+        stage = runner.cached(segment)
+        if stage is None:
+            stage = await asyncio.to_thread(runner.stage, segment)
+    except UnknownTensorError as exc:
+        await _error(client, state, reply_to, correlation, req.request_id, ErrorCode.BAD_TENSOR, str(exc))
+        return
     except (CutError, ModelError) as exc:
         await _error(client, state, reply_to, correlation, req.request_id, ErrorCode.BAD_PLAN, str(exc))
         return
-    if set(req.tensors) != set(stage.inputs):
-        await _error(client, state, reply_to, correlation, req.request_id, ErrorCode.BAD_TENSOR,
-                     f"exit {req.exit} cut {req.cut} needs tensors {sorted(stage.inputs)}, got {sorted(req.tensors)}")
+    if stage.skipped != req.cut:
+        await _error(client, state, reply_to, correlation, req.request_id, ErrorCode.BAD_PLAN,
+                     f"tensors {sorted(req.tensors)} follow {stage.skipped} layers of exit {req.exit}, "
+                     f"the request says {req.cut}")
         return
     wait = state.expected_wait_s()
     if wait > req.budget_s:
@@ -226,7 +235,7 @@ async def _compute(state: EdgeState, job: Job) -> InferResult | tuple[ErrorCode,
     queued = time.monotonic() - job.arrived
     if queued > req.budget_s:
         return ErrorCode.EXPIRED, f"waited {queued * 1e3:.1f} ms, budget {req.budget_s * 1e3:.1f} ms"
-    stage = state.runners[req.bundle].stage(req.exit, req.cut, TAIL)
+    stage = state.runners[req.bundle].stage(_tail(state.runners[req.bundle], req))
     start = time.monotonic()
     try:
         outputs = await asyncio.to_thread(stage.run, req.tensors)
@@ -240,6 +249,11 @@ async def _compute(state: EdgeState, job: Job) -> InferResult | tuple[ErrorCode,
     state.metrics.stage_seconds.observe(compute)
     return InferResult(request_id=req.request_id, edge_id=state.cfg.edge_id, exit=req.exit, outputs=outputs,
                        queue_s=queued, compute_s=compute)
+
+
+def _tail(runner: StageRunner, req: InferRequest) -> Segment:
+    """The segment a request asks for: from the tensors it carries to its exit's output."""
+    return Segment(req.exit, frozenset(req.tensors), runner.whole(req.exit).outputs)
 
 
 async def _adverts(client: aiomqtt.Client, state: EdgeState, topics: Topics) -> None:

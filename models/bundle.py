@@ -15,23 +15,14 @@ import onnx
 
 from models import data, graph
 from models.errors import BundleError, ModelLoadError
+from planner.core import ExitInfo, exits_from_manifest
+from planner.errors import PlannerError
 
 FORMAT = "coinfer.bundle/1"
 MODEL_FILE = "model.onnx"
 MANIFEST = "manifest.json"
 BUNDLES_DIR = Path(__file__).parent / "bundles"
 DEFAULT_BUNDLE = BUNDLES_DIR / "fmnist-branchy-alexnet"
-
-
-@dataclass(frozen=True, slots=True)
-class ExitInfo:
-    """One exit of a bundle: its output tensor, layers in execution order, cuts and test accuracy."""
-
-    index: int  # 1-based
-    output: str
-    layers: tuple[str, ...]
-    cuts: tuple[graph.Cut, ...]
-    accuracy: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +55,7 @@ class Bundle:
         return graph.prepare(graph.extract_outputs(self.model, [info.output]))
 
     def exit(self, index: int) -> ExitInfo:
+        """Exit ``index`` (1-based) as the planner sees it."""
         if not 1 <= index <= len(self.exits):
             raise BundleError(f"exit {index} out of range 1..{len(self.exits)}")
         return self.exits[index - 1]
@@ -99,15 +91,9 @@ def load_bundle(path: Path | str = DEFAULT_BUNDLE) -> Bundle:
         except ModelLoadError as exc:
             raise BundleError(str(exc)) from exc
         layers = {lay.name: lay for lay in graph.layers(model)}
-        exits = tuple(
-            ExitInfo(index=int(e["index"]), output=str(e["output"]), layers=tuple(e["layers"]),
-                     accuracy=float(e["accuracy"]),
-                     cuts=tuple(graph.Cut(name=c["name"], tensors=frozenset(c["tensors"]),
-                                          index=int(c["index"]), bytes=int(c["bytes"])) for c in e["cuts"]))
-            for e in manifest["exits"]
-        )
+        exits = exits_from_manifest(manifest)
         name = str(manifest["name"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, PlannerError) as exc:
         raise BundleError(f"{manifest_path}: malformed manifest ({exc!r})") from exc
     return Bundle(path=path, name=name, digest=hashlib.sha256(raw).hexdigest(), manifest=manifest,
                   model=model, layers=layers, exits=exits)

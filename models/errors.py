@@ -17,5 +17,9 @@ class CutError(ModelError):
     """A cut is unknown or does not separate the graph into a head and a tail."""
 
 
+class UnknownTensorError(CutError):
+    """A cut or segment names a tensor the model does not have."""
+
+
 class DatasetError(ModelError):
     """A data set file is missing or malformed."""

@@ -18,7 +18,7 @@ import onnx.utils
 from google.protobuf.message import DecodeError
 from onnx import helper, shape_inference
 
-from models.errors import CutError, ModelLoadError
+from models.errors import CutError, ModelLoadError, UnknownTensorError
 
 KIND_OF_OP = {
     "Conv": "conv", "ConvTranspose": "conv", "Relu": "relu", "MaxPool": "pool", "AveragePool": "pool",
@@ -192,6 +192,36 @@ def split(model: onnx.ModelProto, cut: Cut | Iterable[str]) -> tuple[onnx.ModelP
         part.graph.name = f"{model.graph.name}_{suffix}"
         onnx.checker.check_model(part)
     return head, tail
+
+
+def segment(model: onnx.ModelProto, inputs: Iterable[str], outputs: Iterable[str]) -> onnx.ModelProto:
+    """The part of a prepared model from the tensors ``inputs`` to the tensors ``outputs`` (a head, a tail or a
+    pipeline's middle stage); ``CutError`` unless ``inputs`` alone suffice to compute ``outputs``."""
+    ins, outs = frozenset(inputs), frozenset(outputs)
+    _graph, producer = _dag(model)
+    known = set(producer) | set(graph_inputs(model))
+    unknown = sorted(t for t in ins | outs if t not in known)
+    if unknown or not ins or not outs:
+        raise UnknownTensorError(f"unknown segment tensor(s) {unknown or '(empty set)'}")
+    inits = {t.name for t in model.graph.initializer}
+    needed: set[int] = set()
+    frontier = [producer[t] for t in outs if t not in ins and t in producer]
+    while frontier:  # the nodes between: walk back from the outputs, stopping at the inputs
+        n = frontier.pop()
+        if n in needed:
+            continue
+        needed.add(n)
+        frontier += [producer[t] for t in model.graph.node[n].input if t and t not in ins and t in producer]
+    missing = sorted({t for n in needed for t in model.graph.node[n].input
+                      if t and t not in ins and t not in inits and t not in producer})
+    unused = sorted(ins - {t for n in needed for t in model.graph.node[n].input})
+    if missing or unused or not needed:
+        why = f": {missing} would also be needed" if missing else f": {unused} unused" if unused else ""
+        raise CutError(f"tensors {sorted(ins)} do not compute {sorted(outs)}{why}")
+    part = onnx.utils.Extractor(model).extract_model(sorted(ins), sorted(outs))
+    part.graph.name = f"{model.graph.name}_segment"
+    onnx.checker.check_model(part)
+    return part
 
 
 def extract_outputs(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:

@@ -1,8 +1,13 @@
-"""Run the parts of a bundle's exits with onnxruntime: sessions per (exit, cut, part), lazily cached."""
+"""Run the parts of a bundle's exits with onnxruntime: one session per segment, built on first use, cached.
+
+A segment (``planner.core.Segment``) runs an exit from a set of input tensors to a set of output tensors: a
+device's head, an edge's tail, the whole exit and a pipeline's middle stage are the same thing.
+"""
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -13,10 +18,11 @@ import onnxruntime as ort
 
 from models import graph
 from models.bundle import Bundle
-from models.errors import CutError, ModelError
+from models.errors import ModelError
 from models.profile import session_options
+from planner.core import Segment
 
-HEAD, TAIL = "head", "tail"
+MAX_STAGES = 256  # sessions kept per runner: any valid tensor set makes a segment, so the cache is bounded
 
 
 class StageInputError(ModelError):
@@ -25,11 +31,13 @@ class StageInputError(ModelError):
 
 @dataclass(frozen=True, slots=True)
 class Stage:
-    """One runnable part: its session and the names and shapes of its inputs and outputs."""
+    """One runnable segment: its session, its inputs' names and shapes, its outputs, and how many of its exit's
+    layers run before it (``skipped``: 0 for a head, the head's size for a tail)."""
 
     session: ort.InferenceSession
     inputs: dict[str, list[int]]
     outputs: tuple[str, ...]
+    skipped: int
 
     def run(self, feed: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         """Validate ``feed`` against the stage's inputs, then run it."""
@@ -44,59 +52,56 @@ class Stage:
 
 
 class StageRunner:
-    """Head and tail stages of every (exit, cut) of one bundle; thread-safe, sessions built on first use."""
+    """Stages of one bundle's exits by segment; thread-safe, sessions built on first use."""
 
     def __init__(self, bundle: Bundle, *, threads: int = 1) -> None:
         self.bundle = bundle
         self.threads = threads
-        self._stages: dict[tuple[int, int, str], Stage] = {}
+        self._stages: OrderedDict[Segment, Stage] = OrderedDict()
         self._exit_models: dict[int, Any] = {}
         self._lock = threading.Lock()
 
-    def stage(self, exit_index: int, cut: int, part: str) -> Stage:
-        """The ``head`` (layers [0, cut)) or ``tail`` (layers [cut, N)) of exit ``exit_index``."""
-        key = (exit_index, cut, part)
+    def stage(self, segment: Segment) -> Stage:
+        """The stage computing ``segment``; ``CutError`` / ``BundleError`` when it is not one of this bundle."""
         with self._lock:
-            found = self._stages.get(key)
+            found = self._stages.get(segment)
             if found is None:
-                found = self._stages[key] = self._build(exit_index, cut, part)
+                found = self._stages[segment] = self._build(segment)
+                while len(self._stages) > MAX_STAGES:
+                    self._stages.popitem(last=False)
+            else:
+                self._stages.move_to_end(segment)
             return found
 
-    def warm(self, keys: Iterable[tuple[int, int, str]]) -> None:
-        """Build the stages ``(exit, cut, part)`` now, so that their first request does not wait for them."""
-        for key in keys:
-            self.stage(*key)
+    def cached(self, segment: Segment) -> Stage | None:
+        """The stage of ``segment`` if it is built already (no session is built here)."""
+        with self._lock:
+            return self._stages.get(segment)
+
+    def whole(self, exit_index: int) -> Segment:
+        """The segment of exit ``exit_index`` from the model's input to its output."""
+        info = self.bundle.exit(exit_index)
+        return Segment(exit_index, frozenset({info.input}), frozenset({info.output}))
+
+    def warm(self, segments: Iterable[Segment]) -> None:
+        """Build these stages now, so that their first request does not wait for them."""
+        for segment in segments:
+            self.stage(segment)
 
     @property
-    def built(self) -> frozenset[tuple[int, int, str]]:
-        """The (exit, cut, part) stages built so far."""
+    def built(self) -> frozenset[Segment]:
+        """The segments built (and still cached)."""
         with self._lock:
             return frozenset(self._stages)
 
-    def cut_tensors(self, exit_index: int, cut: int) -> tuple[str, ...]:
-        """Names of the tensors crossing at ``cut`` of an exit (the input name at cut 0)."""
-        info = self.bundle.exit(exit_index)
-        if cut == 0:
-            return (self.bundle.input_name,)
-        for c in info.cuts:
-            if c.index == cut:
-                return tuple(sorted(c.tensors))
-        raise CutError(f"exit {exit_index} has no cut after {cut} layers (valid: 0..{len(info.layers)})")
-
-    def _build(self, exit_index: int, cut: int, part: str) -> Stage:
-        info = self.bundle.exit(exit_index)
-        n = len(info.layers)
-        if exit_index not in self._exit_models:
-            self._exit_models[exit_index] = self.bundle.exit_model(exit_index)
-        model = self._exit_models[exit_index]
-        if (part == HEAD and cut == n) or (part == TAIL and cut == 0):
-            pass  # the whole exit
-        elif 0 < cut < n:
-            head, tail = graph.split(model, self.cut_tensors(exit_index, cut))
-            model = head if part == HEAD else tail
-        else:
-            raise CutError(f"no {part} for exit {exit_index} at cut {cut} (valid: 0..{n})")
-        session = ort.InferenceSession(model.SerializeToString(), session_options(self.threads),
+    def _build(self, segment: Segment) -> Stage:
+        info = self.bundle.exit(segment.exit)
+        if segment.exit not in self._exit_models:
+            self._exit_models[segment.exit] = self.bundle.exit_model(segment.exit)
+        model = self._exit_models[segment.exit]
+        part = model if segment == self.whole(segment.exit) else graph.segment(model, segment.inputs, segment.outputs)
+        session = ort.InferenceSession(part.SerializeToString(), session_options(self.threads),
                                        providers=["CPUExecutionProvider"])
+        skipped = len(info.layers) - len(part.graph.node) if segment.outputs == {info.output} else 0
         return Stage(session=session, inputs={i.name: list(i.shape) for i in session.get_inputs()},
-                     outputs=tuple(o.name for o in session.get_outputs()))
+                     outputs=tuple(o.name for o in session.get_outputs()), skipped=skipped)

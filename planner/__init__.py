@@ -1,4 +1,4 @@
-"""Pure planning: latency models, unit parsing and the Edgent exit+cut search. No I/O, no clocks."""
+"""Pure planning: latency models, unit parsing, bandwidth estimates and the planning policies. No I/O, no clocks."""
 
 from pathlib import Path
 

@@ -40,14 +40,15 @@ def section(cls: type[T], doc: dict[str, Any], name: str, **extra: Any) -> T:
 
 
 def load_daemon(cls: type[T], path: Path, name: str, *, paths: tuple[str, ...] = (),
-                path_lists: tuple[str, ...] = (), lists: tuple[str, ...] = ()) -> T:
+                path_lists: tuple[str, ...] = (), lists: tuple[str, ...] = (), tables: tuple[str, ...] = ()) -> T:
     """A daemon's config from table ``name`` and ``[broker]`` of a TOML file.
 
+    Each of ``tables`` is passed as a plain dict to the field of the same name (which validates it).
     Keys in ``paths`` (and each item of ``path_lists``) are resolved relative to the file's directory;
     arrays in ``path_lists`` and ``lists`` become tuples.
     """
     doc = read_toml(path)
-    unknown = sorted(set(doc) - {name, "broker"})
+    unknown = sorted(set(doc) - {name, "broker", *tables})
     if unknown:
         raise ConfigError(f"{path}: unknown table(s) {unknown}")
     base = path.resolve().parent
@@ -64,7 +65,13 @@ def load_daemon(cls: type[T], path: Path, name: str, *, paths: tuple[str, ...] =
     broker = doc.get("broker", {})
     if isinstance(broker, dict) and isinstance(broker.get("ca_file"), str) and broker["ca_file"]:
         broker = {**broker, "ca_file": str(_resolve(base, broker["ca_file"]))}
-    return section(cls, {name: table}, name, broker=section(BrokerConfig, {"broker": broker}, "broker"))
+    more = {t: doc[t] for t in tables if t in doc}
+    for t, value in more.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{t}] must be a table")
+        if t in table:
+            raise ConfigError(f"{t!r} belongs in its own [{t}] table")
+    return section(cls, {name: table}, name, broker=section(BrokerConfig, {"broker": broker}, "broker"), **more)
 
 
 def _resolve(base: Path, value: str | Path) -> Path:

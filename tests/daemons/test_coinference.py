@@ -1,6 +1,6 @@
 import asyncio
-import functools
 import json
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -10,15 +10,15 @@ import pytest
 
 from coinfer import resources
 from deviced.config import DevicedConfig
-from deviced.engine import PROBE_IDLE_BYTES
+from deviced.link import PROBE_IDLE_BYTES
 from deviced.service import Client
 from models.bundle import Bundle
 from models.data import load_fashion_mnist, preprocess
-from planner import edgent
+from planner import policies
 from planner.latency import MARGIN_MIN_SAMPLES
 from tests.daemons.conftest import Broker, EdgeProcess, free_port
 
-EDGE_ONLY = functools.partial(edgent.fixed_plan, exit_index=5, cut=0)
+EDGE_ONLY = policies.make("fixed", exit=5, cut=0)
 
 
 def _one_image() -> np.ndarray:
@@ -34,8 +34,8 @@ async def _until(condition: Callable[[], object], *, tries: int, step_s: float =
 
 
 def _whole(bundle: Bundle, client: Client, exit_index: int, x: np.ndarray) -> np.ndarray:
-    n = len(bundle.exit(exit_index).layers)
-    out = client.device.runner.stage(exit_index, n, "head").run({"input": x.reshape(1, 1, 28, 28)})
+    runner = client.device.runner
+    out = runner.stage(runner.whole(exit_index)).run({"input": x.reshape(1, 1, 28, 28)})
     return next(iter(out.values()))
 
 
@@ -94,28 +94,29 @@ async def test_probe_lifts_a_stale_low_estimate(broker: Broker, prefix: str, edg
     async with Client(cfg) as client:
         assert await client.wait_for_edge(5)
         device = client.device
-        device.update_link(replace(device.link, bandwidth_bps=13e3))
+        device.link.set(replace(device.link.estimate, bandwidth_bps=13e3))
         await device.probe("edge-a")
-        assert device.link.bandwidth_bps > 1e6, device.link
+        assert device.link.estimate.bandwidth_bps > 1e6, device.link.estimate
 
 
 async def test_a_timeout_cap_expires_back_to_the_measured_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
     """A stalled path (not a slow one) must not keep the device local for good: the cap is held, then lifted."""
-    from deviced import engine
+    from deviced import link
     from protocol.session import BrokerConfig
 
-    monkeypatch.setattr(engine, "CAP_HOLD_S", 0.2)
+    monkeypatch.setattr(link, "CAP_HOLD_S", 0.2)
     cfg = DevicedConfig(device_id="pi-cap", broker=BrokerConfig(port=free_port()), probe_interval_s=0,
                         initial_bandwidth="8Mbps")
     x = _one_image()
     async with Client(cfg) as client:
         device = client.device
-        device._cap_link(13e3)
+        now = time.monotonic()
+        device.link.unanswered("r-0", 1625, now - 1.0, now)  # 1625 bytes not across in 1 s: capped at 13 kbps
         await client.infer(x[0], deadline=1.0)
-        assert device.link.bandwidth_bps == 13e3  # still held
+        assert device.link.estimate.bandwidth_bps == 13e3  # still held
         await asyncio.sleep(0.25)
         await client.infer(x[0], deadline=1.0)
-        assert device.link.bandwidth_bps == 8e6
+        assert device.link.estimate.bandwidth_bps == 8e6
 
 
 async def test_a_device_does_not_queue_behind_its_own_answered_request(broker: Broker, prefix: str,
@@ -153,15 +154,15 @@ async def test_a_late_answer_still_measures_the_link(broker: Broker, prefix: str
     async with Client(cfg) as client:
         assert await client.wait_for_edge(5)
         device = client.device
-        samples = device.link.samples
+        samples = device.link.estimate.samples
         outcome = await client.infer(x[0], deadline=0.03)  # planned on the edge; its upload alone takes 0.13 s
         assert outcome.fallback == "timeout" and outcome.plan.where == "edge"
-        await _until(lambda: device.link.samples > samples, tries=100)
-        assert device.link.samples == samples + 1
-        assert 100e3 < device.link.bandwidth_bps < 400e3, device.link
+        await _until(lambda: device.link.estimate.samples > samples, tries=100)
+        assert device.link.estimate.samples == samples + 1
+        assert 100e3 < device.link.estimate.bandwidth_bps < 400e3, device.link.estimate
         # the timeout cap still holds, and the estimate it gives way to has learned the sample as well
-        assert device._measured is not None and device._measured.samples == samples + 1
-        assert device._measured.bandwidth_bps < 2e6, device._measured
+        assert device.link.capped is not None and device.link.capped.samples == samples + 1
+        assert device.link.capped.bandwidth_bps < 2e6, device.link.capped
 
 
 async def test_the_uplink_backlog_is_what_has_not_yet_crossed(broker: Broker, prefix: str,
@@ -174,16 +175,16 @@ async def test_the_uplink_backlog_is_what_has_not_yet_crossed(broker: Broker, pr
     async with Client(cfg) as client:
         assert await client.wait_for_edge(5)
         device = client.device
-        assert device.uplink_backlog() <= PROBE_IDLE_BYTES  # at most an acknowledgement of ours in flight
+        assert device.dispatch.uplink_backlog() <= PROBE_IDLE_BYTES  # at most an acknowledgement of ours in flight
         request = asyncio.create_task(device.infer(x[0], 5.0, policy=EDGE_ONLY))
         # the 3.1 KB input takes 0.25 s at 100 kbps, once the request has planned
-        await _until(lambda: device.uplink_backlog() > 28 * 28 * 4, tries=50)
-        assert device.uplink_backlog() > 28 * 28 * 4
+        await _until(lambda: device.dispatch.uplink_backlog() > 28 * 28 * 4, tries=50)
+        assert device.dispatch.uplink_backlog() > 28 * 28 * 4
         edge_id = next(iter(device.edges.edges))
         assert await device.probe(edge_id) is None  # deferred: it would time our own queue
         outcome = await request
         # the input is across; what may remain is an acknowledgement of ours on its way (idle, for deviced)
-        assert outcome.where == "edge" and device.uplink_backlog() <= PROBE_IDLE_BYTES
+        assert outcome.where == "edge" and device.dispatch.uplink_backlog() <= PROBE_IDLE_BYTES
 
 
 async def test_the_device_learns_how_fast_it_runs(bundle: Bundle) -> None:
@@ -196,7 +197,7 @@ async def test_the_device_learns_how_fast_it_runs(bundle: Bundle) -> None:
                             latency_model=resources.DESKTOP_MODEL, emulate_slowdown=slowdown)
         async with Client(cfg) as client:
             outcomes = [await client.infer(x[0], deadline=5.0) for _ in range(40)]
-        speed = client.device.device_speed
+        speed = client.device.learning.device_speed
         assert speed.samples == len(outcomes)
         assert all(o.where == "device" and 0 < o.stage_s <= o.latency_s and o.edge_s is None for o in outcomes)
         learned[slowdown] = speed.value
@@ -219,18 +220,19 @@ async def test_the_device_plans_with_a_margin_for_its_overruns() -> None:
             for i in range(30):  # a jittery device: every other request runs 3x slower (its speed factor: ~2x)
                 device.cfg = replace(cfg, emulate_slowdown=3.0 if i % 2 else 1.0)
                 outcomes.append(await client.infer(x[0], deadline=5.0))
-            margin, rest = device.device_margin.value, device._device_rest_s(5, 0)
+            margin, rest = device.learning.device_margin.value, device.device_rest_s(5, frozenset({"input"}))
             # a deadline the top exit's prediction meets, but not with the margin
             tight = await client.infer(x[0], deadline=rest + margin / 2 if margin else rest)
         used = [o.plan.bound_s - o.plan.predicted_s for o in outcomes if o.plan.bound_s and o.plan.predicted_s]
         if quantile:
             # the slow half ran ~1.5x its prediction of ~2x the model: a few ms over, in seconds
-            assert len(device.device_margin.overruns) == 31 and margin > 0.1 * rest, (device.device_margin, rest)
+            learned = device.learning.device_margin
+            assert len(learned.overruns) == 31 and margin > 0.1 * rest, (learned, rest)
             assert used[:MARGIN_MIN_SAMPLES] == [0.0] * MARGIN_MIN_SAMPLES  # no margin before enough requests
             assert min(used[-10:]) > 0.0  # planned with it, once the overruns have shown
             assert tight.plan.exit is not None and tight.plan.exit < 5
             gauge = device.metrics.registry.get_sample_value("coinfer_device_plan_margin_seconds")
-            assert gauge == device.device_margin.value
+            assert gauge == device.learning.device_margin.value
         else:  # off: Edgent's rule, the point prediction
             assert margin == 0.0 and used == [0.0] * len(outcomes)
             assert tight.plan.exit == 5

@@ -79,10 +79,12 @@ async def test_split_request_runs_the_tail(broker: Broker, prefix: str, edge: Ed
     await wait_online(broker, prefix, "edge-a")
     x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
     from models.runtime import StageRunner
+    from planner.core import Segment
 
     runner = StageRunner(bundle)
-    mid = runner.stage(2, 4, "head").run({"input": x})
-    whole = runner.stage(2, len(bundle.exit(2).layers), "head").run({"input": x})
+    after4 = next(c for c in bundle.exit(2).cuts if c.index == 4)
+    mid = runner.stage(Segment(2, frozenset({"input"}), after4.tensors)).run({"input": x})
+    whole = runner.stage(runner.whole(2)).run({"input": x})
     reply = await _ask(broker, Topics(prefix).edge_request("edge-a", "pi-9"),
                        encode(_request(bundle, exit=2, cut=4, tensors=mid)))
     assert isinstance(reply, InferResult)

@@ -1,6 +1,9 @@
 """Faults against real processes: edged killed mid-request, the broker restarted mid-run. Nothing is lost."""
 
 import asyncio
+import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from deviced.engine import Outcome
 from deviced.service import Client
 from edged.config import EdgedConfig
 from models.data import load_fashion_mnist, preprocess
+from planner import policies
 from tests.daemons.conftest import Broker, EdgeProcess, start_broker
 
 
@@ -84,3 +88,42 @@ async def test_broker_restart_mid_run(own_broker: Broker, prefix: str) -> None:
     assert all(o.where in ("edge", "split") for o in outcomes[:10])
     assert all(o.where in ("device", "fallback") for o in outcomes[10:20])
     assert all(o.where in ("edge", "split") for o in outcomes[20:])
+
+
+async def test_broker_killed_under_in_flight_requests(tmp_path: Path, own_broker: Broker, prefix: str) -> None:
+    """A lost broker is not a slow edge: every waiting request falls back at once with reason ``broker``, and
+    nothing is learned from it (no bandwidth cap, no margin sample, no suspect strike)."""
+    proc = _edged_process(tmp_path, own_broker, prefix)
+    x = _inputs(6)
+    try:
+        cfg = DevicedConfig(device_id="pi-lost", topic_prefix=prefix, broker=own_broker.config, probe_interval_s=0)
+        async with Client(cfg) as client:
+            assert await client.wait_for_edge(20)
+            device = client.device
+            edge_only = policies.make("fixed", exit=5, cut=0)
+            assert (await device.infer(x[0], 5.0, policy=edge_only)).where == "edge"
+            link, margins = device.link.estimate, (device.learning.device_margin, device.learning.remote_margin)
+            os.kill(proc.pid, signal.SIGSTOP)  # the edge takes requests and answers none: they wait
+            in_flight = [asyncio.create_task(device.infer(x[i], 5.0, policy=edge_only)) for i in range(1, 6)]
+            for _ in range(200):  # until all five are sent and waiting for their answers
+                await asyncio.sleep(0.01)
+                if device.dispatch.waiting == 5:
+                    break
+            killed = time.monotonic()
+            own_broker.kill()
+            outcomes: list[Outcome] = await asyncio.gather(*in_flight)
+            done = time.monotonic()
+            view = device.edges.edges["edge-k"]
+            assert [o.fallback for o in outcomes] == ["broker"] * 5
+            assert all(o.where == "fallback" and o.logits.shape == (1, 10) for o in outcomes)
+            # at once: not at the local cut-off, which a 5 s deadline puts seconds later
+            assert done - killed < 2.5, done - killed
+            assert device.link.estimate == link and device.link.capped is None
+            assert (device.learning.device_margin, device.learning.remote_margin) == margins
+            assert view.unanswered == 0 and view.suspect_until == 0.0
+            assert device.metrics.registry.get_sample_value("coinfer_device_fallbacks_total",
+                                                            {"reason": "broker"}) == 5
+    finally:
+        if proc.proc is not None:
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.stop()

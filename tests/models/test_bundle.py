@@ -33,7 +33,7 @@ def test_manifest_describes_a_real_tradeoff(shipped: Bundle) -> None:
     assert flops == sorted(flops)
     assert exits[0].accuracy < max(e.accuracy for e in exits) - 0.02  # first exit clearly less accurate
     assert flops[0] < flops[-1] / 5  # and clearly cheaper
-    kinds = {bundle.layers[name].kind for name in exits[-1].layers}
+    kinds = {bundle.layers[lay.name].kind for lay in exits[-1].layers}
     assert {"conv", "relu", "pool", "lrn", "dropout", "fc"} <= kinds
     for layer in bundle.manifest["layers"]:
         assert {"type", "input_bytes", "output_bytes", "flops", "param_bytes"} <= layer.keys()

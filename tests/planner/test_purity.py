@@ -3,7 +3,8 @@ import sys
 
 
 def test_planner_imports_no_runtime() -> None:
-    code = ("import sys, planner.edgent, planner.latency, planner.units, planner.errors; "
+    code = ("import sys, planner.core, planner.policies, planner.edgent, planner.latency, planner.units, "
+            "planner.errors; "
             "bad = [m for m in ('asyncio', 'aiomqtt', 'paho', 'onnxruntime', 'onnx', 'prometheus_client', "
             "'structlog', 'torch') if m in sys.modules]; print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,0 +1,170 @@
+"""deviced's MQTT side: what it sends to edges, how replies find their waiters, and what a lost broker ends."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+from enum import Enum
+from typing import Any
+
+import aiomqtt
+import structlog
+
+from deviced.calls import PendingCalls
+from deviced.edges import EdgeDirectory
+from deviced.errors import BrokerLost
+from deviced.link import PROBE_TIMEOUT_S
+from protocol import session
+from protocol.errors import MalformedMessage, ProtocolError
+from protocol.messages import (
+    Advert,
+    ErrorReply,
+    InferResult,
+    Message,
+    Probe,
+    ProbeReply,
+    Status,
+    decode,
+    encode,
+)
+from protocol.topics import Topics
+
+log = structlog.get_logger()
+
+
+class Connection(Enum):
+    """Where the MQTT session stands."""
+
+    DOWN = "down"
+    UP = "up"
+
+
+class Dispatch:
+    """Sends requests and probes, matches replies to their waiters, and routes edge status and adverts.
+
+    ``attach`` and ``detach`` follow the MQTT session; ``detach`` fails every waiter at once with
+    ``BrokerLost`` (the real cause), so no request waits out a timeout for a reply that cannot come.
+    """
+
+    def __init__(self, *, device_id: str, topics: Topics, edges: EdgeDirectory, id_prefix: str,
+                 on_late_result: Callable[[InferResult], None], emulated_uplink_bps: float = 0.0) -> None:
+        self.device_id = device_id
+        self.topics = topics
+        self.edges = edges
+        self.state = Connection.DOWN
+        self._client: aiomqtt.Client | None = None
+        self._calls: PendingCalls[str, Message] = PendingCalls()
+        self._ids = itertools.count()
+        self._prefix = id_prefix
+        self._on_late_result = on_late_result
+        self._uplink = asyncio.Lock()
+        self._emulated_bps = emulated_uplink_bps
+        self._emulated_queued = 0  # with an emulated uplink: bytes waiting in it
+
+    # ---- the session ------------------------------------------------------------------------------
+    def attach(self, client: aiomqtt.Client) -> None:
+        self._client, self.state = client, Connection.UP
+
+    def detach(self, cause: BaseException | None = None) -> None:
+        """The session ended: fail every waiter now with ``BrokerLost``. Safe to call twice."""
+        self._client, self.state = None, Connection.DOWN
+        failed = self._calls.fail_all(BrokerLost(f"broker connection lost: {cause}" if cause else
+                                                 "broker connection closed"))
+        if failed:
+            log.warning("pending_failed", waiters=failed, error=str(cause))
+
+    @property
+    def connected(self) -> bool:
+        return self.state is Connection.UP
+
+    @property
+    def waiting(self) -> int:
+        """Requests and probes sent and waiting for their answers."""
+        return len(self._calls)
+
+    def new_id(self, tag: str = "") -> str:
+        return f"{self._prefix}-{tag}{next(self._ids)}"
+
+    # ---- outgoing ---------------------------------------------------------------------------------
+    async def infer(self, request_id: str, payload: bytes, edge_id: str, *, expiry_s: float,
+                    timeout: Callable[[], float]) -> InferResult | ErrorReply:
+        """Send an encoded ``InferRequest`` to ``edge_id`` and wait for its answer until ``timeout()`` seconds
+        (asked once it is sent). Raises TimeoutError (no answer in time) or BrokerLost (no session, or it ended
+        meanwhile)."""
+        with self._calls.expect(request_id) as answer:
+            await self._emulate_upload(len(payload))
+            props = session.request_properties(response_topic=self.topics.device_responses(self.device_id),
+                                               correlation=request_id, expiry_s=max(expiry_s, 0.001))
+            await self._publish(self.topics.edge_request(edge_id, self.device_id), payload, props)
+            reply = await asyncio.wait_for(answer, timeout=max(timeout(), 0.0))
+        if not isinstance(reply, InferResult | ErrorReply):
+            raise MalformedMessage(f"a {reply.kind} message answered request {request_id}")
+        return reply
+
+    async def probe(self, edge_id: str, padding: int) -> int:
+        """One probe of ``padding`` bytes there and back; returns the bytes sent (TimeoutError, BrokerLost)."""
+        probe_id = self.new_id("p")
+        payload = encode(Probe(probe_id=probe_id, device_id=self.device_id, padding=bytes(padding)))
+        with self._calls.expect(probe_id) as answer:
+            await self._emulate_upload(len(payload))
+            props = session.request_properties(response_topic=self.topics.device_responses(self.device_id),
+                                               correlation=probe_id, expiry_s=PROBE_TIMEOUT_S)
+            await self._publish(self.topics.edge_probe(edge_id, self.device_id), payload, props)
+            await asyncio.wait_for(answer, timeout=PROBE_TIMEOUT_S)
+        return len(payload)
+
+    def uplink_backlog(self) -> int:
+        """Bytes of our earlier messages not yet across the uplink (measured on the connection, not modelled): a
+        new upload queues behind them."""
+        on_socket = session.unsent_bytes(self._client) if self._client is not None else 0
+        return on_socket + self._emulated_queued
+
+    def set_emulated_uplink(self, bps: float) -> None:
+        """Change the in-application uplink emulation (0: off) while running."""
+        self._emulated_bps = bps
+
+    # ---- incoming ---------------------------------------------------------------------------------
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Dispatch one incoming message: edge status/adverts, or a reply to a pending request or probe."""
+        try:
+            msg = decode(payload)
+            if isinstance(msg, Status) and topic.endswith("/status"):
+                self.edges.on_status(self.topics.edge_id_of(topic), msg)
+            elif isinstance(msg, Advert):
+                self.edges.on_advert(self.topics.edge_id_of(topic), msg)
+            elif isinstance(msg, (InferResult, ErrorReply, ProbeReply)):
+                self.edges.heard_from(msg.sender if isinstance(msg, ErrorReply) else msg.edge_id)
+                key = msg.probe_id if isinstance(msg, ProbeReply) else msg.request_id
+                if isinstance(msg, InferResult):
+                    self.edges.served(msg.edge_id)
+                    if not self._calls.resolve(key, msg):
+                        self._on_late_result(msg)
+                else:
+                    self._calls.resolve(key, msg)
+        except ProtocolError as exc:
+            log.warning("message_rejected", topic=topic, error=str(exc))
+        except Exception:  # a message that validated but still broke its handler: log it, keep serving
+            log.exception("message_failed", topic=topic)
+
+    # ---- private ----------------------------------------------------------------------------------
+    async def _publish(self, topic: str, payload: bytes, props: Any) -> None:
+        client = self._client
+        if client is None:
+            raise BrokerLost("not connected to the broker")
+        try:
+            await client.publish(topic, payload, qos=session.TRAFFIC_QOS, properties=props)
+        except session.MQTT_ERRORS as exc:
+            self.detach(exc)
+            raise BrokerLost(f"publish failed: {exc}") from exc
+
+    async def _emulate_upload(self, nbytes: int) -> None:
+        """With an emulated uplink: wait out the transfer of ``nbytes``, behind any queued before them."""
+        if not self._emulated_bps:
+            return
+        self._emulated_queued += nbytes
+        try:
+            async with self._uplink:
+                await asyncio.sleep(8.0 * nbytes / self._emulated_bps)
+        finally:
+            self._emulated_queued -= nbytes

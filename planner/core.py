@@ -1,0 +1,296 @@
+"""What every planning policy shares: a model's exits and cuts, candidates, conditions, decisions, the seam.
+
+A policy is a ``Planner``: ``decide(view)`` returns a ``Decision`` (or ``Infeasible``), ``observe(outcome)``
+learns from how a request went (a no-op for stateless policies). A cut is a set of tensors; its layer count
+is kept as information and names a cut only where the model is a chain. Exits are numbered from 1 everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from planner.errors import PlannerError
+
+DEVICE = "device"  # the host of a route's steps on the requesting device
+EDGE = "edge"  # the host of steps on the chosen edge server
+
+
+class Where(StrEnum):
+    """Where a plan computes: wholly on the device, wholly on the edge, or split between them."""
+
+    DEVICE = "device"
+    EDGE = "edge"
+    SPLIT = "split"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerInfo:
+    """A layer as the planner sees it: its type and its variables (sizes, FLOPs)."""
+
+    name: str
+    kind: str
+    features: Mapping[str, float]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CutPoint:
+    """A place to cut an exit: the ``tensors`` that cross (``bytes`` in all); ``index`` layers run before it."""
+
+    tensors: frozenset[str]
+    index: int
+    bytes: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tensors", frozenset(self.tensors))
+        if not self.tensors:
+            raise PlannerError("a cut crosses at least one tensor")
+
+    @property
+    def name(self) -> str:
+        return "+".join(sorted(self.tensors))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExitInfo:
+    """One exit of a multi-exit model: its accuracy, layers in execution order and where it can be cut.
+
+    ``cuts`` are the interior cuts; edge-only (the input crosses) and device-only (nothing crosses) are always
+    candidates and need not be listed.
+    """
+
+    index: int  # 1-based
+    output: str  # the exit's output tensor
+    input: str  # the model's input tensor
+    accuracy: float
+    layers: tuple[LayerInfo, ...]
+    cuts: tuple[CutPoint, ...]
+    input_bytes: int
+    result_bytes: int
+
+    def __post_init__(self) -> None:
+        if self.index < 1:
+            raise PlannerError("exits are numbered from 1")
+        if not self.layers:
+            raise PlannerError("an exit needs at least one layer")
+        if any(not 0 < c.index < len(self.layers) for c in self.cuts):
+            raise PlannerError(f"cut index out of range 1..{len(self.layers) - 1}")
+
+    def cut(self, tensors: frozenset[str]) -> CutPoint:
+        """The listed cut crossing exactly ``tensors``."""
+        for c in self.cuts:
+            if c.tensors == tensors:
+                return c
+        raise PlannerError(f"exit {self.index} has no cut at {sorted(tensors)}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Candidates:
+    """Every (exit, cut) candidate of a model under one pair of latency models, as flat arrays."""
+
+    exits: tuple[ExitInfo, ...]
+    exit: npt.NDArray[np.int64]  # 1-based exit of each candidate
+    cut: npt.NDArray[np.int64]  # layers run on the device (information; ``tensors`` names the cut)
+    n_layers: npt.NDArray[np.int64]  # layers of the candidate's exit
+    accuracy: npt.NDArray[np.float64]
+    device_s: npt.NDArray[np.float64]
+    edge_s: npt.NDArray[np.float64]
+    up_bytes: npt.NDArray[np.float64]
+    down_bytes: npt.NDArray[np.float64]
+    uses_edge: npt.NDArray[np.bool_]
+    tensors: tuple[frozenset[str], ...]  # what crosses: the input (edge-only), a cut, or nothing (device-only)
+    rank: tuple[tuple[int, int, int], ...]  # (exit, first, stop) groups, most accurate exit first
+
+    def index(self, exit_index: int, cut: int | frozenset[str]) -> int:
+        """The candidate of exit ``exit_index`` cut at ``cut``: a tensor set, or (chains) a layer count."""
+        if isinstance(cut, int):
+            hits = np.flatnonzero((self.exit == exit_index) & (self.cut == cut))
+        else:
+            hits = np.flatnonzero(self.exit == exit_index)
+            hits = hits[[self.tensors[i] == cut for i in hits]] if hits.size else hits
+        if hits.size == 0:
+            what = f"after {cut} layers" if isinstance(cut, int) else f"at {sorted(cut)}"
+            raise PlannerError(f"exit {exit_index} has no cut {what}")
+        return int(hits[0])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Conditions:
+    """What the device knows when a request arrives."""
+
+    bandwidth_bps: float  # uplink
+    deadline_s: float
+    downlink_bps: float | None = None  # defaults to the uplink
+    rtt_s: float = 0.0  # fixed cost of one round trip to the edge
+    edge_queue_s: float = 0.0  # expected wait in the edge's queue (its advertised load)
+    uplink_backlog_bytes: float = 0.0  # our own earlier uploads still ahead of this one on the uplink
+    device_speed: float = 1.0  # measured / modelled stage times on the device now (``latency.SpeedFactor``)
+    edge_speed: float = 1.0  # the same on the edge
+    # How much longer than predicted the device's part and the rest (link, edge) may take (``latency.Margin``):
+    # a plan is feasible when its prediction with these margins meets the deadline. Seconds added to any plan
+    # that computes on the device; a factor on the rest of any plan that uses the edge.
+    device_margin_s: float = 0.0
+    remote_margin: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.bandwidth_bps > 0 or (self.downlink_bps is not None and not self.downlink_bps > 0):
+            raise PlannerError("bandwidth must be positive")
+        if not self.deadline_s > 0:
+            raise PlannerError("deadline must be positive")
+        if self.rtt_s < 0 or self.edge_queue_s < 0 or self.uplink_backlog_bytes < 0:
+            raise PlannerError("rtt, edge queue time and uplink backlog cannot be negative")
+        if not (self.device_speed > 0 and self.edge_speed > 0):
+            raise PlannerError("speed factors must be positive")
+        if not (self.device_margin_s >= 0 and self.remote_margin >= 1):
+            raise PlannerError("margins add time: device_margin_s >= 0, remote_margin >= 1")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class View:
+    """What a policy decides from: the model's candidates costed for the chosen edge, and the conditions now."""
+
+    candidates: Candidates
+    conditions: Conditions
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A part of exit ``exit`` from the tensors ``inputs`` to the tensors ``outputs`` (head, tail or middle)."""
+
+    exit: int
+    inputs: frozenset[str]
+    outputs: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One stage of a route: ``host`` (``DEVICE``, ``EDGE`` or a worker's id) runs ``segment``."""
+
+    host: str
+    segment: Segment
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Actuation:
+    """Settings a policy may choose beside the route (None: leave as is)."""
+
+    cpu_share: float | None = None  # of the device's CPU, 0..1
+    tx_rate_bps: float | None = None  # uplink transmit rate
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    """A plan for one request: the exit, the cut, the route's stages, predicted times and optional actuation."""
+
+    feasible: bool  # its prediction with the margins (``bound_s``) meets the deadline
+    exit: int  # 1-based
+    cut_tensors: frozenset[str]  # what crosses to the edge: empty when nothing does
+    cut: int  # layers on the device (information): 0 = edge-only, n_layers = device-only
+    n_layers: int
+    route: tuple[Step, ...]
+    predicted_s: float
+    bound_s: float  # the prediction with the margins: what met (or missed) the deadline
+    device_s: float
+    transfer_s: float
+    edge_s: float
+    accuracy: float
+    actuation: Actuation | None = None
+
+    @property
+    def where(self) -> Where:
+        hosts = [s.host for s in self.route]
+        if all(h == DEVICE for h in hosts):
+            return Where.DEVICE
+        return Where.SPLIT if hosts[0] == DEVICE else Where.EDGE
+
+    def step(self, host: str) -> Step | None:
+        """The route's step on ``host``, if it has one."""
+        return next((s for s in self.route if s.host == host), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"feasible": self.feasible, "exit": self.exit, "cut": self.cut, "n_layers": self.n_layers,
+                "cut_tensors": sorted(self.cut_tensors), "where": self.where.value, "predicted_s": self.predicted_s,
+                "bound_s": self.bound_s, "device_s": self.device_s, "transfer_s": self.transfer_s,
+                "edge_s": self.edge_s, "accuracy": self.accuracy,
+                "route": [{"host": s.host, "inputs": sorted(s.segment.inputs), "outputs": sorted(s.segment.outputs)}
+                          for s in self.route]}
+
+
+@dataclass(frozen=True, slots=True)
+class Infeasible:
+    """No plan meets the deadline; ``best_effort`` is what the policy would run anyway (None: the caller's
+    fastest local way)."""
+
+    reason: str
+    best_effort: Decision | None = None
+    feasible: ClassVar[bool] = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"feasible": False, "exit": None, "cut": None, "where": "none", "reason": self.reason}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Observation:
+    """How one request went, as a policy learns it."""
+
+    decision: Decision  # what ran
+    latency_s: float
+    deadline_s: float
+    device_s: float  # measured time in device stages
+    edge_s: float | None  # measured by the edge (None: no answer used)
+    fallback: str | None  # why the edge part was abandoned
+
+
+class Planner(Protocol):
+    """A planning policy. Registered by name in ``planner.policies``; the device engine calls only this."""
+
+    def decide(self, view: View) -> Decision | Infeasible: ...
+
+    def observe(self, outcome: Observation) -> None: ...
+
+
+class Stateless:
+    """Base of the policies that learn nothing from outcomes."""
+
+    def observe(self, outcome: Observation) -> None:
+        """Nothing to learn."""
+
+
+def route(ex: ExitInfo, tensors: frozenset[str]) -> tuple[Step, ...]:
+    """The device / edge steps of exit ``ex`` cut where ``tensors`` cross (the input: edge-only; none:
+    device-only)."""
+    whole_in, out = frozenset({ex.input}), frozenset({ex.output})
+    if not tensors:
+        return (Step(DEVICE, Segment(ex.index, whole_in, out)),)
+    if tensors == whole_in:
+        return (Step(EDGE, Segment(ex.index, whole_in, out)),)
+    return Step(DEVICE, Segment(ex.index, whole_in, tensors)), Step(EDGE, Segment(ex.index, tensors, out))
+
+
+def exits_from_manifest(manifest: Mapping[str, Any]) -> tuple[ExitInfo, ...]:
+    """The planner's view of a bundle manifest (``models.bundle``): layers, cuts and accuracy per exit."""
+    try:
+        by_name = {lay["name"]: lay for lay in manifest["layers"]}
+        input_name = str(manifest["input"]["name"])
+        input_bytes = 4 * int(np.prod(manifest["input"]["shape"]))
+        exits = []
+        for e in manifest["exits"]:
+            layers = tuple(LayerInfo(name=n, kind=str(by_name[n]["type"]),
+                                     features={k: float(v) for k, v in by_name[n].items()
+                                               if isinstance(v, (int, float)) and k != "index"})
+                           for n in e["layers"])
+            cuts = tuple(CutPoint(index=int(c["index"]), bytes=int(c["bytes"]), tensors=frozenset(c["tensors"]))
+                         for c in e["cuts"])
+            exits.append(ExitInfo(index=int(e["index"]), output=str(e["output"]), input=input_name,
+                                  accuracy=float(e["accuracy"]), layers=layers, cuts=cuts, input_bytes=input_bytes,
+                                  result_bytes=int(layers[-1].features["output_bytes"])))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PlannerError(f"malformed bundle manifest: {exc!r}") from exc
+    if [e.index for e in exits] != list(range(1, len(exits) + 1)):
+        raise PlannerError("malformed bundle manifest: exits must be numbered 1..N in order")
+    return tuple(exits)
