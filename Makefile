@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench bench-edgent bench-load system-deps clean
+.PHONY: run test lint typecheck unit bench bench-edgent bench-load deploy-check system-deps clean
 
 run: $(STAMP) system-deps
 	@echo "== co-inference: mosquitto + edged + deviced on this machine, real Fashion-MNIST images =="
@@ -41,6 +41,11 @@ bench-edgent: $(STAMP) system-deps
 # Many devices against 1 and 2 edged, a 3-minute soak, faults under load (loopback; ~6 minutes).
 bench-load: $(STAMP) system-deps
 	$(VENV)/bin/coinfer bench load --out docs/results/load/load.json
+
+# The README's deployment steps for an edge and a device on this machine, in a scratch root (root; installs
+# Debian packages; ~5 minutes). Not part of `make test`.
+deploy-check: $(STAMP)
+	$(SUDO) $(PY) -m coinfer.deploycheck
 
 system-deps:
 	@missing=""; \

@@ -24,7 +24,8 @@ from pathlib import Path
 from protocol.topics import DEFAULT_PREFIX, Topics, check_id
 
 DEFAULT_DIR = Path("/etc/mosquitto/coinfer")
-ROLES = ("device", "edge")
+ROLES = ("device", "edge", "app")
+METRICS_PORTS = {"edge": 9101, "device": 9102}  # as in deploy/config/*.toml
 _ENTRY = re.compile(r"^# coinfer-user role=(\w+) id=(\S+) prefix=(\S+)$")
 CERT_DAYS = 825
 
@@ -45,8 +46,14 @@ class Entry:
         check_id(self.ident, f"{self.role} id")
         Topics(self.prefix)
 
+        if self.role == "app" and "." not in self.ident:
+            raise BrokerSetupError(f"an application's id is DEVICE.APP (e.g. pi-1.camera), not {self.ident!r}")
+
     def rules(self) -> list[tuple[str, str]]:
         t = Topics(self.prefix)
+        if self.role == "app":
+            device, app = self.ident.rsplit(".", 1)
+            return t.app_acl(device, app)
         return t.device_acl(self.ident) if self.role == "device" else t.edge_acl(self.ident)
 
 
@@ -71,6 +78,28 @@ def render_acl(users: list[Entry]) -> str:
         lines += [f"topic {access} {topic}" for access, topic in e.rules()]
         lines.append("")
     return "\n".join(lines)
+
+
+def scrape_config(users: list[Entry], *, domain: str = "lan", targets: dict[str, str] | None = None) -> str:
+    """Prometheus' scrape config for the provisioned edges and devices (applications export no metrics):
+    ``ID.DOMAIN:PORT`` for each, unless ``targets`` gives an ID its ``HOST:PORT``."""
+    targets = targets or {}
+    unknown = sorted(set(targets) - {e.ident for e in users})
+    if unknown:
+        raise BrokerSetupError(f"--target for {unknown}: not provisioned (`coinfer broker list`)")
+    lines = ["# Written by `coinfer broker scrape-config` from the provisioned users; regenerate after add/revoke.",
+             "global:", "  scrape_interval: 5s", "  evaluation_interval: 5s", "", "rule_files:",
+             "  - coinfer.rules.yml  # relative to this file", "", "scrape_configs:"]
+    for role, job in (("edge", "coinfer-edges"), ("device", "coinfer-devices")):
+        members = [e for e in users if e.role == role]
+        lines += [f"  - job_name: {job}", "    static_configs:"]
+        if not members:
+            lines[-1] = "    static_configs: []"
+        for e in members:
+            address = targets.get(e.ident, f"{e.ident}.{domain}:{METRICS_PORTS[role]}" if domain else
+                                  f"{e.ident}:{METRICS_PORTS[role]}")
+            lines += [f'      - targets: ["{address}"]', f"        labels: {{{role}: {e.ident}}}"]
+    return "\n".join(lines) + "\n"
 
 
 def init(directory: Path, hosts: list[str], *, days: int = CERT_DAYS) -> list[Path]:

@@ -119,8 +119,13 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_testbed)
 
     s = sub.add_parser("broker", help="provision the production broker: certificates, per-device credentials and ACLs")
-    s.add_argument("action", choices=["init", "add-device", "add-edge", "revoke", "list"])
-    s.add_argument("ident", nargs="?", help="device or edge id (add-device, add-edge, revoke)")
+    s.add_argument("action", choices=["init", "add-device", "add-edge", "add-app", "revoke", "list", "scrape-config"])
+    s.add_argument("ident", nargs="?",
+                   help="device or edge id (add-device, add-edge, revoke); DEVICE.APP for add-app (e.g. pi-1.camera)")
+    s.add_argument("--domain", default="lan", help="scrape-config: targets are ID.DOMAIN:PORT unless --target")
+    s.add_argument("--target", action="append", default=[], metavar="ID=HOST:PORT",
+                   help="scrape-config: where one edge or device serves its metrics (repeat)")
+    s.add_argument("--out", type=Path, help="scrape-config: write here instead of printing")
     s.add_argument("--dir", type=Path, default=Path("/etc/mosquitto/coinfer"), help="the broker's coinfer folder")
     s.add_argument("--host", action="append", default=[],
                    help="init: a DNS name or IP devices use to reach the broker (repeat for several)")
@@ -377,6 +382,16 @@ def cmd_broker(args: argparse.Namespace) -> int:
         elif args.action == "list":
             for e in broker.entries(args.dir):
                 print(f"{e.role:<7} {e.ident:<24} prefix {e.prefix}")
+        elif args.action == "scrape-config":
+            targets = dict(t.split("=", 1) for t in args.target if "=" in t)
+            if len(targets) != len(args.target):
+                raise ValueError("--target takes ID=HOST:PORT")
+            text = broker.scrape_config(broker.entries(args.dir), domain=args.domain, targets=targets)
+            if args.out:
+                args.out.write_text(text)
+                print(f"wrote {args.out}")
+            else:
+                print(text, end="")
         elif args.ident is None:
             print(f"coinfer: error: broker {args.action} needs an id", file=sys.stderr)
             return 2
@@ -386,8 +401,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
         else:
             entry = broker.Entry(args.action.removeprefix("add-"), args.ident, args.prefix)
             _, secret = broker.add(args.dir, entry)
-            print(f"{entry.role} {entry.ident}: password in {secret} (copy it to the {entry.role} as "
-                  f"/etc/coinfer/mqtt-password, mode 0600, then delete it here)")
+            print(f"{entry.role} {entry.ident}: its password is in {secret} (mode 0600). {_install_hint(entry)}, "
+                  f"then delete it here.")
             for access, topic in entry.rules():
                 print(f"  {access:<9} {topic}")
             print("now `systemctl reload mosquitto` (SIGHUP) to apply")
@@ -395,6 +410,16 @@ def cmd_broker(args: argparse.Namespace) -> int:
         print(f"coinfer: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _install_hint(entry: Any) -> str:
+    """Where a provisioned password goes on the machine that uses it (deploy/install.sh's file names)."""
+    if entry.role == "app":
+        app = entry.ident.rsplit(".", 1)[1]
+        return (f"Copy it to the device as /etc/coinfer/apps/{app}.password (mode 0640, group: the Unix group the "
+                f"application runs as)")
+    daemon = "edged" if entry.role == "edge" else "deviced"
+    return f"Copy it to the {entry.role} as /etc/coinfer/{daemon}.password (mode 0600)"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

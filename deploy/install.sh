@@ -1,44 +1,106 @@
 #!/usr/bin/env bash
 # Install coinfer as a systemd service from this source tree.
 #
-#   sudo deploy/install.sh edge   [--host edge.lan]...  # desktop: mosquitto (TLS, passwords, ACLs) + edged
-#   sudo deploy/install.sh device                       # Raspberry Pi (64-bit OS) or any Linux device: deviced
+#   sudo deploy/install.sh edge [--host edge.lan]...       # desktop: mosquitto (TLS, passwords, ACLs) + edged
+#   sudo deploy/install.sh device [--id pi-1] [--broker edge.lan]   # a Raspberry Pi (64-bit OS) or any Linux device
+#   sudo deploy/install.sh monitoring [--domain lan]       # desktop: Prometheus (+ Grafana where apt has it)
 #
 # Idempotent: existing configs, certificates and passwords are kept. Python wheels for every dependency exist
 # for aarch64 (64-bit Raspberry Pi OS, Python 3.11+); 32-bit (armv7) Pi OS has no onnxruntime wheel.
+# `make deploy-check` runs the README's deployment steps, this script included, in a scratch root.
 set -euo pipefail
 
 role=${1:-}
 shift || true
-hosts=()
+hosts=() device_id="" broker_host="" domain="lan"
 while [ $# -gt 0 ]; do
   case $1 in
     --host) hosts+=("$2"); shift 2 ;;
-    *) echo "unknown option $1" >&2; exit 2 ;;
+    --id) device_id=$2; shift 2 ;;
+    --broker) broker_host=$2; shift 2 ;;
+    --domain) domain=$2; shift 2 ;;
+    *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
-case $role in edge|device) ;; *) echo "usage: $0 edge [--host NAME]... | device" >&2; exit 2 ;; esac
-[ "$(id -u)" = 0 ] || { echo "run as root (sudo)" >&2; exit 2; }
+case $role in edge|device|monitoring) ;;
+  *) echo "usage: $0 edge [--host NAME]... | device [--id ID] [--broker HOST] | monitoring [--domain D]" >&2
+     exit 2 ;;
+esac
+[ "$(id -u)" = 0 ] || { echo "install.sh: run as root (sudo)" >&2; exit 2; }
 
 src=$(cd "$(dirname "$0")/.." && pwd)
 prefix=/opt/coinfer
 etc=/etc/coinfer
+# The system's own Python, never whatever `python3` is first on root's PATH: a pyenv or conda Python under a
+# 0700 home cannot be executed by the units' DynamicUser.
+python=/usr/bin/python3
+
+apt() {
+  echo "== system packages: $*"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+if [ "$role" = monitoring ]; then
+  apt prometheus
+  [ -x "$prefix/venv/bin/coinfer" ] || { echo "install.sh: install the edge first (install.sh edge)" >&2; exit 2; }
+  edge_id=$(sed -n 's/^edge_id *= *"\(.*\)".*/\1/p' "$etc/edged.toml")
+  echo "== Prometheus: rules and a scrape config of the provisioned edges and devices (ID.$domain)"
+  install -m 0644 "$src/deploy/prometheus/coinfer.rules.yml" /etc/prometheus/coinfer.rules.yml
+  if [ -e /etc/prometheus/prometheus.yml ] && [ ! -e /etc/prometheus/prometheus.yml.orig ]; then
+    cp /etc/prometheus/prometheus.yml /etc/prometheus/prometheus.yml.orig
+  fi
+  "$prefix/venv/bin/coinfer" broker scrape-config --domain "$domain" --target "$edge_id=127.0.0.1:9101" \
+    --out /etc/prometheus/prometheus.yml
+  promtool check config /etc/prometheus/prometheus.yml
+  systemctl restart prometheus
+  if apt-cache show grafana >/dev/null 2>&1; then
+    apt grafana
+    install -d /etc/grafana/provisioning/datasources /etc/grafana/provisioning/dashboards \
+      /var/lib/grafana/dashboards/coinfer
+    install -m 0644 "$src/deploy/grafana/provisioning/datasources/coinfer.yml" /etc/grafana/provisioning/datasources/
+    install -m 0644 "$src/deploy/grafana/provisioning/dashboards/coinfer.yml" /etc/grafana/provisioning/dashboards/
+    install -m 0644 "$src"/deploy/grafana/dashboards/*.json /var/lib/grafana/dashboards/coinfer/
+    systemctl restart grafana-server
+    echo "== monitoring: Prometheus on :9090, Grafana on :3000 (dashboards: coinfer devices, coinfer edges)"
+  else
+    echo "== monitoring: Prometheus on :9090. Grafana is not in this system's apt sources: add Grafana's own"
+    echo "   apt repository, install grafana, then copy deploy/grafana/ as the README's Deployment table says."
+  fi
+  exit 0
+fi
+
 daemon=$([ "$role" = edge ] && echo edged || echo deviced)
+pkgs=(python3-venv python3-pip)
+[ "$role" = edge ] && pkgs+=(mosquitto mosquitto-clients openssl)
+apt "${pkgs[@]}"
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+  { echo "install.sh: coinfer needs Python 3.11 or later as $python" >&2; exit 2; }
 
-echo "== system packages"
-pkgs="python3-venv python3-pip"
-[ "$role" = edge ] && pkgs="$pkgs mosquitto openssl"
-# shellcheck disable=SC2086
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs
-
-echo "== coinfer into $prefix/venv"
-python3 -m venv "$prefix/venv"
+echo "== coinfer into $prefix/venv (with $python)"
+[ -x "$prefix/venv/bin/python" ] || "$python" -m venv "$prefix/venv"
 "$prefix/venv/bin/pip" install -q --upgrade pip
 "$prefix/venv/bin/pip" install -q "$src"
+# on root's PATH and in sudo's secure_path (`sudo coinfer broker ...`)
+install -d /usr/local/bin
+for tool in coinfer edged deviced; do ln -sfn "$prefix/venv/bin/$tool" "/usr/local/bin/$tool"; done
 
 echo "== config in $etc"
 install -d -m 0755 "$etc"
-[ -e "$etc/$daemon.toml" ] || install -m 0644 "$src/deploy/config/$daemon.toml" "$etc/$daemon.toml"
+if [ ! -e "$etc/$daemon.toml" ]; then
+  install -m 0644 "$src/deploy/config/$daemon.toml" "$etc/$daemon.toml"
+  if [ -n "$device_id" ]; then
+    sed -i "s/^device_id = \"[^\"]*\"/device_id = \"$device_id\"/; s/^username = \"[^\"]*\"/username = \"$device_id\"/" \
+      "$etc/$daemon.toml"
+  fi
+  if [ -n "$broker_host" ]; then
+    sed -i "s/^host = \"[^\"]*\"/host = \"$broker_host\"/" "$etc/$daemon.toml"
+  fi
+fi
+# each daemon its own credential file, so that an edge and a device can share one host
+if [ -e "$etc/mqtt-password" ] && [ ! -e "$etc/$daemon.password" ]; then
+  mv "$etc/mqtt-password" "$etc/$daemon.password"
+fi
 install -m 0644 "$src/deploy/systemd/$daemon.service" /etc/systemd/system/
 
 if [ "$role" = edge ]; then
@@ -46,13 +108,13 @@ if [ "$role" = edge ]; then
   [ ${#hosts[@]} -gt 0 ] || hosts=("$(hostname -f)")
   if [ ! -e /etc/mosquitto/coinfer/ca.crt ]; then
     args=(); for h in "${hosts[@]}"; do args+=(--host "$h"); done
-    "$prefix/venv/bin/coinfer" broker init --dir /etc/mosquitto/coinfer "${args[@]}"
+    coinfer broker init --dir /etc/mosquitto/coinfer "${args[@]}"
   fi
   install -m 0644 "$src/deploy/mosquitto/coinfer.conf" /etc/mosquitto/conf.d/coinfer.conf
   edge_id=$(sed -n 's/^edge_id *= *"\(.*\)".*/\1/p' "$etc/edged.toml")
-  if ! "$prefix/venv/bin/coinfer" broker list | grep -q " $edge_id "; then
-    "$prefix/venv/bin/coinfer" broker add-edge "$edge_id"
-    install -m 0600 "/etc/mosquitto/coinfer/secrets/$edge_id.password" "$etc/mqtt-password"
+  if ! coinfer broker list | grep -q " $edge_id "; then
+    coinfer broker add-edge "$edge_id" >/dev/null
+    install -m 0600 "/etc/mosquitto/coinfer/secrets/$edge_id.password" "$etc/edged.password"
     rm "/etc/mosquitto/coinfer/secrets/$edge_id.password"
   fi
   systemctl restart mosquitto
@@ -60,15 +122,15 @@ fi
 
 systemctl daemon-reload
 systemctl enable "$daemon.service"
-if [ -s "$etc/mqtt-password" ]; then
+if [ -s "$etc/$daemon.password" ]; then
   systemctl restart "$daemon.service"
   echo "== $daemon started: systemctl status $daemon; journalctl -u $daemon -f"
 else
   cat <<EOF
-== $daemon installed but not started: it needs its broker password.
-On the edge server:  coinfer broker add-device <device_id>
-Copy the printed password file here as $etc/mqtt-password (mode 0600) and the broker's
-/etc/mosquitto/coinfer/ca.crt as $etc/ca.crt; set device_id and [broker] host in $etc/deviced.toml; then
-  systemctl start deviced
+== $daemon installed, not started: it needs its broker password and the broker's CA.
+On the edge server:  sudo coinfer broker add-device <device_id>
+Copy /etc/mosquitto/coinfer/secrets/<device_id>.password from there to $etc/$daemon.password (mode 0600), and
+/etc/mosquitto/coinfer/ca.crt to $etc/ca.crt; device_id and [broker] host are in $etc/deviced.toml; then
+  sudo systemctl start deviced
 EOF
 fi

@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 
 from deviced import config
+from deviced.config import DEPLOYED_CONFIG
+from deviced.errors import BrokerLost
 from deviced.service import Client, RemoteClient, RemoteError, build_device, run
 from models.bundle import load_bundle
 from models.data import CLASSES, read_idx
@@ -21,6 +24,8 @@ from planner.errors import PlannerError
 from planner.units import parse_duration
 from protocol import session
 from protocol.config import ConfigError
+
+log = structlog.get_logger()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--via-daemon", action="store_true",
                    help="send the images to a running `deviced run` over the broker instead of co-inferring in "
                         "this process")
+    s.add_argument("--app", default="",
+                   help="with --via-daemon: as this application (`coinfer broker add-app DEVICE.APP`), with its "
+                        "password from /etc/coinfer/apps/APP.password or $COINFER_MQTT_PASSWORD")
     s.add_argument("--log-level", default="warning")
     r = sub.add_parser("run", help="the long-running daemon: serves applications on the local MQTT request topic")
     r.add_argument("--config", type=Path, help="TOML file with [deviced] and [broker] tables")
@@ -50,10 +58,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         deadline = parse_duration(args.deadline or cfg.default_deadline)
         images = _read_images(args.file)[: args.count]
         if args.via_daemon:  # the daemon has the model; the input tensors are made here
-            return asyncio.run(_infer_remote(cfg, load_bundle(cfg.bundle).preprocess(images), deadline,
+            client = (RemoteClient.from_config(args.config or DEPLOYED_CONFIG, app=args.app) if args.app else
+                      RemoteClient(cfg.broker, cfg.device_id, prefix=cfg.topic_prefix))
+            return asyncio.run(_infer_remote(client, load_bundle(cfg.bundle).preprocess(images), deadline,
                                              as_json=args.json))
         return asyncio.run(_infer(cfg, images, deadline, as_json=args.json))
-    except (ConfigError, ModelError, PlannerError, ValueError, OSError, RemoteError, TimeoutError) as exc:
+    except (ConfigError, ModelError, PlannerError, ValueError, OSError, RemoteError, TimeoutError,
+            session.BrokerRefused, BrokerLost) as exc:
         print(f"deviced: error: {exc or type(exc).__name__}", file=sys.stderr)
         return 2
 
@@ -64,9 +75,10 @@ async def _run(cfg: config.DevicedConfig) -> None:
         device.metrics.serve(cfg.metrics_port)
     shutdown = asyncio.Event()
     session.install_signal_handlers(shutdown)
-    async with session.Systemd().serving(f"device {cfg.device_id}: model loaded; broker "
-                                         f"{cfg.broker.host}:{cfg.broker.port}"):
-        await run(device, shutdown=shutdown)
+    async with session.Systemd().serving(f"device {cfg.device_id}: model loaded; connecting to "
+                                         f"{cfg.broker.host}:{cfg.broker.port}") as systemd:
+        await run(device, shutdown=shutdown, systemd=systemd)
+    log.info("deviced_stopped", device_id=cfg.device_id)
 
 
 def _read_images(path: Path) -> np.ndarray:
@@ -79,7 +91,7 @@ def _read_images(path: Path) -> np.ndarray:
 
 
 async def _infer(cfg: config.DevicedConfig, images: np.ndarray, deadline: float, *, as_json: bool) -> int:
-    async with Client(cfg) as client:
+    async with Client(cfg, daemon=False) as client:  # beside a running `deviced run`, never in its place
         x = client.device.bundle.preprocess(images)
         await client.wait_for_edge(3.0)
         for i, xi in enumerate(x):
@@ -88,8 +100,8 @@ async def _infer(cfg: config.DevicedConfig, images: np.ndarray, deadline: float,
     return 0
 
 
-async def _infer_remote(cfg: config.DevicedConfig, x: np.ndarray, deadline: float, *, as_json: bool) -> int:
-    async with RemoteClient(cfg.broker, cfg.device_id, prefix=cfg.topic_prefix) as client:
+async def _infer_remote(client: RemoteClient, x: np.ndarray, deadline: float, *, as_json: bool) -> int:
+    async with client:
         for i, xi in enumerate(x):
             r = await client.infer(xi[None], deadline=deadline)
             _print(i, r.outputs["logits"], {"request_id": r.request_id, "exit": r.exit, "where": r.where,

@@ -16,6 +16,13 @@ from protocol.config import load_daemon
 from protocol.session import BrokerConfig
 from protocol.topics import DEFAULT_PREFIX, check_id
 
+DEPLOYED_CONFIG = Path("/etc/coinfer/deviced.toml")  # where deploy/install.sh puts it
+
+
+def app_user(device_id: str, app: str) -> str:
+    """The broker user of application ``app`` on device ``device_id`` (``coinfer broker add-app``)."""
+    return check_id(f"{device_id}.{app}", "app user")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DevicedConfig:

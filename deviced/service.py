@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
@@ -16,7 +17,8 @@ import numpy.typing as npt
 import structlog
 
 from deviced.calls import PendingCalls
-from deviced.config import DevicedConfig
+from deviced.config import DEPLOYED_CONFIG, DevicedConfig, app_user
+from deviced.config import load as load_config
 from deviced.engine import Device, Outcome
 from deviced.errors import BrokerLost
 from models.bundle import load_bundle
@@ -28,9 +30,10 @@ from protocol import session
 from protocol.errors import ErrorCode, MalformedMessage, ProtocolError, TensorError
 from protocol.messages import AppRequest, AppResult, ErrorReply, Status, decode, encode
 from protocol.session import BrokerConfig
-from protocol.topics import DEFAULT_PREFIX, Topics
+from protocol.topics import DEFAULT_PREFIX, Topics, check_id
 
 log = structlog.get_logger()
+APPS_DIR = Path("/etc/coinfer/apps")  # an application's broker password: <app>.password, readable by its group
 
 
 def build_device(cfg: DevicedConfig) -> Device:
@@ -47,36 +50,55 @@ def build_device(cfg: DevicedConfig) -> Device:
     return Device(cfg, bundle=bundle, runner=runner, device_model=model)
 
 
-async def run(device: Device, *, shutdown: asyncio.Event, connected: asyncio.Event | None = None) -> None:
-    """Keep the device's MQTT session up (reconnecting with backoff) until ``shutdown`` is set."""
+async def run(device: Device, *, shutdown: asyncio.Event, connected: asyncio.Event | None = None,
+              daemon: bool = True, systemd: session.Systemd | None = None) -> None:
+    """Keep the device's MQTT session up (reconnecting with backoff) until ``shutdown`` is set.
+
+    ``daemon``: this is the device's one deviced (its client id, retained status and last will, and the
+    applications' request topic); otherwise a one-shot client beside it (``deviced infer``) that takes none of
+    those, so it never displaces the running daemon. ``systemd`` gets a STATUS line at every (dis)connection.
+    """
     cfg, topics = device.cfg, device.topics
+    where = f"{cfg.broker.host}:{cfg.broker.port}"
     backoff = session.Backoff()
+    identifier = f"deviced-{cfg.device_id}" if daemon else f"deviced-{cfg.device_id}-cli-{os.getpid()}"
+    subscriptions = [topics.all_edge_status(), topics.all_edge_adverts(), topics.device_responses(cfg.device_id)]
+    if daemon:
+        subscriptions.append(topics.device_infer(cfg.device_id))
     while not shutdown.is_set():
         try:
-            async with session.client(cfg.broker, identifier=f"deviced-{cfg.device_id}",
-                                      will_topic=topics.device_status(cfg.device_id), sender=cfg.device_id) as client:
-                for topic in (topics.all_edge_status(), topics.all_edge_adverts(),
-                              topics.device_responses(cfg.device_id), topics.device_infer(cfg.device_id)):
+            async with session.client(cfg.broker, identifier=identifier,
+                                      will_topic=topics.device_status(cfg.device_id) if daemon else "",
+                                      sender=cfg.device_id) as client:
+                for topic in subscriptions:
                     await client.subscribe(topic, qos=1)
-                await client.publish(topics.device_status(cfg.device_id),
-                                     encode(Status(state="online", sender=cfg.device_id)), qos=1, retain=True)
+                if daemon:
+                    await client.publish(topics.device_status(cfg.device_id),
+                                         encode(Status(state="online", sender=cfg.device_id)), qos=1, retain=True)
                 device.dispatch.attach(client)
                 backoff.reset()
-                log.info("mqtt_connected", device_id=cfg.device_id)
+                log.info("mqtt_connected", device_id=cfg.device_id, broker=where)
+                if systemd is not None:
+                    systemd.status(f"device {cfg.device_id}: connected to {where}")
                 if connected is not None:
                     connected.set()
                 async with asyncio.TaskGroup() as tg:
                     tasks = [tg.create_task(_receive(client, device), name="receive"),
                              tg.create_task(_probe_loop(device), name="probe")]
                     await shutdown.wait()
-                    await client.publish(topics.device_status(cfg.device_id),
-                                         encode(Status(state="offline", sender=cfg.device_id)), qos=1, retain=True)
+                    if daemon:
+                        await client.publish(topics.device_status(cfg.device_id),
+                                             encode(Status(state="offline", sender=cfg.device_id)), qos=1,
+                                             retain=True)
                     for task in tasks:
                         task.cancel()
         except* session.MQTT_ERRORS as group:
             delay = backoff.next()
-            log.warning("mqtt_disconnected", error=str(_first_leaf(group)), retry_in_s=round(delay, 2))
-            device.dispatch.detach(_first_leaf(group))
+            error = _first_leaf(group)
+            log.warning("mqtt_disconnected", error=str(error), retry_in_s=round(delay, 2))
+            if systemd is not None:
+                systemd.status(f"device {cfg.device_id}: {session.refusal(cfg.broker, error)}; retrying")
+            device.dispatch.detach(error)
             if connected is not None:
                 connected.clear()
             await session.sleep_unless(shutdown, delay)
@@ -155,16 +177,18 @@ async def _probe_loop(device: Device) -> None:
 class Client:
     """In-process API: ``async with Client(cfg) as c: outcome = await c.infer(x, deadline=0.3)``."""
 
-    def __init__(self, cfg: DevicedConfig | None = None) -> None:
+    def __init__(self, cfg: DevicedConfig | None = None, *, daemon: bool = True) -> None:
+        """``daemon=False``: a one-shot client beside a running ``deviced run`` of the same device (see ``run``)."""
         self.cfg = cfg or DevicedConfig()
         self.device = build_device(self.cfg)
+        self._daemon = daemon
         self._shutdown = asyncio.Event()
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Client:
-        self._task = asyncio.create_task(run(self.device, shutdown=self._shutdown, connected=self._connected),
-                                         name=f"deviced-{self.cfg.device_id}")
+        self._task = asyncio.create_task(run(self.device, shutdown=self._shutdown, connected=self._connected,
+                                             daemon=self._daemon), name=f"deviced-{self.cfg.device_id}")
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -202,8 +226,22 @@ class RemoteError(Exception):
 class RemoteClient:
     """An application's handle on a running ``deviced run`` through the broker (the local request topic).
 
-    ``async with RemoteClient(BrokerConfig(port=...), "device-1") as c: result = await c.infer(x, deadline=0.3)``
+    On a deployed device: ``async with RemoteClient.from_config(app="camera") as c: r = await c.infer(x)``
+    (the broker, device id and TLS from ``/etc/coinfer/deviced.toml``, the application's own credentials from
+    ``coinfer broker add-app``). Locally: ``RemoteClient(BrokerConfig(port=...), "device-1")``.
     """
+
+    @classmethod
+    def from_config(cls, path: Path | str = DEPLOYED_CONFIG, *, app: str,
+                    password_file: Path | str | None = None) -> RemoteClient:
+        """A client of the deviced configured in ``path`` (its broker, TLS, device id and topic prefix), as the
+        application ``app``: broker user ``<device_id>.<app>``, password from ``password_file`` (default
+        ``/etc/coinfer/apps/<app>.password``, or ``$COINFER_MQTT_PASSWORD``), MQTT client id ``app``."""
+        cfg = load_config(Path(path))
+        check_id(app, "app name")
+        secret = Path(password_file) if password_file else APPS_DIR / f"{app}.password"
+        broker = replace(cfg.broker, username=app_user(cfg.device_id, app), password_file=str(secret))
+        return cls(broker, cfg.device_id, client_id=app, prefix=cfg.topic_prefix)
 
     def __init__(self, broker: BrokerConfig, device_id: str, *, client_id: str = "",
                  prefix: str = DEFAULT_PREFIX) -> None:
@@ -217,8 +255,13 @@ class RemoteClient:
         self._client: aiomqtt.Client | None = None
 
     async def __aenter__(self) -> RemoteClient:
+        """Connect; ``session.BrokerRefused`` (one clear line) when the broker is unreachable or refuses us."""
         async with contextlib.AsyncExitStack() as stack:
-            self._client = await stack.enter_async_context(session.client(self.broker, identifier=self.client_id))
+            try:
+                self._client = await stack.enter_async_context(session.client(self.broker,
+                                                                              identifier=self.client_id))
+            except session.MQTT_ERRORS as exc:
+                raise session.refusal(self.broker, exc) from exc
             await self._client.subscribe(self.topics.app_responses(self.device_id, self.client_id), qos=1)
             reader = asyncio.create_task(self._read(self._client), name=f"{self.client_id}-read")
             stack.push_async_callback(_cancel, reader)

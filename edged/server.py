@@ -103,7 +103,7 @@ async def run(cfg: EdgedConfig, *, shutdown: asyncio.Event) -> None:
             except* session.MQTT_ERRORS as group:
                 delay = backoff.next()
                 log.warning("mqtt_disconnected", error=str(group.exceptions[0]), retry_in_s=round(delay, 2))
-                systemd.status(f"broker unreachable ({group.exceptions[0]}); retrying")
+                systemd.status(f"{session.refusal(cfg.broker, group.exceptions[0])}; retrying")
                 await session.sleep_unless(shutdown, delay)
     log.info("edged_stopped", edge_id=cfg.edge_id)
 

@@ -102,7 +102,7 @@ def load_bundle(path: Path | str = DEFAULT_BUNDLE) -> Bundle:
 def exit_accuracies(model: onnx.ModelProto, outputs: Sequence[str], x: npt.NDArray[np.float32],
                     y: npt.NDArray[np.int64], batch: int = 500) -> list[float]:
     """Top-1 accuracy of each output of ``model`` on (x, y), run with onnxruntime at batch size ``batch``."""
-    import onnxruntime as ort
+    from models.ort import onnxruntime as ort
 
     dynamic = onnx.ModelProto.FromString(model.SerializeToString())
     for vi in [*dynamic.graph.input, *dynamic.graph.output]:

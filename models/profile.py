@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from models import graph
+from models.ort import onnxruntime as ort
 
 FORMAT = "coinfer.profile/1"
 # Every node is timed as itself (no fusion), as Edgent profiles each layer; the level is recorded.

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
 
 from models import graph
 from models.bundle import Bundle
 from models.errors import ModelError
+from models.ort import onnxruntime as ort
 from models.profile import session_options
 from planner.core import Segment
 

@@ -45,13 +45,14 @@ TRAFFIC_QOS = 0
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BrokerConfig:
     """Where the broker is and who we are to it. The password is never in the config: it comes from
-    ``$COINFER_MQTT_PASSWORD`` or the systemd credential ``mqtt-password``."""
+    ``$COINFER_MQTT_PASSWORD``, the systemd credential ``mqtt-password``, or ``password_file``."""
 
     host: str = "127.0.0.1"
     port: int = 1883
     username: str = ""
     tls: bool = False
     ca_file: str = ""  # CA that signed the broker's certificate ("": the system's CAs)
+    password_file: str = ""  # a file holding the password (an application's, e.g. /etc/coinfer/apps/NAME.password)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -60,15 +61,45 @@ class BrokerConfig:
             raise ValueError("ca_file is set but tls is false")
 
 
-def password() -> str | None:
-    """The MQTT password: ``$COINFER_MQTT_PASSWORD``, else the systemd credential file, else none."""
+def password(cfg: BrokerConfig | None = None) -> str | None:
+    """The MQTT password: ``$COINFER_MQTT_PASSWORD``, else the systemd credential file, else the config's
+    ``password_file``, else none."""
     if os.environ.get(PASSWORD_ENV):
         return os.environ[PASSWORD_ENV]
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
     if creds:
         with contextlib.suppress(OSError):
             return (Path(creds) / PASSWORD_CREDENTIAL).read_text().strip() or None
+    if cfg is not None and cfg.password_file:
+        try:
+            return Path(cfg.password_file).read_text().strip() or None
+        except OSError as exc:
+            raise BrokerRefused(f"cannot read the MQTT password from {cfg.password_file}: {exc.strerror}") from exc
     return None
+
+
+class BrokerRefused(Exception):
+    """The broker could not be reached or refused us; the message is one line a user can act on."""
+
+
+def refusal(cfg: BrokerConfig, exc: BaseException) -> BrokerRefused:
+    """A failed connection to ``cfg``'s broker as one clear line: refused credentials, unreachable, TLS."""
+    text = str(exc)
+    where = f"broker {cfg.host}:{cfg.port}"
+    if "135" in text or "134" in text or "Not authorized" in text or "Bad user name or password" in text:
+        who = f"user {cfg.username!r}" if cfg.username else "an anonymous client"
+        try:
+            known = password(cfg) is not None
+        except BrokerRefused:
+            known = False
+        hint = f"{who} with {'this password' if known else 'no password'}"
+        return BrokerRefused(f"{where} refused {hint}: not authorized (check [broker] username and the password "
+                             f"file or ${PASSWORD_ENV})")
+    if "CERTIFICATE" in text.upper() or "SSL" in text.upper() or "TLS" in text.upper():
+        return BrokerRefused(f"{where}: TLS failed ({text.strip()}); check [broker] host (the name in the broker's "
+                             f"certificate) and ca_file")
+    return BrokerRefused(f"{where} unreachable: {text.strip() or type(exc).__name__} (is mosquitto running, and is "
+                         f"[broker] host/port right?)")
 
 
 def client(cfg: BrokerConfig, *, identifier: str, will_topic: str = "", sender: str = "") -> aiomqtt.Client:
@@ -77,7 +108,7 @@ def client(cfg: BrokerConfig, *, identifier: str, will_topic: str = "", sender: 
             if will_topic else None)
     return aiomqtt.Client(
         cfg.host, cfg.port, identifier=identifier, protocol=aiomqtt.ProtocolVersion.V5, will=will,
-        username=cfg.username or None, password=password(),
+        username=cfg.username or None, password=password(cfg),
         keepalive=KEEPALIVE_S, tls_params=aiomqtt.TLSParameters(ca_certs=cfg.ca_file or None) if cfg.tls else None,
         # small request/reply messages: Nagle plus delayed ACKs would add ~40 ms to each
         socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),

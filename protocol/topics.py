@@ -101,6 +101,11 @@ class Topics:
                 ("read", f"{self.prefix}/pool/req/+"),
                 ("write", f"{self.prefix}/dev/+/resp")]
 
+    def app_acl(self, device_id: str, app: str) -> list[tuple[str, str]]:
+        """An application on a device sends requests to that device's deviced and reads its own answers: nothing
+        else (it cannot act as the device, read other applications' answers or reach an edge)."""
+        return [("write", self.device_infer(device_id)), ("read", self.app_responses(device_id, app))]
+
     def edge_id_of(self, topic: str) -> str:
         """The edge id in an ``.../edge/<id>/...`` topic."""
         parts = topic.split("/")

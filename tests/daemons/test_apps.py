@@ -19,7 +19,7 @@ from deviced.service import RemoteClient, RemoteError, build_device, run
 from models.bundle import Bundle
 from models.data import load_fashion_mnist, preprocess
 from protocol import session
-from protocol.messages import AppRequest, ErrorReply, decode, encode
+from protocol.messages import AppRequest, ErrorReply, Status, decode, encode
 from protocol.topics import Topics
 from tests.daemons.conftest import REPO, Broker, EdgeProcess, free_port
 
@@ -108,3 +108,27 @@ def test_deviced_run_serves_apps_metrics_and_the_cli(broker: Broker, prefix: str
     finally:
         daemon.terminate()
         assert daemon.wait(timeout=20) == 0
+
+
+async def test_a_one_shot_client_never_displaces_the_running_daemon(deviced: DevicedConfig, bundle: Bundle) -> None:
+    """`deviced infer --config` beside `deviced run` of the same device: its own client id, no status, no app
+    topic (mosquitto would otherwise close the daemon's connection, and the daemon would look offline)."""
+    from deviced.service import Client
+
+    topics = Topics(deviced.topic_prefix)
+    x = preprocess(load_fashion_mnist("test")[0][:3])
+    async with Client(deviced, daemon=False) as one_shot:
+        await asyncio.sleep(0.5)
+        outcomes = [await one_shot.infer(xi, deadline=1.0) for xi in x]
+    assert len(outcomes) == 3
+    async with session.client(deviced.broker, identifier="status-reader") as c:
+        await c.subscribe(topics.device_status(deviced.device_id), qos=1)
+        async with asyncio.timeout(5):
+            async for message in c.messages:
+                assert isinstance(message.payload, bytes)
+                status = decode(message.payload)
+                break
+    assert isinstance(status, Status) and status.state == "online"
+    async with RemoteClient(deviced.broker, deviced.device_id, prefix=deviced.topic_prefix) as app:
+        answer = await app.infer(x[0], deadline=1.0)  # the daemon still serves its applications
+    assert answer.exit >= 1

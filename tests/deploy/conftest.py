@@ -15,7 +15,8 @@ from coinfer import broker as provisioning
 from protocol.session import BrokerConfig
 from tests.daemons.conftest import REPO, Broker, free_port
 
-USERS = (("edge", "edge-1"), ("edge", "edge-2"), ("device", "pi-1"), ("device", "pi-2"))
+USERS = (("edge", "edge-1"), ("edge", "edge-2"), ("device", "pi-1"), ("device", "pi-2"), ("app", "pi-1.camera"),
+         ("app", "pi-1.logger"))
 
 
 @dataclass

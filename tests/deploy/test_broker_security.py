@@ -143,3 +143,82 @@ async def test_coinference_works_through_tls_credentials_and_acls(secure_broker:
         await edge.stop()
     assert all(o.edge_id == "edge-1" and o.fallback is None for o in outcomes), [o.record() for o in outcomes]
     assert all(np.isfinite(o.logits).all() for o in outcomes)
+
+
+async def test_an_application_may_only_ask_its_device_and_read_its_own_answers(secure_broker: SecureBroker) -> None:
+    """`coinfer broker add-app pi-1.camera`: least privilege for a program on the Pi beside deviced."""
+    async with secure_broker.client("pi-1") as device, secure_broker.client("pi-1.camera") as app, \
+            secure_broker.client("pi-1.logger") as other:
+        await device.subscribe(T.device_infer("pi-1"), qos=1)
+        await app.subscribe("coinfer/#", qos=1)  # granted, and filtered by the ACL on every delivery
+        await other.subscribe(T.app_responses("pi-1", "logger"), qos=1)
+        await app.publish(T.device_infer("pi-1"), b"camera frame", qos=1)  # allowed: its own device's deviced
+        await app.publish(T.device_infer("pi-2"), b"to another device", qos=1)  # dropped
+        await app.publish(T.edge_request("edge-1", "pi-1"), b"straight to an edge", qos=1)  # dropped
+        await app.publish(T.app_responses("pi-1", "logger"), b"forged answer", qos=1)  # dropped
+        await device.publish(T.device_responses("pi-1"), b"the device's own edge result", qos=1)
+        await device.publish(T.app_responses("pi-1", "logger"), b"the logger's answer", qos=1)
+        await device.publish(T.app_responses("pi-1", "camera"), b"the camera's answer", qos=1)
+        assert await _received(device) == [T.device_infer("pi-1")]
+        assert await _received(app) == [T.app_responses("pi-1", "camera")]
+        assert await _received(other, 0.3) == [T.app_responses("pi-1", "logger")]
+    with pytest.raises(provisioning.BrokerSetupError, match=r"DEVICE\.APP"):
+        provisioning.Entry("app", "camera")
+
+
+async def test_an_application_on_a_deployed_device_reads_the_devices_config(secure_broker: SecureBroker,
+                                                                           tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """RemoteClient.from_config: the README's example, unchanged, against deviced over TLS; a wrong password is
+    one clear line, not a traceback."""
+    from deviced.config import load
+    from deviced.service import RemoteClient, build_device, run
+    from models.data import load_fashion_mnist, preprocess
+    from protocol.session import BrokerRefused
+
+    conf = tmp_path / "deviced.toml"
+    conf.write_text(f'[deviced]\ndevice_id = "pi-1"\nprobe_interval_s = 0\n\n[broker]\nhost = "localhost"\n'
+                    f'port = {secure_broker.tls_port}\nusername = "pi-1"\ntls = true\nca_file = "{secure_broker.ca}"\n')
+    secret = tmp_path / "camera.password"
+    secret.write_text(secure_broker.passwords["pi-1.camera"] + "\n")
+    monkeypatch.setenv("COINFER_MQTT_PASSWORD", secure_broker.passwords["pi-1"])  # deviced's own
+    device = build_device(load(conf))
+    shutdown = asyncio.Event()
+    daemon = asyncio.create_task(run(device, shutdown=shutdown))
+    try:
+        await asyncio.sleep(1.0)
+        monkeypatch.delenv("COINFER_MQTT_PASSWORD")
+        x = preprocess(load_fashion_mnist("test")[0][:2])
+        async with RemoteClient.from_config(conf, app="camera", password_file=secret) as app:
+            answers = [await app.infer(xi, deadline=1.0) for xi in x]
+        assert [a.where for a in answers] == ["device", "device"]  # no edge here: deviced answers locally
+        secret.write_text("not-the-password\n")
+        with pytest.raises(BrokerRefused, match=r"refused user 'pi-1.camera' with this password: not authorized"):
+            async with RemoteClient.from_config(conf, app="camera", password_file=secret):
+                pass
+        with pytest.raises(BrokerRefused, match="cannot read the MQTT password"):
+            async with RemoteClient.from_config(conf, app="camera", password_file=tmp_path / "missing"):
+                pass
+    finally:
+        shutdown.set()
+        await asyncio.wait_for(daemon, 10)
+
+
+def test_the_scrape_config_lists_the_provisioned_daemons(secure_broker: SecureBroker, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    text = provisioning.scrape_config(provisioning.entries(secure_broker.directory),
+                                      targets={"edge-1": "127.0.0.1:9101"})
+    assert '"127.0.0.1:9101"' in text and '"edge-2.lan:9101"' in text and '"pi-2.lan:9102"' in text
+    assert "camera" not in text  # applications export no metrics
+    (tmp_path / "prometheus.yml").write_text(text)
+    (tmp_path / "coinfer.rules.yml").write_text((Path(__file__).parents[2] / "deploy/prometheus/coinfer.rules.yml")
+                                                .read_text())
+    promtool = shutil.which("promtool")
+    assert promtool
+    done = subprocess.run([promtool, "check", "config", "prometheus.yml"], cwd=tmp_path, capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with pytest.raises(provisioning.BrokerSetupError, match="not provisioned"):
+        provisioning.scrape_config(provisioning.entries(secure_broker.directory), targets={"pi-9": "x:1"})

@@ -39,6 +39,10 @@ def test_example_configs_load() -> None:
     d = deviced_config.load(REPO / "deploy/config/deviced.toml")
     assert e.broker.username == e.edge_id and e.metrics_port
     assert d.broker.tls and d.broker.ca_file == "/etc/coinfer/ca.crt" and d.broker.username == d.device_id
+    # each daemon its own credential file: an edge and a device can share one host
+    creds = {name: next(line for line in unit.read_text().splitlines() if line.startswith("LoadCredential="))
+             for name, unit in UNITS.items()}
+    assert creds == {name: f"LoadCredential=mqtt-password:/etc/coinfer/{name}.password" for name in UNITS}
 
 
 def _notify_socket(tmp_path: Path) -> socket.socket:
@@ -61,9 +65,14 @@ def test_daemon_speaks_sd_notify(argv: list[str], tmp_path: Path) -> None:
     try:
         messages: list[str] = []
         deadline = time.monotonic() + 60
-        while messages.count("WATCHDOG=1") < 3 and time.monotonic() < deadline:
+        def unreachable() -> bool:
+            return any("STATUS=" in m and "unreachable" in m for m in messages)
+
+        while (messages.count("WATCHDOG=1") < 3 or not unreachable()) and time.monotonic() < deadline:
             messages.append(sock.recv(4096).decode())
         assert any(m.startswith("READY=1") for m in messages), messages
+        # STATUS follows the broker connection: `systemctl status` says why it is not connected
+        assert unreachable() and any("is mosquitto running" in m for m in messages), messages
         assert messages.count("WATCHDOG=1") >= 3, messages
         proc.send_signal(signal.SIGTERM)
         tail = []

@@ -1,0 +1,32 @@
+"""The parts of `make deploy-check` that need no root: the README's marked steps, unit parsing, install.sh."""
+
+import subprocess
+
+from coinfer import deploycheck
+from tests.daemons.conftest import REPO
+
+
+def test_the_readme_holds_the_steps_the_check_runs_in_order() -> None:
+    blocks = dict(deploycheck.readme_blocks((REPO / "README.md").read_text()))
+    assert list(blocks) == ["edge", "pi", "app"]
+    assert "deploy/install.sh edge" in blocks["edge"] and "install.sh monitoring" in blocks["edge"]
+    assert "coinfer broker add-app pi-1.camera" in blocks["edge"]
+    assert "deploy/install.sh device --id pi-1 --broker edge.lan" in blocks["pi"]
+    assert "/etc/coinfer/deviced.password" in blocks["pi"] and "editor" not in blocks["pi"]
+    assert "--via-daemon --app camera" in blocks["app"]
+
+
+def test_exec_start_expands_like_systemd() -> None:
+    env = {"ARGS": "--web.listen-address=:9090 --log.level=warn", "X": "a b"}
+    assert deploycheck._expand("/usr/bin/prometheus $ARGS", env) == [
+        "/usr/bin/prometheus", "--web.listen-address=:9090", "--log.level=warn"]
+    assert deploycheck._expand("-/bin/echo ${X}", env) == ["/bin/echo", "a b"]
+
+
+def test_install_script_parses_and_refuses_bad_use() -> None:
+    script = REPO / "deploy/install.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    done = subprocess.run(["bash", str(script), "nonsense"], capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "usage:" in done.stderr
+    done = subprocess.run(["bash", str(script), "device", "--bogus"], capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "unknown option --bogus" in done.stderr
