@@ -40,7 +40,8 @@ from models.bundle import DEFAULT_BUNDLE
 from models.data import load_fashion_mnist
 from planner import policies
 from planner.bandwidth import LinkEstimate
-from planner.core import Decision, Infeasible, Observation, Planner, Segment, View
+from planner.core import Candidates, Decision, ExitInfo, Infeasible, Observation, Planner, Segment, View
+from planner.latency import LatencyModel
 from protocol.session import BrokerConfig, configure_logging
 from protocol.topics import DEFAULT_PREFIX
 
@@ -166,6 +167,9 @@ class _AtDeadline:
 
     def __init__(self, inner: Planner, deadline_s: float) -> None:
         self.inner, self.deadline_s = inner, deadline_s
+
+    def compile(self, exits: Sequence[ExitInfo], device: LatencyModel, edge: LatencyModel) -> Candidates:
+        return self.inner.compile(exits, device, edge)
 
     def decide(self, view: View) -> Decision | Infeasible:
         return self.inner.decide(replace(view, conditions=replace(view.conditions, deadline_s=self.deadline_s)))

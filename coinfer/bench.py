@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from coinfer import resources
-from planner import edgent, policies
+from planner import edgent, mincut, policies
 from planner.core import Candidates, Conditions, CutPoint, ExitInfo, LayerInfo, View
 
 SYNTHETIC_LAYERS = 500
@@ -71,11 +71,48 @@ def planner_bench(requests: int = 20000) -> dict[str, Any]:
     def search(view: View) -> object:
         return edgent.plan(view.candidates, view.conditions)
 
+    cut = policies.make("mincut")
+    ours_cut = cut.compile(bundle.exits, device, edge)
     return {"bundle": decision_times(ours, requests), "synthetic_500": decision_times(synth, requests),
             "bundle_search": decision_times(ours, requests, decide=search),
             "synthetic_500_search": decision_times(synth, requests, decide=search),
+            "bundle_mincut": decision_times(ours_cut, requests, decide=cut.decide),
+            "mincut_solve_bundle_exit5": solve_times(mincut.from_exit(bundle.exits[-1], device, edge)),
+            "mincut_solve_random_dag_320": solve_times(random_dag(320)),
             "host": {"machine": platform.machine(), "python": platform.python_version()},
             "latency_models": [device.name, edge.name]}
+
+
+def random_dag(n: int, seed: int = 0) -> mincut.LayerGraph:
+    """A layer graph of ``n`` nodes, each reading one or two of the 8 before it (residual/inception-like)."""
+    rng = np.random.default_rng(seed)
+    readers: dict[int, list[int]] = {-1: [0]}
+    for i in range(1, n):
+        for src in set(rng.integers(max(i - 8, 0), i, size=int(rng.integers(1, 3))).tolist()):
+            readers.setdefault(int(src), []).append(i)
+    for i in range(n - 1):
+        readers.setdefault(i, [i + 1])
+    tensors = tuple(mincut.Tensor(name=f"t{p}", bytes=float(rng.integers(1_000, 400_000)), producer=p,
+                                  consumers=tuple(sorted(set(c)))) for p, c in sorted(readers.items()))
+    device_s = rng.uniform(1e-4, 2e-2, n)
+    return mincut.LayerGraph(names=tuple(f"n{i}" for i in range(n)), device_s=device_s,
+                             edge_s=device_s / rng.uniform(5, 20, n), tensors=tensors, output=n - 1)
+
+
+def solve_times(g: mincut.LayerGraph, solves: int = 200, seed: int = 0) -> dict[str, float]:
+    """One per-request min-cut at random bandwidths (50 kbps-100 Mbps) and speed ratios; and the size of the
+    offline candidate set of that graph with its preparation time."""
+    rng = np.random.default_rng(seed)
+    times = np.empty(solves)
+    for i, (bps, ratio) in enumerate(zip(10 ** rng.uniform(4.7, 8, solves), 10 ** rng.uniform(-1, 1, solves),
+                                         strict=True)):
+        began = time.perf_counter_ns()
+        mincut.min_cut(g, float(ratio), 8.0 / float(bps))
+        times[i] = (time.perf_counter_ns() - began) * 1e-9
+    prepared = time.perf_counter()
+    parts = mincut.candidate_partitions(g)
+    return {"p50_s": float(np.percentile(times, 50)), "p99_s": float(np.percentile(times, 99)), "nodes": g.n,
+            "tensors": len(g.tensors), "candidates": len(parts), "prepare_s": time.perf_counter() - prepared}
 
 
 TRANSPORT_SIZES = (4096, 65536, 1 << 20)

@@ -452,8 +452,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     doc = bench.planner_bench(requests=args.requests)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    for k in ("bundle", "synthetic_500", "bundle_search", "synthetic_500_search"):
-        print(f"{k:<21} p50 {doc[k]['p50_s'] * 1e6:7.1f} us   p99 {doc[k]['p99_s'] * 1e6:7.1f} us")
+    for k in ("bundle", "synthetic_500", "bundle_search", "synthetic_500_search", "bundle_mincut",
+              "mincut_solve_bundle_exit5", "mincut_solve_random_dag_320"):
+        extra = (f"   ({doc[k]['nodes']} nodes, {doc[k]['candidates']} candidate cuts prepared in "
+                 f"{doc[k]['prepare_s']:.2f} s)" if "nodes" in doc[k] else "")
+        print(f"{k:<27} p50 {doc[k]['p50_s'] * 1e6:9.1f} us   p99 {doc[k]['p99_s'] * 1e6:9.1f} us{extra}")
     print(f"-> {args.out}")
     return 0
 

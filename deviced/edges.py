@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -16,6 +16,7 @@ from protocol import PROTOCOL_VERSION
 from protocol.messages import Advert, Status
 
 log = structlog.get_logger()
+Compile = Callable[[Sequence[ExitInfo], LatencyModel, LatencyModel], Candidates]
 SUSPECT_S = 5.0
 # A short deadline makes the device stop waiting early, so one unanswered request says little about the
 # edge; this many in a row with nothing heard from it in between does.
@@ -46,9 +47,10 @@ class EdgeDirectory:
     """Edges by id; ``choose`` returns a usable one (online, right protocol, serves our bundle)."""
 
     def __init__(self, *, digest: str, exits: Sequence[ExitInfo], device_model: LatencyModel,
-                 wanted: str = "") -> None:
+                 compile: Compile = edgent.compile_candidates, wanted: str = "") -> None:
         self.digest = digest
         self.exits = exits
+        self.compile = compile  # the policy's: what it prepares per edge latency model
         self.device_model = device_model
         self.wanted = wanted
         self.edges: dict[str, EdgeView] = {}
@@ -67,7 +69,7 @@ class EdgeDirectory:
         if key != view.model_key:
             try:
                 edge_model = LatencyModel.from_json(advert.latency_model)
-                view.candidates = edgent.compile_candidates(self.exits, self.device_model, edge_model)
+                view.candidates = self.compile(self.exits, self.device_model, edge_model)
                 view.model_key, view.speed = key, SpeedFactor()  # a new model: its own speed is unknown
             except PlannerError as exc:
                 view.candidates = None

@@ -95,7 +95,7 @@ class Device:
         self.policy = cfg.make_policy()
         self.local = edgent.compile_candidates(bundle.exits, device_model, device_model)
         self.edges = EdgeDirectory(digest=bundle.digest, exits=bundle.exits, device_model=device_model,
-                                   wanted=cfg.edge_id)
+                                   compile=self.policy.compile, wanted=cfg.edge_id)
         self.link = LinkEstimator(parse_bandwidth(cfg.initial_bandwidth), cfg.probe_sizes, self.metrics)
         self.learning = Calibration(cfg.plan_quantile, self.metrics)
         self.dispatch = Dispatch(device_id=cfg.device_id, topics=self.topics, edges=self.edges,

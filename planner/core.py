@@ -7,7 +7,7 @@ is kept as information and names a cut only where the model is a chain. Exits ar
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol
@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from planner.errors import PlannerError
+from planner.latency import LatencyModel
 
 DEVICE = "device"  # the host of a route's steps on the requesting device
 EDGE = "edge"  # the host of steps on the chosen edge server
@@ -36,6 +37,8 @@ class LayerInfo:
     name: str
     kind: str
     features: Mapping[str, float]
+    inputs: tuple[str, ...] = ()  # the activations it reads (the graph; empty where only a chain is known)
+    outputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,9 +48,14 @@ class CutPoint:
     tensors: frozenset[str]
     index: int
     bytes: int
+    head: frozenset[str] | None = None  # the layers on the device; None: the exit's first ``index`` (a chain)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tensors", frozenset(self.tensors))
+        if self.head is not None:
+            object.__setattr__(self, "head", frozenset(self.head))
+            if len(self.head) != self.index:
+                raise PlannerError(f"cut {self.name}: {len(self.head)} head layers, index says {self.index}")
         if not self.tensors:
             raise PlannerError("a cut crosses at least one tensor")
 
@@ -247,7 +255,13 @@ class Observation:
 
 
 class Planner(Protocol):
-    """A planning policy. Registered by name in ``planner.policies``; the device engine calls only this."""
+    """A planning policy. Registered by name in ``planner.policies``; the device engine calls only this.
+
+    ``compile`` prepares, once per pair of latency models (an edge's advert), the candidates its ``decide``
+    searches per request: what can be done offline is done there.
+    """
+
+    def compile(self, exits: Sequence[ExitInfo], device: LatencyModel, edge: LatencyModel) -> Candidates: ...
 
     def decide(self, view: View) -> Decision | Infeasible: ...
 
@@ -255,7 +269,13 @@ class Planner(Protocol):
 
 
 class Stateless:
-    """Base of the policies that learn nothing from outcomes."""
+    """Base of the policies that learn nothing from outcomes, over the exits' listed cuts."""
+
+    def compile(self, exits: Sequence[ExitInfo], device: LatencyModel, edge: LatencyModel) -> Candidates:
+        """Every (exit, listed cut) costed under the two models (``edgent.compile_candidates``)."""
+        from planner.edgent import compile_candidates  # the shared costing lives with the search that uses it
+
+        return compile_candidates(exits, device, edge)
 
     def observe(self, outcome: Observation) -> None:
         """Nothing to learn."""
@@ -282,7 +302,9 @@ def exits_from_manifest(manifest: Mapping[str, Any]) -> tuple[ExitInfo, ...]:
         for e in manifest["exits"]:
             layers = tuple(LayerInfo(name=n, kind=str(by_name[n]["type"]),
                                      features={k: float(v) for k, v in by_name[n].items()
-                                               if isinstance(v, (int, float)) and k != "index"})
+                                               if isinstance(v, (int, float)) and k != "index"},
+                                     inputs=tuple(by_name[n].get("inputs", ())),
+                                     outputs=tuple(by_name[n].get("outputs", ())))
                            for n in e["layers"])
             cuts = tuple(CutPoint(index=int(c["index"]), bytes=int(c["bytes"]), tensors=frozenset(c["tensors"]))
                          for c in e["cuts"])

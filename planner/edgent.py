@@ -34,18 +34,26 @@ def compile_candidates(exits: Sequence[ExitInfo], device: LatencyModel, edge: La
         dev_stage = np.concatenate([[0.0], device.stage_s(dev_cum[1:])])  # a head runs as one stage
         edge_cum = np.concatenate([[0.0], np.cumsum(edge.predict_many(feats))])
         n = len(ex.layers)
-        # a listed cut's head is taken as the exit's first ``index`` layers (prefix sums): true of chains and
-        # of every single-tensor cut ``models.graph.cuts`` finds; multi-tensor DAG cuts are the min-cut policy's
-        points = [(0, ex.input_bytes, frozenset({ex.input})), *((c.index, c.bytes, c.tensors) for c in ex.cuts),
-                  (n, 0, frozenset())]
-        for p, nbytes, tensors in sorted(points, key=lambda c: c[0]):
+        dev_layer, edge_layer = np.diff(dev_cum), np.diff(edge_cum)
+        names = [lay.name for lay in ex.layers]
+        # a cut's head is its listed layers, or (a chain, and every single-tensor cut ``models.graph.cuts`` finds)
+        # the exit's first ``index`` layers: prefix sums
+        points = [(0, ex.input_bytes, frozenset({ex.input}), None), *((c.index, c.bytes, c.tensors, c.head)
+                                                                     for c in ex.cuts), (n, 0, frozenset(), None)]
+        for p, nbytes, tensors, head in sorted(points, key=lambda c: c[0]):
             on_edge = p < n
+            if head is None:
+                dev_s, rest_s = float(dev_stage[p]), float(edge_cum[n] - edge_cum[p])
+            else:
+                on_device = np.array([name in head for name in names])
+                dev_s = float(device.stage_s(dev_layer[on_device].sum())) if on_device.any() else 0.0
+                rest_s = float(edge_layer[~on_device].sum())
             cols["exit"].append(ex.index)
             cols["cut"].append(p)
             cols["n"].append(n)
             cols["acc"].append(ex.accuracy)
-            cols["dev"].append(dev_stage[p])
-            cols["edge"].append(float(edge.stage_s(edge_cum[n] - edge_cum[p])) if on_edge else 0.0)
+            cols["dev"].append(dev_s)
+            cols["edge"].append(float(edge.stage_s(rest_s)) if on_edge else 0.0)
             cols["up"].append(nbytes if on_edge else 0)
             cols["down"].append(ex.result_bytes if on_edge else 0)
             cols["t"].append(tensors)

@@ -10,7 +10,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from planner import edgent
+from planner import edgent, mincut
 from planner.core import Planner
 from planner.errors import PlannerError
 
@@ -19,6 +19,7 @@ POLICIES: dict[str, Callable[..., Planner]] = {
     "edgent": edgent.Edgent,
     **{name: functools.partial(edgent.Baseline, name) for name in edgent.BASELINES},
     "fixed": edgent.Fixed,  # parameters: exit, cut
+    "mincut": mincut.MinCut,
 }
 
 
