@@ -7,6 +7,7 @@ import json
 import statistics
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,14 @@ import onnx
 
 from coinfer import bench, resources
 from models import branchy, graph
-from models.bundle import BUNDLES_DIR, DEFAULT_BUNDLE, MANIFEST, load_bundle
+from models.bundle import BUNDLES_DIR, DEFAULT_BUNDLE, MANIFEST, describe, load_bundle
 from models.errors import ModelError
 from planner import edgent, policies, units
-from planner.core import Candidates, Conditions, Decision, Infeasible, View
+from planner.core import Candidates, Conditions, Decision, Infeasible, Planner, View, exits_from_manifest
 from planner.errors import PlannerError
 from planner.latency import FIT_VARIABLES, TABLE_I_VARIABLES, Sample, fit
+
+NO_DEADLINE_S = 1e6  # `plan` without --deadline: the fastest plan of the most accurate exit
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, helptext in (("plan", "choose exit and cut for one request"),
                            ("sweep", "plan over a bandwidth or deadline sweep")):
         s = sub.add_parser(name, help=helptext)
-        s.add_argument("bundle", nargs="?", type=Path, default=DEFAULT_BUNDLE)
+        s.add_argument("bundle", nargs="?", type=Path, default=DEFAULT_BUNDLE,
+                       help="a bundle directory, or any ONNX file (each graph output an exit, accuracy unmeasured)")
         s.add_argument("--device-model", type=Path, default=resources.PI3_MODEL)
         s.add_argument("--edge-model", type=Path, default=resources.DESKTOP_MODEL)
         s.add_argument("--rtt", default=None, help="fixed round-trip cost, e.g. 5ms (default 0)")
@@ -98,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"planning policy (default {policies.DEFAULT})")
         if name == "plan":
             s.add_argument("--bandwidth", required=True, help="uplink, e.g. 500kbps or 1.5Mbps")
-            s.add_argument("--deadline", required=True, help="e.g. 300ms or 1s")
+            s.add_argument("--deadline", help="e.g. 300ms or 1s (default: none, the fastest plan of the top exit)")
             s.set_defaults(func=cmd_plan)
         else:
             s.add_argument("--bandwidths", default="50kbps,100kbps,200kbps,400kbps,500kbps,750kbps,1Mbps,1.5Mbps,2Mbps")
@@ -270,13 +274,30 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup(args: argparse.Namespace) -> tuple[str, Candidates, float]:
-    bundle = load_bundle(args.bundle)
+@dataclass(frozen=True, slots=True)
+class _Setup:
+    name: str
+    policy: Planner
+    candidates: Candidates  # the policy's
+    single: Candidates  # every single-tensor cut: what the chain planner searches
+    rtt_s: float
+
+
+def _setup(args: argparse.Namespace) -> _Setup:
+    """The model (a bundle, or any ONNX file: one exit per graph output, accuracy unmeasured), both latency
+    models, and the policy's candidates."""
+    path = Path(args.bundle)
+    if (path / MANIFEST).exists():
+        bundle = load_bundle(path)
+        name, exits = bundle.name, bundle.exits
+    else:
+        name, exits = path.name, exits_from_manifest(describe(graph.load_model(path)))
     device = resources.load_latency_model(args.device_model)
     edge = resources.load_latency_model(args.edge_model)
-    cands = edgent.compile_candidates(bundle.exits, device, edge)
+    policy = policies.make(args.policy)
     rtt = units.parse_duration(args.rtt) if args.rtt else 0.0
-    return bundle.name, cands, rtt
+    return _Setup(name=name, policy=policy, candidates=policy.compile(exits, device, edge),
+                  single=edgent.compile_candidates(exits, device, edge), rtt_s=rtt)
 
 
 def _plan_row(label: str, p: Decision | Infeasible) -> str:
@@ -295,30 +316,39 @@ HEADER = (f"{'method':<15} {'meets':>10} {'exit':>4} {'cut':>7} {'where':<6} {'t
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    name, cands, rtt = _setup(args)
+    setup = _setup(args)
     cond = Conditions(bandwidth_bps=units.parse_bandwidth(args.bandwidth),
-                      deadline_s=units.parse_duration(args.deadline), rtt_s=rtt)
-    chosen, base = policies.make(args.policy).decide(View(candidates=cands, conditions=cond)), \
-        edgent.baselines(cands, cond)
+                      deadline_s=units.parse_duration(args.deadline) if args.deadline else NO_DEADLINE_S,
+                      rtt_s=setup.rtt_s)
+    chosen = setup.policy.decide(View(candidates=setup.candidates, conditions=cond))
+    base, single = edgent.baselines(setup.single, cond), edgent.plan(setup.single, cond)
     if args.json:
-        print(json.dumps({**chosen.to_json(), "bandwidth_bps": cond.bandwidth_bps, "deadline_s": cond.deadline_s,
+        shown = chosen if isinstance(chosen, Decision) else chosen.best_effort
+        n_candidates = int((setup.candidates.exit == shown.exit).sum()) if shown else int(setup.candidates.exit.size)
+        print(json.dumps({**chosen.to_json(), "policy": args.policy, "n_candidates": n_candidates,
+                          "bandwidth_bps": cond.bandwidth_bps, "deadline_s": cond.deadline_s,
+                          "best_single_cut": single.to_json(),
                           "baselines": {k: v.to_json() for k, v in base.items()}}, indent=1))
         return 0
-    print(f"{name}: uplink {args.bandwidth}, deadline {args.deadline}")
+    print(f"{setup.name}: uplink {args.bandwidth}, deadline {args.deadline or 'none'}")
     print(HEADER)
     print(_plan_row(args.policy, chosen))
+    print(_plan_row("best_single_cut", single))
     for k, v in base.items():
         print(_plan_row(k, v))
+    if isinstance(chosen, Decision) and len(chosen.cut_tensors) > 1:
+        print(f"{args.policy} crosses {len(chosen.cut_tensors)} tensors: {', '.join(sorted(chosen.cut_tensors))}")
     return 0 if chosen.feasible else 1
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    name, cands, rtt = _setup(args)
+    setup = _setup(args)
+    name, cands, rtt = setup.name, setup.candidates, setup.rtt_s
     bws = [units.parse_bandwidth(b) for b in args.bandwidths.split(",")]
     dls = [units.parse_duration(d) for d in args.deadlines.split(",")]
     rows = [(bw, dl) for bw in bws for dl in dls]
     results = []
-    policy = policies.make(args.policy)
+    policy = setup.policy
     for bw, dl in rows:
         view = View(candidates=cands, conditions=Conditions(bandwidth_bps=bw, deadline_s=dl, rtt_s=rtt))
         results.append({"bandwidth_bps": bw, "deadline_s": dl, **policy.decide(view).to_json()})

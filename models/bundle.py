@@ -117,6 +117,26 @@ def exit_accuracies(model: onnx.ModelProto, outputs: Sequence[str], x: npt.NDArr
     return [float(c / len(x)) for c in correct]
 
 
+def describe(model: onnx.ModelProto, accuracy: Sequence[float] | None = None) -> dict[str, Any]:
+    """The manifest's description of any prepared single-input model: its input, its layers, and one exit per
+    graph output with its layers and single-tensor cuts (``accuracy`` per output, 0 where unmeasured)."""
+    inputs = graph.graph_inputs(model)
+    if len(inputs) != 1:
+        raise BundleError(f"the model takes {len(inputs)} inputs {inputs}; coinfer plans models of one input")
+    outputs = [o.name for o in model.graph.output]
+    exits = []
+    for i, output in enumerate(outputs):
+        sub = graph.prepare(graph.extract_outputs(model, [output]))
+        exits.append({"index": i + 1, "output": output, "layers": [n.name for n in sub.graph.node],
+                      "accuracy": round(accuracy[i], 4) if accuracy else 0.0,
+                      "flops": sum(lay.features["flops"] for lay in graph.layers(sub)),
+                      "cuts": [c.to_json() for c in graph.cuts(sub)]})
+    inp = next(i for i in model.graph.input if i.name == inputs[0])
+    return {"input": {"name": inp.name, "dtype": "float32",
+                      "shape": [d.dim_value for d in inp.type.tensor_type.shape.dim]},
+            "layers": [lay.to_json() for lay in graph.layers(model)], "exits": exits}
+
+
 def write_bundle(model: onnx.ModelProto, out_dir: Path, *, name: str, upsample: int = 1,
                  test_images: npt.NDArray[np.float32], test_labels: npt.NDArray[np.int64],
                  training: dict[str, object]) -> Path:
@@ -124,29 +144,22 @@ def write_bundle(model: onnx.ModelProto, out_dir: Path, *, name: str, upsample: 
     out_dir.mkdir(parents=True, exist_ok=True)
     prepared = graph.prepare(model)
     outputs = [o.name for o in prepared.graph.output]
-    accuracy = exit_accuracies(prepared, outputs, test_images, test_labels)
-    exits = []
-    for i, (output, acc) in enumerate(zip(outputs, accuracy, strict=True)):
-        sub = graph.prepare(graph.extract_outputs(prepared, [output]))
-        exits.append({"index": i + 1, "output": output, "layers": [n.name for n in sub.graph.node],
-                      "accuracy": round(acc, 4), "test_images": len(test_labels),
-                      "flops": sum(lay.features["flops"] for lay in graph.layers(sub)),
-                      "cuts": [c.to_json() for c in graph.cuts(sub)]})
+    doc = describe(prepared, exit_accuracies(prepared, outputs, test_images, test_labels))
+    for e in doc["exits"]:
+        e["test_images"] = len(test_labels)
     model_path = out_dir / MODEL_FILE
     onnx.save(model, str(model_path))
-    inp = prepared.graph.input[0]
     manifest = {
         "format": FORMAT,
         "name": name,
         "model": MODEL_FILE,
         "files": {MODEL_FILE: {"sha256": sha256_file(model_path), "bytes": model_path.stat().st_size}},
-        "input": {"name": inp.name, "dtype": "float32",
-                  "shape": [d.dim_value for d in inp.type.tensor_type.shape.dim],
+        "input": {**doc["input"],
                   "preprocess": {"scale": 1 / 255, "mean": data.MEAN, "std": data.STD,
                                  "upsample": upsample},
                   "dataset": "fashion-mnist", "classes": list(data.CLASSES)},
-        "layers": [lay.to_json() for lay in graph.layers(prepared)],
-        "exits": exits,
+        "layers": doc["layers"],
+        "exits": doc["exits"],
         "training": training,
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

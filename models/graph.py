@@ -20,6 +20,7 @@ from onnx import helper, shape_inference
 
 from models.errors import CutError, ModelLoadError, UnknownTensorError
 
+IR_INITIALIZERS_OPTIONAL = 4  # from this IR version on, an initializer need not be a graph input
 KIND_OF_OP = {
     "Conv": "conv", "ConvTranspose": "conv", "Relu": "relu", "MaxPool": "pool", "AveragePool": "pool",
     "GlobalAveragePool": "pool", "GlobalMaxPool": "pool", "LRN": "lrn", "Dropout": "dropout",
@@ -75,6 +76,14 @@ def load_model(path: Path | str) -> onnx.ModelProto:
 def prepare(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
     """Name unnamed nodes, fix symbolic dimensions to ``batch`` and infer every tensor's shape."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
+    if model.ir_version < IR_INITIALIZERS_OPTIONAL:
+        # before IR 4 every initializer is also a graph input; a head or tail extracted from such a model lists
+        # weights it does not take as inputs, which the checker refuses: such models become IR 4 (same opsets)
+        inits = {t.name for t in model.graph.initializer}
+        kept = [i for i in model.graph.input if i.name not in inits]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+        model.ir_version = IR_INITIALIZERS_OPTIONAL
     used = {n.name for n in model.graph.node if n.name}
     for i, node in enumerate(model.graph.node):
         if not node.name:

@@ -91,3 +91,15 @@ def test_bench_transport_rows() -> None:
     assert [r["bytes"] for r in doc["rows"]] == [4096, 65536]
     for row in doc["rows"]:
         assert row["mqtt_s"] > 0 and row["tcp_s"] > 0 and row["ratio"] == pytest.approx(row["mqtt_s"] / row["tcp_s"])
+
+
+def test_plan_any_onnx_model_with_the_min_cut(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "inception.onnx"
+    onnx.save(synth.inception_net(), str(model))
+    for bw in ("100kbps", "2Mbps", "100Mbps"):
+        doc = _json(capsys, ["plan", str(model), "--bandwidth", bw, "--policy", "mincut", "--json"])
+        assert isinstance(doc, dict) and doc["policy"] == "mincut" and doc["feasible"] is True
+        assert isinstance(doc["cut_tensors"], list) and doc["n_candidates"] >= 2
+        # never slower than the best cut where one tensor crosses (what the chain planner would choose)
+        assert doc["predicted_s"] <= doc["best_single_cut"]["predicted_s"] + 1e-12
+        assert set(doc["baselines"]) == {"device_only", "edge_only", "partition_only", "exit_only"}

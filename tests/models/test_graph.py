@@ -109,3 +109,30 @@ def test_layer_features_follow_edgent_table_i(bundle: Bundle) -> None:
     pool1 = bundle.layers["pool1"].features
     assert (pool1["input_bytes"], pool1["output_bytes"]) == (32 * 28 * 28 * 4, 32 * 14 * 14 * 4)
     assert bundle.layers["conv1"].kind == "conv" and bundle.layers["lrn1"].kind == "lrn"
+
+
+def test_an_ir3_model_splits_at_every_cut() -> None:
+    """Older model-zoo exports (IR < 4) list their weights as graph inputs too; every part must still check."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), f"W{i}") for i in range(2)]
+    bias = numpy_helper.from_array(np.zeros(8, np.float32), "b")  # read by both layers: never a cut tensor
+    nodes = [helper.make_node("Gemm", ["x", "W0", "b"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "W1", "b"], ["y"], name="fc2")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+              *(helper.make_tensor_value_info(w.name, TensorProto.FLOAT, [8, 8]) for w in weights),
+              helper.make_tensor_value_info("b", TensorProto.FLOAT, [8])]
+    old = helper.make_model(helper.make_graph(nodes, "ir3", inputs,
+                                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                                              initializer=[*weights, bias]),
+                            opset_imports=[helper.make_opsetid("", 7)], ir_version=3)
+    onnx.checker.check_model(old)
+    model = graph.prepare(old)
+    assert graph.graph_inputs(model) == ["x"] and model.ir_version == 4
+    feed = {"x": rng.standard_normal((1, 8)).astype(np.float32)}
+    whole = _run(model, feed)
+    cuts = graph.cuts(model)
+    assert [c.name for c in cuts] == ["h", "r"]
+    for cut in cuts:
+        _assert_split_composes(model, cut, feed, whole)
