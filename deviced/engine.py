@@ -12,7 +12,7 @@ import asyncio
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,19 @@ from deviced.metrics import DeviceMetrics
 from models.bundle import Bundle
 from models.runtime import Stage, StageRunner
 from planner import bandwidth, edgent
-from planner.core import DEVICE, EDGE, Conditions, Decision, Infeasible, Observation, Planner, Segment, View, Where
+from planner.core import (
+    DEVICE,
+    EDGE,
+    Candidates,
+    Conditions,
+    Decision,
+    Infeasible,
+    Observation,
+    Planner,
+    Segment,
+    View,
+    Where,
+)
 from planner.latency import LatencyModel
 from planner.units import parse_bandwidth
 from protocol.messages import ErrorReply, InferRequest, InferResult, encode
@@ -77,6 +89,7 @@ class _Request:
     deadline_s: float
     link: bandwidth.LinkEstimate
     policy: Planner
+    candidates: Candidates  # the ones the plan comes from: the edge's, or the device's own
 
     def left_s(self) -> float:
         return self.deadline_s - (time.monotonic() - self.start)
@@ -114,10 +127,12 @@ class Device:
         start = time.monotonic()
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(self.bundle.input_shape)
         req = _Request(request_id=self.dispatch.new_id(), feed={self.bundle.input_name: x}, start=start,
-                       deadline_s=deadline_s, link=self.link.current(start), policy=policy or self.policy)
+                       deadline_s=deadline_s, link=self.link.current(start), policy=policy or self.policy,
+                       candidates=self.local)
         edge = self.edges.choose(start) if self.dispatch.connected else None
         if edge is None or edge.candidates is None:
             return await self._finish_local(req, self._local_plan(deadline_s), None, "no_edge")
+        req = replace(req, candidates=edge.candidates)
         cond = Conditions(bandwidth_bps=req.link.bandwidth_bps, deadline_s=deadline_s, rtt_s=req.link.rtt_s,
                           edge_queue_s=edge.queue_wait_s, uplink_backlog_bytes=self.dispatch.uplink_backlog(),
                           device_speed=self.learning.device_speed.value, edge_speed=edge.speed.value,
@@ -131,7 +146,7 @@ class Device:
             return await self._finish_local(req, decision, None, None)
         tensors, head_s = req.feed, 0.0
         if (head := decision.step(DEVICE)) is not None:
-            tensors, head_s = await self._timed_stage(head.segment, req.feed)
+            tensors, head_s = await self._timed_stage(head.segment, req.feed, req.candidates)
         try:
             reply, crossing, sent_at = await self._offload(req, edge, decision, tensors)
         except BrokerLost as exc:  # not evidence about the edge or the link: no strike, cap or margin sample
@@ -166,10 +181,12 @@ class Device:
             await asyncio.sleep((self.cfg.emulate_slowdown - 1.0) * (time.monotonic() - start))
         return out
 
-    def device_rest_s(self, exit_index: int, cut_tensors: frozenset[str]) -> float:
+    def device_rest_s(self, exit_index: int, cut_tensors: frozenset[str],
+                      candidates: Candidates | None = None) -> float:
         """Predicted device time of an exit's layers after the cut ``cut_tensors`` (the whole exit when the
-        input crosses), at today's speed."""
-        rest = self._model_device_s(exit_index, frozenset()) - self._model_device_s(exit_index, cut_tensors)
+        input crosses), at today's speed; the cut as costed among ``candidates`` (default: the device's own)."""
+        c = candidates or self.local
+        rest = self._model_device_s(exit_index, frozenset(), c) - self._model_device_s(exit_index, cut_tensors, c)
         return max(rest, 0.0) * self.learning.device_speed.value
 
     # ---- the request path, private --------------------------------------------------------------
@@ -185,7 +202,7 @@ class Device:
         crossing = self.dispatch.uplink_backlog() + len(payload)
         sent_at = time.monotonic()
         # the quickest local way out: the rest of this exit from the cut, or the fastest exit from scratch
-        finish_local = min(self.device_rest_s(decision.exit, decision.cut_tensors),
+        finish_local = min(self.device_rest_s(decision.exit, decision.cut_tensors, req.candidates),
                            self._fastest_local_s * self.learning.device_speed.value)
         cutoff = req.deadline_s - finish_local  # after this, no local way meets the deadline
         if cutoff <= decision.predicted_s * ANSWER_SLACK:
@@ -211,7 +228,7 @@ class Device:
         self.metrics.fallbacks.labels(reason).inc()
         fallback_start = time.monotonic()
         left = req.left_s()
-        rest = self.device_rest_s(decision.exit, decision.cut_tensors)
+        rest = self.device_rest_s(decision.exit, decision.cut_tensors, req.candidates)
         local = self._local_plan(left)
         if rest <= left or (not local.feasible and rest <= local.predicted_s):
             remote = decision.step(EDGE)
@@ -228,7 +245,7 @@ class Device:
                             reason: str | None) -> Outcome:
         if reason:
             self.metrics.fallbacks.labels(reason).inc()
-        out, stage_s = await self._timed_stage(self.runner.whole(decision.exit), req.feed)
+        out, stage_s = await self._timed_stage(self.runner.whole(decision.exit), req.feed, self.local)
         return self._done(req, next(iter(out.values())), decision.exit, Where.DEVICE.value, decision, edge_id,
                           reason, stage_s=stage_s)
 
@@ -238,13 +255,14 @@ class Device:
                                                         device_speed=self.learning.device_speed.value,
                                                         device_margin_s=self.learning.device_margin.value))
 
-    def _model_device_s(self, exit_index: int, cut_tensors: frozenset[str]) -> float:
+    @staticmethod
+    def _model_device_s(exit_index: int, cut_tensors: frozenset[str], candidates: Candidates) -> float:
         """The device model's time of an exit's head before ``cut_tensors`` run as one stage (the whole exit for
-        none; not speed-corrected)."""
-        return float(self.local.device_s[self.local.index(exit_index, cut_tensors)])
+        none; not speed-corrected), as costed among ``candidates``."""
+        return float(candidates.device_s[candidates.index(exit_index, cut_tensors)])
 
-    async def _timed_stage(self, segment: Segment,
-                           feed: Mapping[str, npt.NDArray[Any]]) -> tuple[dict[str, npt.NDArray[Any]], float]:
+    async def _timed_stage(self, segment: Segment, feed: Mapping[str, npt.NDArray[Any]],
+                           candidates: Candidates) -> tuple[dict[str, npt.NDArray[Any]], float]:
         """Run a head (or whole-exit) stage on the device (its session built first, untimed); fold its time into
         the device's speed factor."""
         stage = self.runner.stage(segment)
@@ -252,8 +270,8 @@ class Device:
         out = await self.run_stage(stage, feed)
         took = time.monotonic() - start
         whole = segment == self.runner.whole(segment.exit)
-        self.learning.device_stage(took, self._model_device_s(segment.exit,
-                                                              frozenset() if whole else segment.outputs))
+        modelled = self._model_device_s(segment.exit, frozenset() if whole else segment.outputs, candidates)
+        self.learning.device_stage(took, modelled)
         return out, took
 
     def _observe_edge(self, edge: EdgeView, decision: Decision, compute_s: float) -> None:

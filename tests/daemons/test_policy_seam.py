@@ -1,5 +1,7 @@
 """A policy is one class and one registry line: deviced picks it by name from its config and calls only the seam."""
 
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -7,9 +9,11 @@ import pytest
 
 from deviced.config import DevicedConfig, load
 from deviced.service import Client
+from models.bundle import Bundle
 from models.data import load_fashion_mnist, preprocess
 from planner import core, edgent, policies
 from planner.errors import PlannerError
+from planner.latency import LatencyModel
 from protocol.config import ConfigError
 from tests.daemons.conftest import Broker, EdgeProcess
 
@@ -56,3 +60,58 @@ def test_the_policy_comes_from_the_planner_table(tmp_path: Path) -> None:
         load(conf)
     with pytest.raises(PlannerError, match="unknown baseline"):
         edgent.Baseline("nope")
+
+
+CROSSING = frozenset({"stem_relu", "b0_relu1"})  # inside the first residual block: the skip and the branch
+
+
+class InsideTheBlock(core.Stateless):
+    """Always the multi-tensor cut inside the first residual block (a DAG cut no chain planner can make)."""
+
+    def compile(self, exits: Sequence[core.ExitInfo], device: LatencyModel, edge: LatencyModel) -> core.Candidates:
+        ex = exits[0]
+        head = frozenset({"stem", "stem_relu", "b0_conv1", "b0_relu1"})
+        cut = core.CutPoint(tensors=CROSSING, index=len(head), bytes=2 * 16 * 16 * 16 * 4, head=head)
+        return edgent.compile_candidates([replace(ex, cuts=(*ex.cuts, cut))], device, edge)
+
+    def decide(self, view: core.View) -> core.Decision | core.Infeasible:
+        return edgent.fixed_plan(view.candidates, view.conditions, 1, CROSSING)
+
+
+async def test_a_multi_tensor_cut_runs_end_to_end(broker: Broker, prefix: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DAG bundle through deviced, the broker and edged: the head on the device, two tensors on the wire,
+    edged admitting the tail by the tensors it carries; the answer is the whole model's."""
+    from edged.config import EdgedConfig
+    from models import graph, synth
+    from models.bundle import load_bundle, write_bundle
+    from tests.daemons.conftest import EdgeProcess
+
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((20, 3, 16, 16)).astype(np.float32)
+    path = write_bundle(synth.residual_net(blocks=2), tmp_path / "residual", name="residual-test",
+                        test_images=images, test_labels=rng.integers(0, 10, 20), training={"weights": "random"})
+    bundle = load_bundle(path)
+    monkeypatch.setitem(policies.POLICIES, "inside_the_block", InsideTheBlock)
+    edge = EdgeProcess(EdgedConfig(edge_id="edge-dag", topic_prefix=prefix, broker=broker.config, bundles=(path,)))
+    cfg = DevicedConfig(device_id="pi-dag", topic_prefix=prefix, broker=broker.config, probe_interval_s=0,
+                        bundle=path, planner={"policy": "inside_the_block"})
+    try:
+        async with Client(cfg) as client:
+            assert await client.wait_for_edge(10)
+            outcomes = [await client.infer(x, deadline=5.0) for x in images[:3]]
+    finally:
+        await edge.stop()
+    whole = [graph_run(bundle, x) for x in images[:3]]
+    for o, expected in zip(outcomes, whole, strict=True):
+        assert o.where == "split" and o.fallback is None and o.plan.cut_tensors == CROSSING
+        assert o.plan.route[0].segment.outputs == CROSSING  # the head ends where the two tensors cross
+        np.testing.assert_allclose(o.logits, expected, rtol=1e-5, atol=1e-5)
+    assert graph.find_cut(bundle.exit_model(1), "+".join(sorted(CROSSING))).index == 4
+
+
+def graph_run(bundle: Bundle, x: np.ndarray) -> np.ndarray:
+    from models.runtime import StageRunner
+
+    runner = StageRunner(bundle)
+    return next(iter(runner.stage(runner.whole(1)).run({"input": x[None]}).values()))
