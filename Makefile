@@ -33,6 +33,7 @@ bench: $(STAMP) system-deps
 	mkdir -p bench-results
 	$(VENV)/bin/coinfer bench planner --out bench-results/planner.json
 	$(VENV)/bin/coinfer bench transport --out bench-results/transport.json
+	$(VENV)/bin/coinfer bench dag --out bench-results/dag
 
 # The Edgent experiments on the namespace testbed (root; ~16 minutes). Results: docs/results/edgent.
 bench-edgent: $(STAMP) system-deps

@@ -137,8 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_broker)
 
     s = sub.add_parser("bench", help="benchmarks that write numbers to a file")
-    s.add_argument("what", choices=["planner", "transport", "edgent", "load"])
-    s.add_argument("--out", required=True, type=Path, help="a JSON file (edgent: a folder)")
+    s.add_argument("what", choices=["planner", "transport", "edgent", "load", "dag"])
+    s.add_argument("--out", required=True, type=Path, help="a JSON file (edgent, dag: a folder)")
     s.add_argument("--loopback", action="store_true",
                    help="edgent: no namespaces/tc/cgroup (no root): emulate link and device in-app, labelled so")
     s.add_argument("--cpu-quota", type=float, default=0.1, help="edgent: the device's share of one core")
@@ -453,6 +453,12 @@ def _install_hint(entry: Any) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "dag":
+        from coinfer import dagbench
+
+        dagbench.run(args.out, requests=min(args.requests, 5000), log=lambda text: print(text, flush=True))
+        print(f"-> {args.out / 'dag.json'}, {args.out / 'dag.png'}")
+        return 0
     if args.what == "load":
         from coinfer import load
 

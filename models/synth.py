@@ -77,6 +77,30 @@ def inception_net(side: int = 16, seed: int = 0) -> onnx.ModelProto:
     return builder.build([(x, shape)], name="inception_net")
 
 
+def reduction_net(side: int = 64, width: int = 64, seed: int = 0) -> onnx.ModelProto:
+    """Inception modules whose branches first reduce to a few channels (1x1 convs) before widening again: the
+    few-channel branch tensors together are smaller than any single tensor, so the best cut crosses several."""
+    rng = np.random.default_rng(seed)
+    builder = ChainBuilder("input", (3, side, side))
+    x, shape = builder.chain("input", (3, side, side), [L(kind="conv", name="stem", out=width, k=3, pad=1, stride=2),
+                                                        L(kind="relu", name="stem_relu")], rng=rng)
+    for m in range(3):
+        outs = []
+        for b, k in enumerate((1, 3, 5)):
+            y, _ = builder.chain(x, shape, [L(kind="conv", name=f"m{m}_b{b}_reduce", out=2, k=1),
+                                            L(kind="relu", name=f"m{m}_b{b}_rrelu"),
+                                            L(kind="conv", name=f"m{m}_b{b}", out=width // 2, k=k, pad=k // 2),
+                                            L(kind="relu", name=f"m{m}_b{b}_relu")], rng=rng)
+            outs.append(y)
+        builder.add_node(helper.make_node("Concat", outs, [f"m{m}_cat"], name=f"m{m}_cat", axis=1))
+        x, shape = builder.chain(f"m{m}_cat", (3 * (width // 2), shape[1], shape[2]),
+                                 [L(kind="conv", name=f"m{m}_mix", out=width, k=1),
+                                  L(kind="relu", name=f"m{m}_mix_relu")], rng=rng)
+    x, shape = builder.chain(x, shape, [L(kind="pool", name="pool", k=4, stride=4), L(kind="flatten", name="flat"),
+                                        L(kind="fc", name="logits", out=10)], rng=rng)
+    return builder.build([(x, shape)], name="reduction_net")
+
+
 def mlp(widths: tuple[int, ...] = (64, 128, 128, 32, 10), seed: int = 0) -> onnx.ModelProto:
     """A plain MLP on a flat input built from MatMul + Add + Relu (no Gemm), three nodes a layer."""
     rng = np.random.default_rng(seed)

@@ -103,3 +103,18 @@ def test_plan_any_onnx_model_with_the_min_cut(tmp_path: Path, capsys: pytest.Cap
         # never slower than the best cut where one tensor crosses (what the chain planner would choose)
         assert doc["predicted_s"] <= doc["best_single_cut"]["predicted_s"] + 1e-12
         assert set(doc["baselines"]) == {"device_only", "edge_only", "partition_only", "exit_only"}
+
+
+def test_bench_dag_the_min_cut_never_loses_to_a_single_cut(tmp_path: Path) -> None:
+    from coinfer import dagbench
+
+    doc = dagbench.run(tmp_path, requests=50, log=lambda _: None)
+    assert (tmp_path / "dag.json").exists() and (tmp_path / "dag.png").stat().st_size > 0
+    assert {"residual_net", "inception_net", "reduction_net"} <= set(doc["models"])
+    for entry in doc["models"].values():
+        assert entry["exact"]["max_abs_diff"] <= 1e-5  # every multi-tensor cut chosen computes the whole model
+        for device in entry["devices"].values():
+            assert all(r["mincut_s"] <= r["single_cut_s"] * (1 + 1e-12) for r in device["rows"])
+    # the reduction modules' few-channel branches: crossing all three beats any single tensor at a slow uplink
+    gains = [r["gain"] for r in doc["models"]["reduction_net"]["devices"]["pi3"]["rows"]]
+    assert max(gains) > 1.05
