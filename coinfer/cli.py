@@ -16,7 +16,7 @@ import onnx
 
 from coinfer import bench, resources
 from models import branchy, graph
-from models.bundle import BUNDLES_DIR, DEFAULT_BUNDLE, MANIFEST, describe, load_bundle
+from models.bundle import BUNDLES_DIR, DEFAULT_BUNDLE, MANIFEST, describe, exit_accuracies, load_bundle, package
 from models.errors import ModelError
 from planner import edgent, policies, units
 from planner.core import Candidates, Conditions, Decision, Infeasible, Planner, View, exits_from_manifest
@@ -57,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tail", required=True, type=Path)
     s.add_argument("--output", help="restrict to the sub-model computing this output first")
     s.set_defaults(func=cmd_split)
+
+    s = sub.add_parser("bundle", help="package any ONNX classifier as a bundle that edged and deviced serve")
+    s.add_argument("model", type=Path, help="an ONNX file with one input")
+    s.add_argument("--out", required=True, type=Path, help="the bundle directory to write")
+    s.add_argument("--name", help="the bundle's name (default: the file's stem)")
+    s.add_argument("--exits", help="comma-separated outputs to serve as exits, least accurate first "
+                                   "(default: every graph output)")
+    s.add_argument("--labels", type=Path, help="an .npz with `x` (inputs, N x the model's input shape without its "
+                                               "batch) and `y` (class indices): each exit's accuracy is measured on "
+                                               "it; without: marked unmeasured (0)")
+    s.set_defaults(func=cmd_bundle)
 
     s = sub.add_parser("train", help="train the branchy AlexNet on Fashion-MNIST and write its bundle (needs torch)")
     s.add_argument("--arch", choices=sorted(branchy.ARCHS), default=branchy.ALEXNET28.name,
@@ -182,6 +193,35 @@ def cmd_split(args: argparse.Namespace) -> int:
     onnx.save(head, str(args.head))
     onnx.save(tail, str(args.tail))
     print(f"head: {len(head.graph.node)} layers -> {args.head}\ntail: {len(tail.graph.node)} layers -> {args.tail}")
+    return 0
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    model = graph.load_model(args.model)
+    if args.exits:
+        model = graph.prepare(graph.extract_outputs(model, [o.strip() for o in args.exits.split(",")]))
+    accuracy = None
+    count = 0
+    if args.labels:
+        try:
+            with np.load(args.labels, allow_pickle=False) as data:
+                x, y = np.asarray(data["x"], np.float32), np.asarray(data["y"], np.int64)
+        except (OSError, KeyError, ValueError) as exc:
+            raise ModelError(f"{args.labels}: expected an .npz with arrays x and y ({exc})") from exc
+        shape = tuple(describe(model)["input"]["shape"][1:])
+        if x.shape[1:] != shape or len(x) != len(y):
+            raise ModelError(f"{args.labels}: x is {list(x.shape)} and y {list(y.shape)}; the model takes "
+                             f"N x {list(shape)} inputs, one label each")
+        outputs = [o.name for o in model.graph.output]
+        accuracy, count = exit_accuracies(model, outputs, x, y), len(y)
+    out = package(model, args.out, name=args.name or args.model.stem, accuracy=accuracy, test_images=count,
+                  training={"source": str(args.model), "labels": str(args.labels) if args.labels else None})
+    bundle = load_bundle(out)
+    for e in bundle.exits:
+        measured = f"accuracy {e.accuracy:.4f} on {count}" if accuracy is not None else "accuracy unmeasured"
+        print(f"exit {e.index} ({e.output}): {len(e.layers)} layers, {len(e.cuts)} single-tensor cuts, {measured}")
+    print(f"-> {out} (sha256 {bundle.digest[:12]}); serve it: [edged] bundles = [\"{out}\"], "
+          f"[deviced] bundle = \"{out}\"; plan DAG cuts with [planner] policy = \"mincut\"")
     return 0
 
 

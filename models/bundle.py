@@ -47,7 +47,10 @@ class Bundle:
 
     def preprocess(self, images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """Fashion-MNIST uint8 images (N, 28, 28) -> this bundle's input tensors (N, 1, H, W)."""
-        return data.preprocess(images, int(self.manifest["input"]["preprocess"].get("upsample", 1)))
+        steps = self.manifest["input"].get("preprocess")
+        if steps is None:
+            raise BundleError(f"bundle {self.name} takes its input tensors as they are, not Fashion-MNIST images")
+        return data.preprocess(images, int(steps.get("upsample", 1)))
 
     def exit_model(self, index: int) -> onnx.ModelProto:
         """The prepared sub-model computing exit ``index`` (1-based) alone."""
@@ -140,13 +143,27 @@ def describe(model: onnx.ModelProto, accuracy: Sequence[float] | None = None) ->
 def write_bundle(model: onnx.ModelProto, out_dir: Path, *, name: str, upsample: int = 1,
                  test_images: npt.NDArray[np.float32], test_labels: npt.NDArray[np.int64],
                  training: dict[str, object]) -> Path:
-    """Write ``model`` and its manifest (layers, exits with measured accuracy and cuts, hashes)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write a Fashion-MNIST ``model`` and its manifest (layers, exits with measured accuracy and cuts, hashes)."""
     prepared = graph.prepare(model)
     outputs = [o.name for o in prepared.graph.output]
-    doc = describe(prepared, exit_accuracies(prepared, outputs, test_images, test_labels))
+    accuracy = exit_accuracies(prepared, outputs, test_images, test_labels)
+    return package(model, out_dir, name=name, accuracy=accuracy, test_images=len(test_labels),
+                   input_info={"preprocess": {"scale": 1 / 255, "mean": data.MEAN, "std": data.STD,
+                                              "upsample": upsample},
+                               "dataset": "fashion-mnist", "classes": list(data.CLASSES)},
+                   training=training)
+
+
+def package(model: onnx.ModelProto, out_dir: Path, *, name: str, accuracy: Sequence[float] | None,
+            test_images: int = 0, input_info: dict[str, object] | None = None,
+            training: dict[str, object] | None = None) -> Path:
+    """Write any single-input ``model`` as a bundle: the model, and a manifest of its layers, one exit per graph
+    output (``accuracy`` each, measured on ``test_images``; None: unmeasured, 0) with its cuts, and hashes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = describe(graph.prepare(model), accuracy)
     for e in doc["exits"]:
-        e["test_images"] = len(test_labels)
+        e["test_images"] = test_images
+        e["accuracy_measured"] = accuracy is not None
     model_path = out_dir / MODEL_FILE
     onnx.save(model, str(model_path))
     manifest = {
@@ -154,13 +171,10 @@ def write_bundle(model: onnx.ModelProto, out_dir: Path, *, name: str, upsample: 
         "name": name,
         "model": MODEL_FILE,
         "files": {MODEL_FILE: {"sha256": sha256_file(model_path), "bytes": model_path.stat().st_size}},
-        "input": {**doc["input"],
-                  "preprocess": {"scale": 1 / 255, "mean": data.MEAN, "std": data.STD,
-                                 "upsample": upsample},
-                  "dataset": "fashion-mnist", "classes": list(data.CLASSES)},
+        "input": {**doc["input"], **(input_info or {})},
         "layers": doc["layers"],
         "exits": doc["exits"],
-        "training": training,
+        "training": training or {},
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out_dir
