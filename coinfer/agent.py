@@ -58,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=500)
     p.add_argument("--emulate-uplink", default="", help="loopback mode only")
     p.add_argument("--emulate-slowdown", type=float, default=1.0, help="loopback mode only")
+    p.add_argument("--policy", default=policies.DEFAULT, choices=sorted(policies.POLICIES),
+                   help="deviced's planning policy (method `coinfer`)")
     p.add_argument("--log-level", default="warning", help="deviced's log level (on stderr)")
     args = p.parse_args(argv)
     configure_logging(args.log_level, stream=sys.stderr)
@@ -65,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         probe_interval_s=0,
                         topic_prefix=args.topic_prefix,
                         broker=BrokerConfig(host=args.broker_host, port=args.broker_port),
-                        emulate_uplink=args.emulate_uplink, emulate_slowdown=args.emulate_slowdown)
+                        emulate_uplink=args.emulate_uplink, emulate_slowdown=args.emulate_slowdown,
+                        planner={"policy": args.policy})
     return asyncio.run(_serve(cfg, args.images))
 
 

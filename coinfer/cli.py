@@ -24,6 +24,7 @@ from planner.errors import PlannerError
 from planner.latency import FIT_VARIABLES, TABLE_I_VARIABLES, Sample, fit
 
 NO_DEADLINE_S = 1e6  # `plan` without --deadline: the fastest plan of the most accurate exit
+RESNET = "fmnist-branchy-resnet"  # models.resnet.NAME, named here so that the CLI loads torch only to train
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,9 +70,10 @@ def _parser() -> argparse.ArgumentParser:
                                                "it; without: marked unmeasured (0)")
     s.set_defaults(func=cmd_bundle)
 
-    s = sub.add_parser("train", help="train the branchy AlexNet on Fashion-MNIST and write its bundle (needs torch)")
-    s.add_argument("--arch", choices=sorted(branchy.ARCHS), default=branchy.ALEXNET28.name,
-                   help="which architecture (and bundle name)")
+    s = sub.add_parser("train", help="train a branchy network on Fashion-MNIST and write its bundle (needs torch)")
+    s.add_argument("--arch", choices=[*sorted(branchy.ARCHS), RESNET], default=branchy.ALEXNET28.name,
+                   help=f"which architecture (and bundle name); {RESNET}: the residual DAG (--init, --freeze and "
+                        f"--finetune-epochs apply to the AlexNets)")
     s.add_argument("--out", type=Path, default=None, help="bundle directory (default: models/bundles/ARCH)")
     s.add_argument("--epochs", type=float, default=3.0, help="joint training of all exits")
     s.add_argument("--finetune-epochs", type=float, default=1.0, help="then the last segment alone")
@@ -158,6 +160,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="edgent: requests per method and deadline in Fig. 9 (the same images for each method)")
     s.add_argument("--bundle", type=Path, default=None,
                    help="edgent: the model (default: the 56x56 bundle, whose stages suit a CPU quota)")
+    s.add_argument("--policy", default=policies.DEFAULT, choices=sorted(set(policies.POLICIES) - {"fixed"}),
+                   help="edgent: deviced's planning policy, the figures' `coinfer` (mincut for a DAG bundle)")
     s.add_argument("--requests", type=int, default=20000)
     s.add_argument("--soak", type=float, default=180.0, help="load: soak length in seconds (0: none)")
     s.add_argument("--step", type=float, default=4.0, help="load: seconds per offered rate")
@@ -232,6 +236,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"coinfer: error: training needs torch ({exc}); install the extra: pip install 'coinfer[train]'",
               file=sys.stderr)
         return 2
+    if args.arch == RESNET:  # a DAG: not a branchy.Arch chain
+        from models import resnet
+
+        net, report = resnet.train(epochs=args.epochs, batch=args.batch, subset=args.subset, seed=args.seed)
+        out = resnet.export_bundle(net, args.out or BUNDLES_DIR / RESNET, report)
+        for e in load_bundle(out).exits:
+            print(f"exit {e.index}: {len(e.layers):>2} layers, test accuracy {e.accuracy:.4f}")
+        print(f"bundle written to {out}")
+        return 0
     arch = branchy.ARCHS[args.arch]
     base = load_bundle(args.init) if args.init else None
     model, report = train(arch, epochs=args.epochs, finetune_epochs=args.finetune_epochs, batch=args.batch,
@@ -511,7 +524,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         settings = experiments.Settings(requests=args.per_point, method_requests=args.per_method,
                                         loopback=args.loopback,
                                         emulation=testbed.Emulation(cpu_quota=args.cpu_quota),
-                                        bundle=args.bundle or experiments.BUNDLE)
+                                        bundle=args.bundle or experiments.BUNDLE, policy=args.policy)
         try:
             experiments.run(args.out, settings, log=lambda text: print(text, flush=True))
         except testbed.TestbedError as exc:

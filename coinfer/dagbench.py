@@ -1,11 +1,12 @@
 """``coinfer bench dag``: the min-cut policy on DAG models against the best single-tensor cut.
 
-For each model (the synthetic residual, inception and reduction DAGs; torchvision's ResNet-18, MobileNetV2,
-GoogLeNet and DenseNet-121 with random weights at 224x224 when torchvision is installed) and each device
-(Edgent's Raspberry Pi 3 model; the desktop model 10x slower, a faster device) against the desktop edge:
-the min-cut plan's predicted latency over a bandwidth sweep beside the best single-tensor cut (what the chain
-planner finds), device-only and edge-only; decision times (the prepared lookup and a per-request min-cut);
-and, for every multi-tensor cut chosen, that head + tail compute what the whole model does.
+For each model (the synthetic residual, inception and reduction DAGs; the shipped branchy ResNet;
+torchvision's ResNet-18, MobileNetV2, GoogLeNet and DenseNet-121 with random weights at 224x224 when
+torchvision is importable) and each device (Edgent's Raspberry Pi 3 model; the desktop model 10x slower, a
+faster device) against the desktop edge: the min-cut plan's predicted latency over a bandwidth sweep beside
+the best single-tensor cut (what the chain planner finds), device-only and edge-only; decision times (the
+prepared lookup and a per-request min-cut); and, for every multi-tensor cut chosen, that head + tail compute
+what the whole exit does.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import onnx
 
 from coinfer import bench, resources
 from models import graph, synth
-from models.bundle import describe
+from models.bundle import BUNDLES_DIR, MANIFEST, describe, load_bundle
 from models.ort import onnxruntime as ort
 from models.profile import random_feed
 from planner import edgent, mincut, policies
@@ -39,6 +40,9 @@ def models() -> tuple[dict[str, Callable[[], onnx.ModelProto]], str]:
         "inception_net": lambda: synth.inception_net(side=32),
         "reduction_net": synth.reduction_net,
     }
+    shipped = BUNDLES_DIR / "fmnist-branchy-resnet"
+    if (shipped / MANIFEST).exists():
+        found["fmnist-branchy-resnet"] = lambda: load_bundle(shipped).model
     try:
         import torchvision  # noqa: F401 - optional: only to export real topologies
     except (ImportError, RuntimeError) as exc:  # RuntimeError: a torchvision built for another torch
@@ -93,26 +97,32 @@ def _sweep(exits: Any, device: LatencyModel, edge: LatencyModel, requests: int) 
         assert isinstance(device_only, Decision) and isinstance(edge_only, Decision)
         rows.append({"bandwidth_bps": bps, "mincut_s": ours.predicted_s, "single_cut_s": theirs.predicted_s,
                      "device_only_s": device_only.predicted_s, "edge_only_s": edge_only.predicted_s,
-                     "gain": theirs.predicted_s / ours.predicted_s, "crossing": sorted(ours.cut_tensors),
+                     "gain": theirs.predicted_s / ours.predicted_s, "exit": ours.exit,
+                     "crossing": sorted(ours.cut_tensors),
                      "single_crossing": sorted(theirs.cut_tensors)})
     g = mincut.from_exit(exits[0], device, edge)
     return {"candidates": int(cands.exit.size), "single_cut_candidates": int(single.exit.size),
             "prepare_s": prepare_s, "rows": rows,
             "lookup": bench.decision_times(cands, requests, decide=policy.decide),
+            "single_cut_search": bench.decision_times(single, requests,
+                                                      decide=lambda v: edgent.plan(v.candidates, v.conditions)),
             "min_cut": bench.solve_times(g, solves=100)}
 
 
 def _exactness(model: onnx.ModelProto, entry: dict[str, Any]) -> dict[str, Any]:
     """Every multi-tensor cut chosen: head then tail against the whole model on a random input."""
-    cuts = {tuple(r["crossing"]) for dev in entry["devices"].values() for r in dev["rows"] if len(r["crossing"]) > 1}
-    feed = random_feed(model, np.random.default_rng(0))
-    whole = _run(model, feed)
+    cuts = {(r["exit"], tuple(r["crossing"])) for dev in entry["devices"].values() for r in dev["rows"]
+            if len(r["crossing"]) > 1}
+    outputs = [o.name for o in model.graph.output]
     worst = 0.0
-    for tensors in sorted(cuts):
-        head, tail = graph.split(model, tensors)
+    for exit_index, tensors in sorted(cuts):
+        sub = graph.prepare(graph.extract_outputs(model, [outputs[exit_index - 1]]))
+        feed = random_feed(sub, np.random.default_rng(0))
+        whole = _run(sub, feed)
+        head, tail = graph.split(sub, tensors)
         out = _run(tail, _run(head, feed))
         worst = max(worst, *(float(np.max(np.abs(out[k] - v))) for k, v in whole.items()))
-    return {"multi_tensor_cuts": [list(c) for c in sorted(cuts)], "max_abs_diff": worst}
+    return {"multi_tensor_cuts": [{"exit": e, "tensors": list(c)} for e, c in sorted(cuts)], "max_abs_diff": worst}
 
 
 def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -62,6 +62,7 @@ class Settings:
     emulation: Emulation = field(default_factory=Emulation)
     loopback: bool = False
     bundle: Path = BUNDLE
+    policy: str = "edgent"  # deviced's planning policy ("coinfer" in the figures); mincut for a DAG bundle
     agent_log_level: str = "warning"  # deviced's log (stderr) inside the agent
 
     @property
@@ -260,7 +261,7 @@ class Agent:
 def _agent(bed: Testbed, tmp: Path, model: Path, s: Settings) -> Iterator[Agent]:
     argv = [sys.executable, "-m", "coinfer.agent", "--broker-host", bed.edge_host, "--broker-port",
             str(BROKER_PORT), "--device-model", str(model), "--bundle", str(s.bundle.resolve()),
-            "--log-level", s.agent_log_level]
+            "--policy", s.policy, "--log-level", s.agent_log_level]
     if bed.loopback:
         argv += ["--emulate-uplink", f"{int(bed.uplink_bps)}bps", "--emulate-slowdown",
                  str(1.0 / s.emulation.cpu_quota)]

@@ -124,14 +124,31 @@ def train(arch: branchy.Arch = branchy.ALEXNET28, *, epochs: float = 3.0, batch:
     if init is not None:
         model.load_numpy_weights(init)
     model.freeze(freeze)
+    weights = [0.0 if i < freeze else w for i, w in enumerate(EXIT_LOSS_WEIGHTS)]
+    start = time.perf_counter()
+    total = fit(model, x_all, y_all, weights, epochs=epochs, batch=batch, lr=lr, seed=seed, progress=progress)
+    report: dict[str, object] = {"epochs": epochs, "steps": total, "batch": batch, "lr": lr, "seed": seed,
+              "train_images": len(x_all), "train_seconds": round(time.perf_counter() - start, 1),
+              "torch_threads": torch.get_num_threads(), "initialised_from_bundle": init is not None,
+              "frozen_segments": freeze}
+    log(f"trained {total} steps in {report['train_seconds']} s")
+    if finetune_epochs > 0:
+        report.update(finetune_final(model, x_all, y_all, epochs=finetune_epochs, batch=batch,
+                                     progress=progress))
+    return model, report
+
+
+def fit(model: nn.Module, x_all: npt.NDArray[np.float32], y_all: npt.NDArray[np.int64], exit_weights: list[float],
+        *, epochs: float, batch: int, lr: float, seed: int, progress: bool = True) -> int:
+    """Joint training of a multi-exit ``model`` (its forward returns one logits tensor per exit) on the weighted
+    sum of the exits' losses: Adam with a one-cycle schedule. Returns the steps taken."""
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     steps_per_epoch = int(np.ceil(len(x_all) / batch))
     total = round(epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total)
     loss_fn = nn.CrossEntropyLoss()
     rng = np.random.default_rng(seed)
-    weights = torch.tensor([0.0 if i < freeze else w for i, w in enumerate(EXIT_LOSS_WEIGHTS)])
-    start = time.perf_counter()
+    weights = torch.tensor(exit_weights)
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress)
     step = 0
     while step < total:
@@ -152,15 +169,7 @@ def train(arch: branchy.Arch = branchy.ALEXNET28, *, epochs: float = 3.0, batch:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    report: dict[str, object] = {"epochs": epochs, "steps": total, "batch": batch, "lr": lr, "seed": seed,
-              "train_images": len(x_all), "train_seconds": round(time.perf_counter() - start, 1),
-              "torch_threads": torch.get_num_threads(), "initialised_from_bundle": init is not None,
-              "frozen_segments": freeze}
-    log(f"trained {total} steps in {report['train_seconds']} s")
-    if finetune_epochs > 0:
-        report.update(finetune_final(model, x_all, y_all, epochs=finetune_epochs, batch=batch,
-                                     progress=progress))
-    return model, report
+    return total
 
 
 def finetune_final(model: BranchyAlexNet, x_all: npt.NDArray[np.float32], y_all: npt.NDArray[np.int64], *,

@@ -83,3 +83,28 @@ def test_digest_pins_the_manifest(bundle: Bundle) -> None:
         bundle.exit(6)
     x = np.zeros(bundle.input_shape, np.float32)
     assert x.shape == (1, 1, 28, 28)
+
+
+def test_the_shipped_dag_bundle_is_a_residual_network_whose_accuracy_rises_with_depth() -> None:
+    from models import graph
+    from planner import core, edgent, policies
+    from planner.latency import LatencyModel
+
+    bundle = load_bundle(BUNDLES_DIR / "fmnist-branchy-resnet")
+    accuracy = [e.accuracy for e in bundle.exits]
+    assert len(accuracy) == 3 and accuracy == sorted(accuracy) and accuracy[-1] > 0.85
+    assert all(e["test_images"] == 10_000 for e in bundle.manifest["exits"])
+    ops = {lay["op_type"] for lay in bundle.manifest["layers"]}
+    assert "Add" in ops  # residual joins: a DAG, not a chain
+    deepest = bundle.exit_model(3)
+    assert len(graph.cuts(deepest)) < len(deepest.graph.node) - 1  # inside a block no single tensor separates
+    ref = Path(__file__).parents[2] / "planner" / "reference"
+    device = LatencyModel.from_json(json.loads((ref / "edgent2018-raspberry-pi-3.json").read_text()))
+    edge = LatencyModel.from_json(json.loads((ref / "edgent2018-desktop.json").read_text()))
+    policy = policies.make("mincut")
+    cands, single = policy.compile(bundle.exits, device, edge), edgent.compile_candidates(bundle.exits, device, edge)
+    for bps in (3e4, 3e5, 3e6, 3e7):
+        cond = core.Conditions(bandwidth_bps=bps, deadline_s=1e6)
+        ours, theirs = policy.decide(core.View(candidates=cands, conditions=cond)), edgent.plan(single, cond)
+        assert isinstance(ours, core.Decision) and isinstance(theirs, core.Decision)
+        assert ours.exit == theirs.exit == 3 and ours.predicted_s <= theirs.predicted_s * (1 + 1e-12)

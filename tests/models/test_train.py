@@ -39,3 +39,29 @@ def test_a_few_training_steps_learn_something() -> None:
     accuracy = evaluate(model, preprocess(images[:1000]), labels[:1000])
     assert len(accuracy) == branchy.ALEXNET28.num_exits
     assert max(accuracy) > 0.3  # chance is 0.1
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_the_branchy_resnet_exports_a_dag_bundle_equal_to_torch(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from models import graph, resnet
+    from models.bundle import load_bundle
+
+    model, report = resnet.train(epochs=1.0, batch=64, subset=320, progress=False)
+    assert report["steps"] == 5
+    out = resnet.export_bundle(model, Path(str(tmp_path)) / "resnet", report)
+    bundle = load_bundle(out)
+    assert [e.output for e in bundle.exits] == ["exit1", "exit2", "exit3"]
+    # a DAG: a residual block's skip and branch make cuts inside blocks multi-tensor; block boundaries are cuts
+    exit3 = bundle.exit_model(3)
+    assert len(graph.cuts(exit3)) < len(exit3.graph.node) - 1
+    images, _ = load_fashion_mnist("test")
+    x = preprocess(images[:2])
+    with torch.no_grad():
+        expected = [o.numpy() for o in model.eval()(torch.from_numpy(x))]
+    session = ort.InferenceSession(bundle.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for i in range(len(x)):
+        got = session.run(["exit1", "exit2", "exit3"], {"input": x[i:i + 1]})
+        for e in range(3):
+            np.testing.assert_allclose(got[e][0], expected[e][i], rtol=1e-4, atol=1e-4)
