@@ -25,7 +25,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -141,7 +141,9 @@ async def _stages(client: Client, x: np.ndarray, repeats: int) -> list[dict[str,
     feed = {device.bundle.input_name: x[0].reshape(device.bundle.input_shape)}
     for info in device.bundle.exits:
         n, heads = len(info.layers), {c.index: c.tensors for c in info.cuts}
-        for cut in sorted({max(1, n // 4), n // 2, 3 * n // 4, n}):
+        # a quarter, half and three quarters in, or the nearest listed cut (a DAG has none inside its blocks)
+        wanted = {_nearest(heads, t) for t in (n // 4, n // 2, 3 * n // 4)} if heads else set()
+        for cut in sorted(wanted | {n}):
             segment = device.runner.whole(info.index) if cut == n else \
                 Segment(info.index, frozenset({info.input}), heads[cut])
             stage = device.runner.stage(segment)
@@ -153,6 +155,10 @@ async def _stages(client: Client, x: np.ndarray, repeats: int) -> list[dict[str,
                 times.append(time.perf_counter() - start)
             rows.append({"exit": info.index, "cut": cut, "median_s": statistics.median(times)})
     return rows
+
+
+def _nearest(indices: Iterable[int], target: int) -> int:
+    return min(indices, key=lambda i: abs(i - target))
 
 
 def _policy(cmd: dict[str, Any], deadline: float) -> tuple[Planner | None, float]:
