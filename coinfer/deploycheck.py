@@ -120,7 +120,7 @@ def _inside(readme: Path, scratch: Path) -> int:
 
 
 def _steps(blocks: list[tuple[str, str]], state: Path, env: dict[str, str], src: Path) -> int:
-    results: list[str] = []
+    results: dict[str, str] = {}
     for name, script in blocks:
         if name == "pi":  # the one step not in the README: the files the edge server hands to the Pi
             for f in ("/etc/mosquitto/coinfer/secrets/pi-1.password",
@@ -133,14 +133,14 @@ def _steps(blocks: list[tuple[str, str]], state: Path, env: dict[str, str], src:
         print(_indent(done.stdout + done.stderr))
         if done.returncode != 0:
             raise CheckFailed(f"README block `{name}` exited with {done.returncode}")
-        results.append(done.stdout)
-    return _verify(blocks, results, state, env, src)
+        results[name] = done.stdout
+    return _verify(results, state, env, src)
 
 
-def _verify(blocks: list[tuple[str, str]], results: list[str], state: Path, env: dict[str, str], src: Path) -> int:
+def _verify(results: dict[str, str], state: Path, env: dict[str, str], src: Path) -> int:
+    """The checks after the README's blocks ran (``results``: each block's output by name)."""
     checks: list[tuple[str, bool, str]] = []
-    app_out = results[[n for n, _ in blocks].index("app")]
-    answered = re.findall(r" on (edge|split|device|fallback)\s", app_out)
+    answered = re.findall(r" on (edge|split|device|fallback)\s", results["app"])
     checks.append(("co-inference over TLS through deviced, answered by the edge",
                    len(answered) >= 5 and all(w in ("edge", "split") for w in answered), f"{answered}"))
     for unit in ("edged", "deviced", "mosquitto"):

@@ -35,19 +35,17 @@ class PendingCalls(Generic[K, V]):
 
     def resolve(self, key: K, value: V) -> bool:
         """Hand ``value`` to the waiter of ``key``; False when nobody waits (a late or unknown reply)."""
-        future = self._waiting.get(key)
-        if future is None or future.done():
-            return False
-        future.set_result(value)
-        return True
+        future = self._open(key)
+        if future is not None:
+            future.set_result(value)
+        return future is not None
 
     def fail(self, key: K, exc: BaseException) -> bool:
         """End the waiter of ``key`` with ``exc``; False when nobody waits."""
-        future = self._waiting.get(key)
-        if future is None or future.done():
-            return False
-        future.set_exception(exc)
-        return True
+        future = self._open(key)
+        if future is not None:
+            future.set_exception(exc)
+        return future is not None
 
     def fail_all(self, exc: BaseException) -> int:
         """End every waiter with ``exc`` (the connection is gone); returns how many there were."""
@@ -60,3 +58,7 @@ class PendingCalls(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self._waiting)
+
+    def _open(self, key: K) -> asyncio.Future[V] | None:
+        future = self._waiting.get(key)
+        return None if future is None or future.done() else future

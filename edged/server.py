@@ -14,7 +14,7 @@ from edged.config import EdgedConfig
 from edged.metrics import EdgeMetrics
 from models.bundle import Bundle, load_bundle
 from models.errors import CutError, ModelError, UnknownTensorError
-from models.runtime import StageInputError, StageRunner
+from models.runtime import Stage, StageInputError, StageRunner
 from planner.core import Segment
 from protocol import session
 from protocol.errors import ErrorCode, ProtocolError
@@ -39,6 +39,7 @@ LOAD_POLL_S = 0.25
 @dataclass(slots=True)
 class Job:
     request: InferRequest
+    stage: Stage  # the tail admitted for it
     reply_to: str
     correlation: bytes | None
     arrived: float
@@ -184,7 +185,7 @@ async def _admit(client: aiomqtt.Client, state: EdgeState, req: InferRequest, re
                      f"bundle {req.bundle[:12]} is not served by {state.cfg.edge_id}")
         return
     try:  # the tensors it carries name the cut: the tail runs from them to the exit's output
-        segment = _tail(runner, req)
+        segment = Segment(req.exit, frozenset(req.tensors), runner.whole(req.exit).outputs)
         # a new segment's session takes a while to build: off the event loop
         stage = runner.cached(segment)
         if stage is None:
@@ -205,7 +206,8 @@ async def _admit(client: aiomqtt.Client, state: EdgeState, req: InferRequest, re
         await _error(client, state, reply_to, correlation, req.request_id, ErrorCode.BUSY,
                      f"expected {wait * 1e3:.1f} ms here, budget {req.budget_s * 1e3:.1f} ms")
         return
-    state.queue.put_nowait(Job(request=req, reply_to=reply_to, correlation=correlation, arrived=time.monotonic()))
+    state.queue.put_nowait(Job(request=req, stage=stage, reply_to=reply_to, correlation=correlation,
+                               arrived=time.monotonic()))
     state.metrics.queue_depth.set(state.depth)
 
 
@@ -235,10 +237,9 @@ async def _compute(state: EdgeState, job: Job) -> InferResult | tuple[ErrorCode,
     queued = time.monotonic() - job.arrived
     if queued > req.budget_s:
         return ErrorCode.EXPIRED, f"waited {queued * 1e3:.1f} ms, budget {req.budget_s * 1e3:.1f} ms"
-    stage = state.runners[req.bundle].stage(_tail(state.runners[req.bundle], req))
     start = time.monotonic()
     try:
-        outputs = await asyncio.to_thread(stage.run, req.tensors)
+        outputs = await asyncio.to_thread(job.stage.run, req.tensors)
     except StageInputError as exc:
         return ErrorCode.BAD_TENSOR, str(exc)
     except Exception as exc:  # the runtime failed on this request: answer it, keep serving
@@ -249,11 +250,6 @@ async def _compute(state: EdgeState, job: Job) -> InferResult | tuple[ErrorCode,
     state.metrics.stage_seconds.observe(compute)
     return InferResult(request_id=req.request_id, edge_id=state.cfg.edge_id, exit=req.exit, outputs=outputs,
                        queue_s=queued, compute_s=compute)
-
-
-def _tail(runner: StageRunner, req: InferRequest) -> Segment:
-    """The segment a request asks for: from the tensors it carries to its exit's output."""
-    return Segment(req.exit, frozenset(req.tensors), runner.whole(req.exit).outputs)
 
 
 async def _adverts(client: aiomqtt.Client, state: EdgeState, topics: Topics) -> None:

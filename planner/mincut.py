@@ -184,8 +184,7 @@ def brute_force(g: LayerGraph, speed_ratio: float = 1.0, seconds_per_byte: float
     """The same optimum by trying every closed head that leaves the output on the edge (small graphs only)."""
     if g.n > MAX_BRUTE_FORCE_NODES:
         raise PlannerError(f"brute force is for graphs of at most {MAX_BRUTE_FORCE_NODES} nodes")
-    best = min((partition(g, h) for h in closed_heads(g)), key=lambda p: p.cost(speed_ratio, seconds_per_byte))
-    return best
+    return min((partition(g, h) for h in closed_heads(g)), key=lambda p: p.cost(speed_ratio, seconds_per_byte))
 
 
 def closed_heads(g: LayerGraph) -> Iterator[frozenset[int]]:
@@ -203,16 +202,23 @@ def candidate_partitions(g: LayerGraph, *, speed_ratio: tuple[float, float] = SP
     """Every partition that is the min-cut for some (speed ratio, seconds per byte) in the given box: the faces
     of the concave cost envelope, found by probing its vertices until the min-cut agrees with it everywhere."""
     box = (speed_ratio, seconds_per_byte)
+    probed: dict[tuple[float, float], Partition] = {}  # a vertex the envelope agreed at stays agreed: solve once
+
+    def probe(r: float, y: float) -> Partition:
+        if (r, y) not in probed:
+            probed[r, y] = min_cut(g, r, y)
+        return probed[r, y]
+
     found: dict[frozenset[int], Partition] = {}
     for r, y in itertools.product(*box):
-        p = min_cut(g, r, y)
+        p = probe(r, y)
         found.setdefault(p.head, p)
     for _ in range(MAX_CANDIDATE_ROUNDS):
         planes = list(found.values())
         added = False
         for r, y in _vertices(planes, box):
             best = min(p.cost(r, y) for p in planes)
-            p = min_cut(g, r, y)
+            p = probe(r, y)
             if p.head not in found and p.cost(r, y) < best * (1 - 1e-9) - 1e-15:
                 found[p.head] = p
                 added = True

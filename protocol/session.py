@@ -35,6 +35,8 @@ KEEPALIVE_S = 10
 PASSWORD_ENV = "COINFER_MQTT_PASSWORD"
 # systemd's LoadCredential=mqtt-password:/etc/coinfer/... puts the file under $CREDENTIALS_DIRECTORY
 PASSWORD_CREDENTIAL = "mqtt-password"
+# CONNACK codes of a broker that refused our credentials: MQTT 3.1.1's 4 and 5, MQTT 5's 134 and 135
+REFUSED_CREDENTIALS = frozenset({4, 5, 134, 135})
 MQTT_ERRORS = (aiomqtt.MqttError,)
 # Requests, replies and probes are deadline-bound: a redelivered copy would arrive too late to matter, and a
 # lost one is covered by the device's bounded wait and local fallback. QoS 0 saves the PUBACK round trip
@@ -86,7 +88,9 @@ def refusal(cfg: BrokerConfig, exc: BaseException) -> BrokerRefused:
     """A failed connection to ``cfg``'s broker as one clear line: refused credentials, unreachable, TLS."""
     text = str(exc)
     where = f"broker {cfg.host}:{cfg.port}"
-    if "135" in text or "134" in text or "Not authorized" in text or "Bad user name or password" in text:
+    rc = exc.rc if isinstance(exc, aiomqtt.MqttCodeError) else None
+    code = rc if isinstance(rc, int) or rc is None else rc.value  # paho's ReasonCode (MQTT 5) or an int (3.1.1)
+    if code in REFUSED_CREDENTIALS:
         who = f"user {cfg.username!r}" if cfg.username else "an anonymous client"
         try:
             known = password(cfg) is not None

@@ -7,15 +7,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from coinfer.procs import Mosquitto as Broker
 from coinfer.procs import free_port
+from deviced.config import DevicedConfig
+from deviced.engine import Outcome
+from deviced.service import Client
 from edged.config import EdgedConfig
 from edged.server import run as run_edged
+from models.runtime import StageRunner
 
 REPO = Path(__file__).resolve().parents[2]
 _prefixes = itertools.count()
@@ -57,6 +63,25 @@ async def edge(broker: Broker, prefix: str) -> AsyncIterator[EdgeProcess]:
     proc = EdgeProcess(EdgedConfig(edge_id="edge-a", topic_prefix=prefix, broker=broker.config))
     yield proc
     await proc.stop()
+
+
+async def serve_and_infer(broker: Broker, prefix: str, bundle: Path, inputs: Sequence[np.ndarray], *,
+                          deadline: float, **device: Any) -> list[Outcome]:
+    """edged serving ``bundle`` and a deviced of it (``device``: more DevicedConfig keys): one request each."""
+    edge = EdgeProcess(EdgedConfig(edge_id=f"edge-{prefix}", topic_prefix=prefix, broker=broker.config,
+                                   bundles=(bundle,)))
+    cfg = DevicedConfig(topic_prefix=prefix, broker=broker.config, probe_interval_s=0, bundle=bundle, **device)
+    try:
+        async with Client(cfg) as client:
+            assert await client.wait_for_edge(10)
+            return [await client.infer(x, deadline=deadline) for x in inputs]
+    finally:
+        await edge.stop()
+
+
+def whole_exit(runner: StageRunner, exit_index: int, x: np.ndarray) -> np.ndarray:
+    """What the whole exit computes for one input (the reference for co-inferred answers)."""
+    return next(iter(runner.stage(runner.whole(exit_index)).run({runner.bundle.input_name: x[None]}).values()))
 
 
 async def wait_online(broker: Broker, prefix: str, edge_id: str) -> None:

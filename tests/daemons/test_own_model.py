@@ -8,12 +8,9 @@ import pytest
 import torch  # the `train` extra, which `make test` installs
 
 from coinfer.cli import main
-from deviced.config import DevicedConfig
-from deviced.service import Client
-from edged.config import EdgedConfig
 from models.bundle import load_bundle
 from models.runtime import StageRunner
-from tests.daemons.conftest import Broker, EdgeProcess
+from tests.daemons.conftest import Broker, serve_and_infer, whole_exit
 
 
 def _export(path: Path) -> None:
@@ -54,17 +51,9 @@ async def test_an_exported_model_is_packaged_planned_and_served(tmp_path: Path, 
     assert "the model takes N x [1, 28, 28] inputs" in capsys.readouterr().err
     assert main(["plan", str(out), "--policy", "mincut", "--bandwidth", "1Mbps", "--deadline", "1s"]) in (0, 1)
 
-    edge = EdgeProcess(EdgedConfig(edge_id="edge-own", topic_prefix=prefix, broker=broker.config, bundles=(out,)))
-    cfg = DevicedConfig(device_id="pi-own", topic_prefix=prefix, broker=broker.config, probe_interval_s=0,
-                        bundle=out, initial_bandwidth="10Mbps", planner={"policy": "mincut"})
-    try:
-        async with Client(cfg) as client:
-            assert await client.wait_for_edge(10)
-            outcomes = [await client.infer(xi, deadline=2.0) for xi in x[:4]]
-    finally:
-        await edge.stop()
+    outcomes = await serve_and_infer(broker, prefix, out, x[:4], deadline=2.0, device_id="pi-own",
+                                     initial_bandwidth="10Mbps", planner={"policy": "mincut"})
     runner = StageRunner(bundle)
     assert any(o.where in ("edge", "split") for o in outcomes), [o.where for o in outcomes]
     for o, xi in zip(outcomes, x, strict=False):
-        whole = next(iter(runner.stage(runner.whole(o.exit)).run({"input": xi[None]}).values()))
-        np.testing.assert_allclose(o.logits, whole, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(o.logits, whole_exit(runner, o.exit, xi), rtol=1e-5, atol=1e-5)

@@ -9,7 +9,6 @@ import pytest
 
 from deviced.config import DevicedConfig, load
 from deviced.service import Client
-from models.bundle import Bundle
 from models.data import load_fashion_mnist, preprocess
 from planner import core, edgent, policies
 from planner.errors import PlannerError
@@ -82,10 +81,10 @@ async def test_a_multi_tensor_cut_runs_end_to_end(broker: Broker, prefix: str, t
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A DAG bundle through deviced, the broker and edged: the head on the device, two tensors on the wire,
     edged admitting the tail by the tensors it carries; the answer is the whole model's."""
-    from edged.config import EdgedConfig
     from models import graph, synth
     from models.bundle import load_bundle, write_bundle
-    from tests.daemons.conftest import EdgeProcess
+    from models.runtime import StageRunner
+    from tests.daemons.conftest import serve_and_infer, whole_exit
 
     rng = np.random.default_rng(0)
     images = rng.standard_normal((20, 3, 16, 16)).astype(np.float32)
@@ -93,25 +92,13 @@ async def test_a_multi_tensor_cut_runs_end_to_end(broker: Broker, prefix: str, t
                         test_images=images, test_labels=rng.integers(0, 10, 20), training={"weights": "random"})
     bundle = load_bundle(path)
     monkeypatch.setitem(policies.POLICIES, "inside_the_block", InsideTheBlock)
-    edge = EdgeProcess(EdgedConfig(edge_id="edge-dag", topic_prefix=prefix, broker=broker.config, bundles=(path,)))
-    cfg = DevicedConfig(device_id="pi-dag", topic_prefix=prefix, broker=broker.config, probe_interval_s=0,
-                        bundle=path, planner={"policy": "inside_the_block"})
-    try:
-        async with Client(cfg) as client:
-            assert await client.wait_for_edge(10)
-            outcomes = [await client.infer(x, deadline=5.0) for x in images[:3]]
-    finally:
-        await edge.stop()
-    whole = [graph_run(bundle, x) for x in images[:3]]
+    outcomes = await serve_and_infer(broker, prefix, path, images[:3], deadline=5.0, device_id="pi-dag",
+                                     planner={"policy": "inside_the_block"})
+    runner = StageRunner(bundle)
+    whole = [whole_exit(runner, 1, x) for x in images[:3]]
     for o, expected in zip(outcomes, whole, strict=True):
         assert o.where == "split" and o.fallback is None and o.plan.cut_tensors == CROSSING
         assert o.plan.route[0].segment.outputs == CROSSING  # the head ends where the two tensors cross
         np.testing.assert_allclose(o.logits, expected, rtol=1e-5, atol=1e-5)
     assert graph.find_cut(bundle.exit_model(1), "+".join(sorted(CROSSING))).index == 4
 
-
-def graph_run(bundle: Bundle, x: np.ndarray) -> np.ndarray:
-    from models.runtime import StageRunner
-
-    runner = StageRunner(bundle)
-    return next(iter(runner.stage(runner.whole(1)).run({"input": x[None]}).values()))
