@@ -19,6 +19,7 @@ from models import branchy, graph
 from models.bundle import BUNDLES_DIR, DEFAULT_BUNDLE, MANIFEST, describe, exit_accuracies, load_bundle, package
 from models.errors import ModelError
 from planner import edgent, policies, units
+from planner import pipeline as pipeline_planner
 from planner.core import Candidates, Conditions, Decision, Infeasible, Planner, View, exits_from_manifest
 from planner.errors import PlannerError
 from planner.latency import FIT_VARIABLES, TABLE_I_VARIABLES, Sample, fit
@@ -149,8 +150,23 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--prefix", default="coinfer", help="topic prefix of the deployment")
     s.set_defaults(func=cmd_broker)
 
+    pipe = sub.add_parser("pipeline", help="pipelines over several devices (and an edge): plan a fleet's stages")
+    s = pipe.add_subparsers(dest="action", required=True, metavar="ACTION").add_parser(
+        "plan", help="the stages, block ranges, threads, replicas and splits that maximise frames/s")
+    s.add_argument("model", nargs="?", type=Path, default=DEFAULT_BUNDLE, help="bundle directory or ONNX file")
+    s.add_argument("--workers", required=True, type=Path, help="the fleet (a *.workers.toml file)")
+    s.add_argument("--exit", type=int, default=None, help="the exit to serve (default: the deepest)")
+    s.add_argument("--method", default=None, choices=list(pipeline_planner.METHODS),
+                   help=f"exact (default up to {pipeline_planner.EXACT_MAX} workers), pso (default beyond), greedy; "
+                        "embedded: one worker's cores")
+    s.add_argument("--latency-bound", default=None, help="per-frame latency bound, e.g. 500ms")
+    s.add_argument("--seed", type=int, default=0, help="pso: the swarm's seed")
+    s.add_argument("--no-split", action="store_true", help="leave intra-layer splits out")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_pipeline)
+
     s = sub.add_parser("bench", help="benchmarks that write numbers to a file")
-    s.add_argument("what", choices=["planner", "transport", "edgent", "load", "dag"])
+    s.add_argument("what", choices=["planner", "transport", "edgent", "load", "dag", "pipeline"])
     s.add_argument("--out", required=True, type=Path, help="a JSON file (edgent, dag: a folder)")
     s.add_argument("--loopback", action="store_true",
                    help="edgent: no namespaces/tc/cgroup (no root): emulate link and device in-app, labelled so")
@@ -165,6 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--requests", type=int, default=20000)
     s.add_argument("--soak", type=float, default=180.0, help="load: soak length in seconds (0: none)")
     s.add_argument("--step", type=float, default=4.0, help="load: seconds per offered rate")
+    s.add_argument("--sim", action="store_true", help="pipeline: plan and simulate (the only mode so far)")
+    s.add_argument("--frames", type=int, default=1000, help="pipeline: simulated frames per plan")
     s.set_defaults(func=cmd_bench)
     return p
 
@@ -505,7 +523,30 @@ def _install_hint(entry: Any) -> str:
     return f"Copy it to the {entry.role} as /etc/coinfer/{daemon}.password (mode 0600)"
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from coinfer import pipeline
+
+    fleet = pipeline.load_fleet(args.workers)
+    chain = pipeline.load_chain(Path(args.model), args.exit)
+    bound = units.parse_duration(args.latency_bound) if args.latency_bound else None
+    method = args.method or ("exact" if len(fleet.workers) <= pipeline_planner.EXACT_MAX else "pso")
+    p = pipeline_planner.plan(chain, fleet, method=method, latency_bound_s=bound, seed=args.seed,
+                              split=not args.no_split)
+    print(json.dumps(p.to_json(), indent=1) if args.json else pipeline.format_plan(p))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "pipeline":
+        if not args.sim:
+            print("coinfer: error: bench pipeline runs the simulation only (--sim); running streams through the "
+                  "daemons is the pipelined-streams issue", file=sys.stderr)
+            return 2
+        from coinfer import pipeline
+
+        pipeline.bench_sim(args.out, frames=args.frames, log=lambda text: print(text, flush=True))
+        print(f"-> {args.out / 'pipeline.json'}, {args.out / 'scaling.png'}")
+        return 0
     if args.what == "dag":
         from coinfer import dagbench
 

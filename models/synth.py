@@ -126,6 +126,48 @@ def mlp(widths: tuple[int, ...] = (64, 128, 128, 32, 10), seed: int = 0) -> onnx
     return model
 
 
+def vgg16(side: int = 224, classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
+    """VGG-16's layer shapes (13 3x3 convolutions in 5 blocks, 3 fully connected) with random weights."""
+    rng = np.random.default_rng(seed)
+    builder = ChainBuilder("input", (3, side, side))
+    layers: list[LayerSpec] = []
+    for b, (width, convs) in enumerate(((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)), start=1):
+        for c in range(1, convs + 1):
+            layers += [L(kind="conv", name=f"conv{b}_{c}", out=width, k=3, pad=1), L(kind="relu", name=f"relu{b}_{c}")]
+        layers.append(L(kind="pool", name=f"pool{b}", k=2, stride=2))
+    layers += [L(kind="flatten", name="flatten"), L(kind="fc", name="fc6", out=4096), L(kind="relu", name="relu6"),
+               L(kind="fc", name="fc7", out=4096), L(kind="relu", name="relu7"), L(kind="fc", name="fc8", out=classes)]
+    x, shape = builder.chain("input", (3, side, side), layers, rng=rng)
+    return builder.build([(x, shape)], name="vgg16")
+
+
+def resnet18(side: int = 224, classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
+    """ResNet-18's layer shapes (batch norm folded into the convolutions) with random weights: a DAG."""
+    rng = np.random.default_rng(seed)
+    builder = ChainBuilder("input", (3, side, side))
+    x, shape = builder.chain("input", (3, side, side), [L(kind="conv", name="conv1", out=64, k=7, stride=2, pad=3),
+                                                        L(kind="relu", name="relu1"),
+                                                        L(kind="pool", name="pool1", k=3, stride=2, pad=1)], rng=rng)
+    for stage, width in enumerate((64, 128, 256, 512), start=1):
+        for block in (1, 2):
+            name = f"l{stage}_{block}"
+            stride = 2 if stage > 1 and block == 1 else 1
+            y, out = builder.chain(x, shape, [
+                L(kind="conv", name=f"{name}_conv1", out=width, k=3, stride=stride, pad=1),
+                L(kind="relu", name=f"{name}_relu1"), L(kind="conv", name=f"{name}_conv2", out=width, k=3, pad=1)],
+                rng=rng)
+            skip = x
+            if stride != 1 or shape[0] != width:
+                skip, _ = builder.chain(x, shape, [L(kind="conv", name=f"{name}_down", out=width, k=1, stride=stride)],
+                                        rng=rng)
+            builder.add_node(helper.make_node("Add", [skip, y], [f"{name}_add"], name=f"{name}_add"))
+            x, shape = builder.chain(f"{name}_add", out, [L(kind="relu", name=f"{name}_out")], rng=rng)
+    x, shape = builder.chain(x, shape, [L(kind="pool", name="avgpool", k=shape[1], stride=shape[1]),
+                                        L(kind="flatten", name="flatten"), L(kind="fc", name="fc", out=classes)],
+                             rng=rng)
+    return builder.build([(x, shape)], name="resnet18")
+
+
 def _shape_after(layers: list[LayerSpec], shape: tuple[int, ...]) -> tuple[int, ...]:
     from models.onnxbuild import out_shape
 
