@@ -9,6 +9,8 @@ on stdout (logs go to stderr). Commands::
     {"op": "run", "method": "fixed", "exit": 5, "cut": 0, ...}      -> {"records": [...]}
     {"op": "stream", "mode": "coinfer"|"fixed", "deadline_s": 0.05, "duration_s": 30, "probe_every_s": 2}
     {"op": "stages", "repeats": 10}   -> {"stages": [{"exit", "cut", "median_s"}]} (head stages, timed)
+    {"op": "arrivals", "offsets": [0.3, 1.1, ...], "deadline_s": 10}  -> {"records": [...]} (requests at those
+        seconds from now, concurrently: an arrival process, for ``coinfer bench energy --testbed``)
 
 ``method`` is ``coinfer`` (the Edgent search with deviced's own fallback), ``coinfer_point`` (the same
 with deviced's margins off for these requests: Edgent's own rule, the point prediction), one of the
@@ -60,15 +62,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--emulate-slowdown", type=float, default=1.0, help="loopback mode only")
     p.add_argument("--policy", default=policies.DEFAULT, choices=sorted(policies.POLICIES),
                    help="deviced's planning policy (method `coinfer`)")
+    p.add_argument("--planner", default="{}", help="the policy's parameters, a JSON object")
+    p.add_argument("--compute-knob", default="none", help="deviced's compute_knob (cgroup: the testbed's quota)")
     p.add_argument("--log-level", default="warning", help="deviced's log level (on stderr)")
     args = p.parse_args(argv)
     configure_logging(args.log_level, stream=sys.stderr)
+    if args.compute_knob == "cgroup":
+        _expose_cgroup()
     cfg = DevicedConfig(device_id="testbed-device", bundle=args.bundle, latency_model=args.device_model,
                         probe_interval_s=0,
                         topic_prefix=args.topic_prefix,
                         broker=BrokerConfig(host=args.broker_host, port=args.broker_port),
                         emulate_uplink=args.emulate_uplink, emulate_slowdown=args.emulate_slowdown,
-                        planner={"policy": args.policy})
+                        planner={"policy": args.policy, **json.loads(args.planner)}, compute_knob=args.compute_knob)
     return asyncio.run(_serve(cfg, args.images))
 
 
@@ -115,6 +121,8 @@ async def _command(client: Client, cmd: dict[str, Any], x: np.ndarray, y: np.nda
         return await _stream(client, cmd, x, y)
     if op == "stages":
         return {"stages": await _stages(client, x, int(cmd.get("repeats", 10)))}
+    if op == "arrivals":
+        return await _arrivals(client, cmd, x, y)
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -212,6 +220,41 @@ async def _stream(client: Client, cmd: dict[str, Any], x: np.ndarray, y: np.ndar
         records.append({**_record(outcome, deadline, int(y[j]), method=cmd["mode"]), "t": round(now, 4)})
         i += 1
     return {"records": records}
+
+
+async def _arrivals(client: Client, cmd: dict[str, Any], x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """One request at each offset (seconds from now), each in its own task: an open-loop arrival process."""
+    device, deadline, start = client.device, float(cmd["deadline_s"]), time.monotonic()
+
+    async def one(i: int, at: float) -> dict[str, Any]:
+        await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+        o = await device.infer(x[i % len(x)], deadline)
+        act = o.plan.actuation
+        return {**_record(o, deadline, int(y[i % len(x)]), method="arrivals"), "t": at,
+                "cut_tensors": sorted(o.plan.cut_tensors), "cpu_share": act.cpu_share if act else None,
+                "tx_rate_bps": act.tx_rate_bps if act else None}
+
+    records = list(await asyncio.gather(*(one(i, float(t)) for i, t in enumerate(cmd["offsets"]))))
+    return {"records": records, "compute_knob": device.actuator.knob.value}
+
+
+def _expose_cgroup() -> None:
+    """``ip netns exec`` gives the agent a fresh /sys without the cgroup mounts: mount this process's CPU
+    controller again (private to its mount namespace) so that deviced's cgroup knob finds its own quota."""
+    import subprocess
+
+    root = Path("/sys/fs/cgroup")
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "" and rel != "/" and not (root / "cgroup.controllers").exists():
+            subprocess.run(["mount", "-t", "cgroup2", "none", str(root)], check=True)
+            return
+        if "cpu" in controllers.split(",") and rel != "/" and not (root / controllers / "cpu.cfs_quota_us").exists():
+            if not any(root.iterdir()):
+                subprocess.run(["mount", "-t", "tmpfs", "cgroup", str(root)], check=True)
+            (root / controllers).mkdir(exist_ok=True)
+            subprocess.run(["mount", "-t", "cgroup", "-o", controllers, "none", str(root / controllers)], check=True)
+            return
 
 
 def _record(o: Outcome, deadline: float, label: int, *, method: str) -> dict[str, Any]:

@@ -166,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_pipeline)
 
     s = sub.add_parser("bench", help="benchmarks that write numbers to a file")
-    s.add_argument("what", choices=["planner", "transport", "edgent", "load", "dag", "pipeline"])
+    s.add_argument("what", choices=["planner", "transport", "edgent", "load", "dag", "pipeline", "energy"])
     s.add_argument("--out", required=True, type=Path, help="a JSON file (edgent, dag: a folder)")
     s.add_argument("--loopback", action="store_true",
                    help="edgent: no namespaces/tc/cgroup (no root): emulate link and device in-app, labelled so")
@@ -182,6 +182,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--soak", type=float, default=180.0, help="load: soak length in seconds (0: none)")
     s.add_argument("--step", type=float, default=4.0, help="load: seconds per offered rate")
     s.add_argument("--sim", action="store_true", help="pipeline: plan and simulate (the only mode so far)")
+    s.add_argument("--testbed", action="store_true",
+                   help="energy: the controller in deviced on the namespace testbed, against its simulation (root)")
     s.add_argument("--frames", type=int, default=1000, help="pipeline: simulated frames per plan")
     s.set_defaults(func=cmd_bench)
     return p
@@ -537,6 +539,23 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "energy":
+        from coinfer import energy
+
+        if args.testbed:
+            from coinfer import energybed, testbed
+
+            try:
+                for outages in (0.0, 30.0):
+                    energybed.run(args.out, outages_per_hour=outages, log=lambda text: print(text, flush=True))
+            except testbed.TestbedError as exc:
+                print(f"coinfer: error: {exc}", file=sys.stderr)
+                return 2
+            print(f"-> {args.out / 'testbed.json'}, {args.out / 'testbed-outages.json'}")
+            return 0
+        energy.bench(args.out, log=lambda text: print(text, flush=True))
+        print(f"-> {args.out / 'energy.json'}, {args.out / 'tradeoff.png'}, {args.out / 'queues.png'}")
+        return 0
     if args.what == "pipeline":
         if not args.sim:
             print("coinfer: error: bench pipeline runs the simulation only (--sim); running streams through the "

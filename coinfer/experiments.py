@@ -266,6 +266,13 @@ def _agent(bed: Testbed, tmp: Path, model: Path, s: Settings) -> Iterator[Agent]
     if bed.loopback:
         argv += ["--emulate-uplink", f"{int(bed.uplink_bps)}bps", "--emulate-slowdown",
                  str(1.0 / s.emulation.cpu_quota)]
+    with run_agent(bed, argv) as agent:
+        yield agent
+
+
+@contextmanager
+def run_agent(bed: Testbed, argv: list[str]) -> Iterator[Agent]:
+    """The device agent (``argv``: ``python -m coinfer.agent ...``) in the device's namespace and cgroup, ready."""
     with process(bed.device_argv(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO) as proc:
         agent = Agent(proc)
         if not agent.read().get("ready"):

@@ -40,6 +40,9 @@ class DevicedConfig:
     # their predictions (``planner.latency.Margin``); 0: on the prediction alone, as Edgent does.
     plan_quantile: float = 0.9
     metrics_port: int = 0
+    # which knob applies a policy's CPU share (``deviced/actuation.py``): auto (cpufreq, else this process's
+    # cgroup quota, where writable), cpufreq, cgroup or none
+    compute_knob: str = "auto"
     # Emulation for single-machine runs, stated in every output that uses it (0 / 1: off).
     emulate_uplink: str = ""  # e.g. "500kbps": delay each upload as if sent at this rate
     emulate_slowdown: float = 1.0  # stretch local compute by this factor (a Pi-class device)
@@ -60,6 +63,8 @@ class DevicedConfig:
             raise ValueError("emulate_slowdown must be >= 1 and threads >= 1")
         if not 0.0 <= self.plan_quantile <= 1.0:
             raise ValueError("plan_quantile must be within [0, 1]")
+        if self.compute_knob not in ("auto", "cpufreq", "cgroup", "none"):
+            raise ValueError("compute_knob must be one of auto, cpufreq, cgroup, none")
         if len(set(self.probe_sizes)) < 2:
             raise ValueError("probe_sizes needs two different sizes")
         self.make_policy()  # an unknown policy or bad parameters fail at start-up

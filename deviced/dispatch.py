@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 from collections.abc import Callable
 from enum import Enum
 from typing import Any
@@ -119,6 +120,13 @@ class Dispatch:
         new upload queues behind them."""
         on_socket = session.unsent_bytes(self._client) if self._client is not None else 0
         return on_socket + self._emulated_queued
+
+    def socket(self) -> socket.socket | None:
+        """The MQTT connection's socket (for pacing), if connected."""
+        if self._client is None:
+            return None
+        sock = self._client._client.socket()  # aiomqtt has no public accessor for its paho client
+        return sock if isinstance(sock, socket.socket) else None
 
     def set_emulated_uplink(self, bps: float) -> None:
         """Change the in-application uplink emulation (0: off) while running."""

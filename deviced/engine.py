@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from deviced.actuation import Actuator
 from deviced.config import DevicedConfig
 from deviced.dispatch import Dispatch
 from deviced.edges import EdgeDirectory, EdgeView
@@ -116,6 +117,7 @@ class Device:
                                  on_late_result=self._late_answer,
                                  emulated_uplink_bps=parse_bandwidth(cfg.emulate_uplink) if cfg.emulate_uplink else 0.0)
         self._fastest_local_s = self._local_plan(0.0).predicted_s  # the quickest way to any answer, as modelled
+        self.actuator = Actuator(mode=cfg.compute_knob)  # applies a decision's CPU share and transmit rate
 
     # ---- requests -------------------------------------------------------------------------------
     async def infer(self, x: npt.NDArray[np.float32], deadline_s: float, *,
@@ -137,11 +139,15 @@ class Device:
                           edge_queue_s=edge.queue_wait_s, uplink_backlog_bytes=self.dispatch.uplink_backlog(),
                           device_speed=self.learning.device_speed.value, edge_speed=edge.speed.value,
                           device_margin_s=self.learning.device_margin.value,
-                          remote_margin=self.learning.remote_margin.value)
+                          remote_margin=self.learning.remote_margin.value, now_s=start)
         decision = req.policy.decide(View(candidates=edge.candidates, conditions=cond))
         if isinstance(decision, Infeasible):  # nothing meets the deadline: what the policy runs anyway
             decision = decision.best_effort or self._local_plan(deadline_s)
         self._observe_plan(decision)
+        if decision.actuation is not None:
+            self.actuator.apply(decision.actuation, self.dispatch.socket())
+            self.metrics.cpu_share.set(self.actuator.share or 1.0)
+            self.metrics.tx_rate.set(self.actuator.rate_bps or 0.0)
         if decision.where == Where.DEVICE:
             return await self._finish_local(req, decision, None, None)
         tensors, head_s = req.feed, 0.0

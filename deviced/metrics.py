@@ -36,6 +36,9 @@ class DeviceMetrics:
         self.remote_margin = Gauge("coinfer_device_plan_margin_ratio",
                                    "Planned with: factor on the predicted link + edge time", registry=r)
         self.accuracy = Gauge("coinfer_device_expected_accuracy", "Expected accuracy of the last plan", registry=r)
+        self.cpu_share = Gauge("coinfer_device_cpu_share",
+                               "CPU share the policy set (1: full; the compute_knob applies it)", registry=r)
+        self.tx_rate = Gauge("coinfer_device_tx_rate_bps", "Transmit rate the policy paced the uplink to", registry=r)
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)

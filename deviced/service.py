@@ -104,6 +104,7 @@ async def run(device: Device, *, shutdown: asyncio.Event, connected: asyncio.Eve
             await session.sleep_unless(shutdown, delay)
         finally:
             device.dispatch.detach()
+    device.actuator.restore()
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

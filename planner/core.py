@@ -144,6 +144,7 @@ class Conditions:
     # that computes on the device; a factor on the rest of any plan that uses the edge.
     device_margin_s: float = 0.0
     remote_margin: float = 1.0
+    now_s: float | None = None  # the caller's monotonic clock, for policies that work in time slots
 
     def __post_init__(self) -> None:
         if not self.bandwidth_bps > 0 or (self.downlink_bps is not None and not self.downlink_bps > 0):
@@ -226,7 +227,9 @@ class Decision:
                 "bound_s": self.bound_s, "device_s": self.device_s, "transfer_s": self.transfer_s,
                 "edge_s": self.edge_s, "accuracy": self.accuracy,
                 "route": [{"host": s.host, "inputs": sorted(s.segment.inputs), "outputs": sorted(s.segment.outputs)}
-                          for s in self.route]}
+                          for s in self.route],
+                **({"actuation": {"cpu_share": self.actuation.cpu_share, "tx_rate_bps": self.actuation.tx_rate_bps}}
+                   if self.actuation else {})}
 
 
 @dataclass(frozen=True, slots=True)

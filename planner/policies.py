@@ -10,7 +10,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from planner import edgent, mincut
+from planner import edgent, lyapunov, mincut
 from planner.core import Planner
 from planner.errors import PlannerError
 
@@ -20,6 +20,7 @@ POLICIES: dict[str, Callable[..., Planner]] = {
     **{name: functools.partial(edgent.Baseline, name) for name in edgent.BASELINES},
     "fixed": edgent.Fixed,  # parameters: exit, cut
     "mincut": mincut.MinCut,
+    "lyapunov": lyapunov.Lyapunov,  # parameters: v, slot, latency_target, min_throughput, profile, exit
 }
 
 

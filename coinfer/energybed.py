@@ -1,0 +1,145 @@
+"""``coinfer bench energy --testbed``: the Lyapunov controller inside deviced on the namespace testbed, on one
+bandwidth trace replayed through ``tc``, with the cgroup CPU quota as its compute knob and socket pacing as
+its rate knob; measured latency and throughput, and energy modelled from the measured times, against the
+simulation (``coinfer.energy``) of the same trace and the same arrivals. Needs root.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coinfer import energy, resources
+from coinfer.experiments import BROKER_PORT, REPO, Agent, _broker, _edged, run_agent
+from coinfer.testbed import Emulation, Testbed
+from models.bundle import BUNDLES_DIR, load_bundle
+from planner import edgent, lyapunov
+from planner.energy import PROFILES
+
+BUNDLE = BUNDLES_DIR / "fmnist56-branchy-alexnet"  # its stages span many periods of the quota (as bench edgent)
+CALIBRATED = REPO / "docs" / "results" / "edgent"  # the testbed's device and edge latency models (bench edgent)
+
+
+def run(out: Path, *, duration_s: float = 300.0, rate: float = 1.0, v: float = 10.0, slot_s: float = 0.1,
+        latency_target_s: float = 10.0, profile: str = "pi3b-lte", cpu_quota: float = 0.1, seed: int = 0,
+        outages_per_hour: float = 0.0, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """One run; ``outages_per_hour`` > 0 adds the HSDPA trace's outages (deviced then times out and falls back,
+    which the fluid simulation does not model)."""
+    out.mkdir(parents=True, exist_ok=True)
+    trace = energy.hsdpa(duration_s + 10, seed=seed, outages_per_hour=outages_per_hour)
+    rng = np.random.default_rng(seed + 7)
+    offsets = np.cumsum(rng.exponential(1.0 / rate, int(duration_s * rate * 1.5)))
+    offsets = offsets[offsets < duration_s]
+    device_model, edge_model = CALIBRATED / "device-latency-model.json", CALIBRATED / "edge-latency-model.json"
+    params = {"v": v, "slot": slot_s, "latency_target": latency_target_s, "profile": profile}
+    bed = Testbed(Emulation(uplink_bps=trace.rates_bps[0], cpu_quota=cpu_quota))
+    log(f"testbed: hsdpa trace (seed {seed}, {outages_per_hour:g} outages an hour) over {duration_s:.0f} s, "
+        f"Poisson arrivals at {rate:g}/s "
+        f"({len(offsets)} requests), lyapunov {params}, CPU quota {cpu_quota:.0%} of a core as the compute knob")
+    with tempfile.TemporaryDirectory() as tmpdir, ExitStack() as stack:
+        tmp = Path(tmpdir)
+        stack.enter_context(bed)
+        stack.enter_context(_broker(bed, tmp))
+        stack.enter_context(_edged(bed, tmp, edge_model, BUNDLE))
+        agent = stack.enter_context(_agent(bed, device_model, params))
+        stop = threading.Event()
+        player = threading.Thread(target=_play, args=(bed, trace, stop), daemon=True)
+        player.start()
+        try:
+            answer = agent.ask(op="arrivals", offsets=[round(float(t), 4) for t in offsets],
+                               deadline_s=latency_target_s)
+            records = answer["records"]
+            log(f"  deviced applied the CPU share with: {answer['compute_knob']}")
+        finally:
+            stop.set()
+            player.join()
+        described = bed.describe()
+    name = "testbed.json" if outages_per_hour == 0 else "testbed-outages.json"
+    return _compare(out / name, records, trace, offsets, duration_s, params, profile, device_model, edge_model,
+                    described, log)
+
+
+@contextmanager
+def _agent(bed: Testbed, model: Path, params: dict[str, Any]) -> Iterator[Agent]:
+    argv = [sys.executable, "-m", "coinfer.agent", "--broker-host", bed.edge_host, "--broker-port",
+            str(BROKER_PORT), "--device-model", str(model), "--bundle", str(BUNDLE.resolve()), "--policy",
+            "lyapunov", "--planner", json.dumps(params), "--compute-knob", "cgroup"]
+    with run_agent(bed, argv) as agent:
+        yield agent
+
+
+def _play(bed: Testbed, trace: energy.Trace, stop: threading.Event) -> None:
+    start = time.monotonic()
+    while not stop.is_set():
+        bed.set_uplink(trace.at(time.monotonic() - start))
+        stop.wait(0.25)
+
+
+def _compare(path: Path, records: list[dict[str, Any]], trace: energy.Trace, offsets: np.ndarray, duration_s: float,
+             params: dict[str, Any], profile_name: str, device_model: Path, edge_model: Path,
+             described: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """Measured latency and throughput, energy modelled from the measured times, against the simulation."""
+    profile = PROFILES[profile_name]
+    bundle = load_bundle(BUNDLE)
+    cands = edgent.compile_candidates(bundle.exits, resources.load_latency_model(device_model),
+                                      resources.load_latency_model(edge_model))
+    acts = lyapunov.Actions.of_exit(cands, len(bundle.exits))
+    lat = np.array([r["latency_s"] for r in records])
+    done = np.array([r["t"] + r["latency_s"] for r in records])
+    # compute: the modelled full-speed time of what ran on the device (concurrent stages share the CPU, so their
+    # wall times overlap), at the share it ran at
+    # (a fallback counted as its whole exit on the device)
+    compute_j = 0.0
+    for r in records:
+        ran = {"device": (r["plan_exit"], frozenset()), "fallback": (r["exit"], frozenset()),
+               "split": (r["plan_exit"], frozenset(r["cut_tensors"]))}.get(r["where"])
+        if ran is not None:
+            full = float(cands.device_s[cands.index(*ran)])
+            compute_j += float(profile.compute_j(full, r["cpu_share"] or 1.0))
+    sends = []  # (start, seconds on the air, rate)
+    for r in records:
+        if r["where"] in ("edge", "split"):
+            bits = float(cands.up_bytes[cands.index(r["plan_exit"], frozenset(r["cut_tensors"]))]) * 8
+            start = r["t"] + (r["stage_s"] if r["where"] == "split" else 0.0)
+            rate = min(r["tx_rate_bps"] or np.inf, trace.at(start))
+            sends.append((start, min(bits / max(rate, 1.0), r["latency_s"]), rate))  # on the air at most until done
+    sends.sort()
+    radio_j = 0.0
+    for i, (start, air, rate) in enumerate(sends):
+        quiet = (sends[i + 1][0] if i + 1 < len(sends) else duration_s) - start - air
+        radio_j += float(profile.radio_w(rate)) * air + profile.radio_tail_w * min(max(quiet, 0.0),
+                                                                                   profile.radio_tail_s)
+    measured = {"requests": len(records), "throughput": len(records) / float(max(done.max(), duration_s)),
+                "latency_mean_s": float(lat.mean()), "latency_p95_s": float(np.percentile(lat, 95)),
+                "deadline_hit": float(np.mean([r["met"] for r in records])),
+                "fallbacks": sum(r["fallback"] is not None for r in records),
+                "where": {w: sum(r["where"] == w for r in records) for w in sorted({r["where"] for r in records})},
+                "cpu_shares": sorted({r["cpu_share"] for r in records if r["cpu_share"] is not None}),
+                "power_w": profile.idle_w + (compute_j + radio_j) / duration_s, "compute_w": compute_j / duration_s,
+                "radio_w": radio_j / duration_s}
+    s = lyapunov.Settings(v=float(params["v"]), slot_s=float(params["slot"]),
+                          latency_target_s=float(params["latency_target"]))
+    arrived = np.bincount((offsets / s.slot_s).astype(int), minlength=int(duration_s / s.slot_s))[
+        :int(duration_s / s.slot_s)].astype(float)
+    sim = energy.simulate(energy.controller(s, profile, acts), "simulation", s, profile, acts, trace, arrived,
+                          deadline_s=s.latency_target_s).summary()
+    errors = {k: measured[k] / sim[k] - 1 for k in ("throughput", "latency_mean_s", "power_w") if sim[k]}
+    doc = {"emulation": described, "params": params, "profile": profile.to_json(), "trace": trace.to_json(),
+           "measured": measured, "simulated": sim, "relative_error": errors, "records": records}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    log(f"  measured: {measured['requests']} requests, {measured['throughput']:.3f}/s, latency mean "
+        f"{measured['latency_mean_s']:.3f} s p95 {measured['latency_p95_s']:.3f} s, modelled power "
+        f"{measured['power_w']:.3f} W; where {measured['where']}; CPU shares used {measured['cpu_shares']}")
+    log(f"  simulated: {sim['throughput']:.3f}/s, latency mean {sim['latency_mean_s']:.3f} s p95 "
+        f"{sim['latency_p95_s']:.3f} s, power {sim['power_w']:.3f} W; relative error "
+        + ", ".join(f"{k} {v:+.1%}" for k, v in errors.items()))
+    return doc
