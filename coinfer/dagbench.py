@@ -39,6 +39,8 @@ def models() -> tuple[dict[str, Callable[[], onnx.ModelProto]], str]:
         "residual_net": lambda: synth.residual_net(blocks=8, channels=32, side=32),
         "inception_net": lambda: synth.inception_net(side=32),
         "reduction_net": synth.reduction_net,
+        # ResNet-18's real layer shapes at 224x224 (batch norm folded, random weights), built without torchvision
+        "resnet18_shapes": synth.resnet18,
     }
     shipped = BUNDLES_DIR / "fmnist-branchy-resnet"
     if (shipped / MANIFEST).exists():
