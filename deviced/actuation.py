@@ -28,6 +28,7 @@ SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)  # Linux
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CPUFREQ_ROOT = Path("/sys/devices/system/cpu/cpufreq")
 PERIOD_US = 100_000  # the CFS period written with a quota where none was set
+MIN_QUOTA_US, MAX_PERIOD_US = 1000, 1_000_000  # the kernel's bounds on a CFS quota and period
 MODES = ("auto", "cpufreq", "cgroup", "none")
 # The pacing rate never goes below this: the MQTT connection carries keepalives, probes and answers too, and a
 # socket paced at a few hundred bytes a second (a policy's share of a collapsed estimate) stalls all of them.
@@ -83,8 +84,14 @@ class Actuator:
                     path.write_text(f"{value}\n")
             elif self.knob == ComputeKnob.CGROUP:
                 path, full, _ = self._files[0]
-                quota = max(int(full * share), 1000)
-                path.write_text(f"{quota}\n" if self._v1 else f"{quota} {self._period}\n")
+                quota, period = int(full * share), self._period
+                if quota < MIN_QUOTA_US:  # the kernel's floor: stretch the period instead (the same share)
+                    period, quota = min(int(period * MIN_QUOTA_US / max(quota, 1)), MAX_PERIOD_US), MIN_QUOTA_US
+                if self._v1:
+                    (path.parent / "cpu.cfs_period_us").write_text(f"{period}\n")
+                    path.write_text(f"{quota}\n")
+                else:
+                    path.write_text(f"{quota} {period}\n")
         except OSError as exc:
             log.warning("actuation_failed", knob=self.knob.value, share=share, error=str(exc))
             return
@@ -132,8 +139,8 @@ class Actuator:
                 path = base / "cpu.cfs_quota_us"
                 if rel and path.exists() and os.access(path, os.W_OK):
                     cfs_quota = int(path.read_text())
-                    cfs_period = int((base / "cpu.cfs_period_us").read_text())
-                    full = cfs_quota if cfs_quota > 0 else cfs_period * (os.cpu_count() or 1)
+                    self._period = int((base / "cpu.cfs_period_us").read_text())
+                    full = cfs_quota if cfs_quota > 0 else self._period * (os.cpu_count() or 1)
                     self._files.append((path, full, []))
                     self._v1, self.knob = True, ComputeKnob.CGROUP
                     return True

@@ -47,6 +47,13 @@ def test_a_cgroup_quota_scales_from_what_it_was(tmp_path: Path) -> None:
     v1 = Actuator(mode="cgroup", cgroup_root=tmp_path / "cg1", proc_cgroup=tmp_path / "proc1")
     v1.set_share(0.25)
     assert int((tmp_path / "cg1/cpu,cpuacct/dev/cpu.cfs_quota_us").read_text()) > 0
+    # a share whose quota would fall under the kernel's 1 ms floor stretches the period instead
+    _tree(tmp_path, {"proc2": "1:cpu:/dev\n", "cg2/cpu/dev/cpu.cfs_quota_us": "1000\n",
+                     "cg2/cpu/dev/cpu.cfs_period_us": "10000\n"})
+    tight = Actuator(mode="cgroup", cgroup_root=tmp_path / "cg2", proc_cgroup=tmp_path / "proc2")
+    tight.set_share(0.5)
+    assert (tmp_path / "cg2/cpu/dev/cpu.cfs_quota_us").read_text().strip() == "1000"
+    assert (tmp_path / "cg2/cpu/dev/cpu.cfs_period_us").read_text().strip() == "20000"  # 5% of a core
     none = Actuator(mode="none", cgroup_root=tmp_path / "cg", proc_cgroup=tmp_path / "proc")
     assert none.knob == ComputeKnob.NONE
     with pytest.raises(ValueError, match="compute_knob"):
