@@ -247,7 +247,9 @@ class Costs:
             inf = np.full((self.n + 1, self.n + 1), INF)
             return inf, inf
         g = np.asarray(group)
-        return self.period[g].max(axis=0) / len(group), self.latency[g].max(axis=0)
+        period = self.period[g].max(axis=0) / len(group)
+        period[0, :] = np.maximum(period[0, :], self.source_send_s)  # the source uploads every frame all the same
+        return period, self.latency[g].max(axis=0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -213,3 +213,11 @@ def test_fleet_files_are_validated() -> None:
     for doc, message in cases:
         with pytest.raises(PipelineError, match=message):
             fleet_from_doc(doc, {"m": MS_PER_FLOP})
+
+
+def test_replicas_of_the_first_stage_cannot_outrun_the_sources_upload() -> None:
+    ch = chain([200.0], [1e6, 40.0], kinds=["relu"])  # 8 Mbit in: 0.15 s on the camera's uplink
+    fleet = Fleet(workers=(worker("cam", up=8e6 / 0.15), worker("a"), worker("b")), source="cam", per_message_s=0.0)
+    p = pipeline.plan(ch, fleet)
+    assert p.stages[0].mode == "replicas" and p.period_s == pytest.approx(0.15, rel=1e-6)  # not 0.2 / 2
+    assert p.bottleneck == "source uplink"
