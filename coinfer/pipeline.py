@@ -70,7 +70,7 @@ def format_plan(p: pipeline.PipelinePlan) -> str:
         extra += f" cores {','.join(map(str, s.cores))}" if s.cores else ""
         lines.append(f"{i:<5} {'+'.join(s.workers):<34} {s.mode:<8} {blocks:<26} {s.threads:>3} "
                      f"{max(s.compute_s) * 1e3:>8.1f} {max(s.receive_s) * 1e3:>8.1f} {max(s.send_s) * 1e3:>8.1f} "
-                     f"{s.period_s * 1e3:>8.1f} {s.memory_bytes / 1e6:>6.1f}MB{extra}")
+                     f"{s.period_s * 1e3:>8.1f} {max(s.memory_bytes) / 1e6:>6.1f}MB{extra}")
     if p.source_send_s:
         lines.append(f"the source ({p.source}) uploads each frame in {p.source_send_s * 1e3:.2f} ms")
     lines.append("times in ms per frame (per member for replicas/splits); period = max(compute, receive, send) "

@@ -65,18 +65,17 @@ class Stage:
     send_s: tuple[float, ...]
     period_s: float
     latency_s: float
-    memory_bytes: float  # on each member
+    memory_bytes: tuple[float, ...]  # per member
     sends: frozenset[str]  # the tensors it sends on (the result at the last stage)
     fractions: tuple[float, ...] = ()  # split: each member's share of the layer's output channels
     cores: tuple[int, ...] = ()  # embedded: the cores it is pinned to
 
     def to_json(self) -> dict[str, Any]:
-        doc = {k: getattr(self, k) for k in ("workers", "mode", "first", "stop", "first_layer", "last_layer",
-                                              "threads", "compute_s", "receive_s", "send_s", "period_s",
-                                              "latency_s", "memory_bytes")}
-        return {**doc, "workers": list(self.workers), "compute_s": list(self.compute_s),
-                "receive_s": list(self.receive_s), "send_s": list(self.send_s), "sends": sorted(self.sends),
-                "fractions": list(self.fractions), "cores": list(self.cores)}
+        doc = {k: getattr(self, k) for k in ("mode", "first", "stop", "first_layer", "last_layer", "threads",
+                                              "period_s", "latency_s")}
+        per_member = {k: list(getattr(self, k)) for k in ("workers", "compute_s", "receive_s", "send_s",
+                                                           "memory_bytes", "fractions", "cores")}
+        return {**doc, **per_member, "sends": sorted(self.sends)}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -450,16 +449,16 @@ def _plan(costs: Costs, path: list[tuple[int, int, _Option]], method: str) -> Pi
         comp = tuple(_compute(costs, w, a, b, f, opt.threads, method) for w, f in zip(opt.workers, shares, strict=True))
         recv = tuple(float(costs.receive[w, a]) for w in opt.workers)
         send = tuple(float(costs.send[w, b]) * f for w, f in zip(opt.workers, shares, strict=True))
-        memory = float(costs.memory[a, b]) if opt.mode != "split" else max(
-            f * chain.weight_bytes[a] + chain.work_bytes[a] + QUEUE_SLOTS * (costs.bits[a] + costs.bits[b]) / 8
-            for f in fractions)
+        buffers = QUEUE_SLOTS * (costs.bits[a] + costs.bits[b]) / 8
+        memory = tuple(float(costs.memory[a, b]) if opt.mode != "split" else
+                       f * chain.weight_bytes[a] + chain.work_bytes[a] + buffers for f in shares)
         stages.append(Stage(workers=names, mode=opt.mode, first=a, stop=b, first_layer=chain.blocks[a].name,
                             last_layer=chain.blocks[b - 1].name, threads=opt.threads, compute_s=comp,
                             receive_s=recv, send_s=send, period_s=float(opt.period[a, b]),
                             latency_s=float(opt.latency[a, b]), memory_bytes=memory,
                             sends=chain.boundary_tensors[b], fractions=fractions, cores=opt.cores))
     if method == "embedded":  # the stages share the host (replicas share one session's weights)
-        total = sum(s.memory_bytes for s in stages)
+        total = sum(s.memory_bytes[0] for s in stages)  # replicas share one session: counted once
         if total > fleet.workers[0].memory_bytes:
             raise PipelineError(f"the plan needs {total / 1e6:.1f} MB on {fleet.source}, which has "
                                 f"{fleet.workers[0].memory_bytes / 1e6:.1f} MB")
