@@ -159,6 +159,7 @@ def simulate(policy: Policy, name: str, s: Settings, profile: EnergyProfile, act
     dev: deque[list[float]] = deque()  # [arrived at, frames]
     tx: deque[list[float]] = deque()  # [arrived at, bits left, bits per frame, edge seconds]
     lat: list[tuple[float, float]] = []  # (latency, frames)
+    maxima = [0.0, 0.0, 0.0]  # frames, bits, latency queue (all non-negative)
     compute_j = radio_j = 0.0
     prev = 0.0
     series: dict[str, list[float]] = {"t": [], "frames": [], "bits": [], "latency_queue": [], "bandwidth": []}
@@ -198,8 +199,6 @@ def simulate(policy: Policy, name: str, s: Settings, profile: EnergyProfile, act
             for k, v in (("t", now), ("frames", q.frames), ("bits", q.bits), ("latency_queue", q.latency),
                          ("bandwidth", bw)):
                 series[k].append(round(float(v), 4))
-        if t == 0:
-            maxima = [q.frames, q.bits, q.latency]
         maxima = [max(m, v) for m, v in zip(maxima, (q.frames, q.bits, q.latency), strict=True)]
     duration = len(arrived) * s.slot_s
     total = float(arrived.sum())

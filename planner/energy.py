@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from planner.errors import PlannerError
+from planner.errors import PlannerError, reject_unknown
 
 PROFILE_KEYS = {"name", "idle_w", "busy_w", "busy_w_min", "settings", "radio", "radio_alpha_w_per_mbps",
                 "radio_beta_w", "radio_tail_s", "radio_tail_w"}
@@ -117,10 +117,7 @@ DEFAULT_PROFILE = "pi3b-lte"
 
 def profile_from_doc(doc: Mapping[str, Any]) -> EnergyProfile:
     """A profile from a document (a profile file's table): ``base`` names a shipped profile to start from."""
-    allowed = PROFILE_KEYS | {"base"}
-    unknown = set(doc) - allowed
-    if unknown:
-        raise EnergyError(f"energy profile: unknown field(s) {', '.join(sorted(unknown))}")
+    reject_unknown(doc, PROFILE_KEYS | {"base"}, "energy profile", EnergyError)
     base_name = str(doc.get("base", DEFAULT_PROFILE))
     if base_name not in PROFILES:
         raise EnergyError(f"energy profile: unknown base {base_name!r}; expected one of {', '.join(PROFILES)}")

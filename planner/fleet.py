@@ -16,7 +16,7 @@ from typing import Any
 
 from planner import units
 from planner.core import ExitInfo, LayerInfo
-from planner.errors import PlannerError
+from planner.errors import PlannerError, reject_unknown
 from planner.latency import LatencyModel
 
 # Share of a stage's compute that speeds up with more threads (Amdahl), unless the fleet file says otherwise;
@@ -154,7 +154,7 @@ def chain_from_exit(ex: ExitInfo, name: str = "") -> Chain:
 
 def fleet_from_doc(doc: Mapping[str, Any], latency_models: Mapping[str, LatencyModel]) -> Fleet:
     """A fleet from a parsed fleet file (``workers.toml``); ``latency_models`` resolves each worker's model name."""
-    _reject_unknown(doc, FLEET_KEYS, "the fleet")
+    reject_unknown(doc, FLEET_KEYS, "the fleet", PipelineError)
     raw = doc.get("workers")
     if not isinstance(raw, list) or not raw:
         raise PipelineError("the fleet lists no [[workers]]")
@@ -163,7 +163,7 @@ def fleet_from_doc(doc: Mapping[str, Any], latency_models: Mapping[str, LatencyM
         where = f"worker {w.get('name', i + 1) if isinstance(w, Mapping) else i + 1}"
         if not isinstance(w, Mapping):
             raise PipelineError(f"{where}: expected a table")
-        _reject_unknown(w, WORKER_KEYS, where)
+        reject_unknown(w, WORKER_KEYS, where, PipelineError)
         missing = WORKER_REQUIRED - set(w)
         if missing:
             raise PipelineError(f"{where}: missing {', '.join(sorted(missing))}")
@@ -192,9 +192,3 @@ def _number(value: Any, where: str, key: str) -> float:
         raise PipelineError(f"{where}: {key} must be a number, not {value!r}")
     return float(value)
 
-
-def _reject_unknown(doc: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    unknown = set(doc) - allowed
-    if unknown:
-        raise PipelineError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; "
-                            f"expected {', '.join(sorted(allowed))}")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from planner.errors import LatencyModelError
+from planner.errors import LatencyModelError, reject_unknown
 
 FORMAT = "coinfer.latency/1"
 FALLBACK = "other"
@@ -159,8 +159,8 @@ class LatencyModel:
         """Validate and build from a parsed JSON document; unknown keys are rejected."""
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise LatencyModelError(f"not a {FORMAT} document")
-        _reject_unknown(doc, {"format", "name", "latency_unit", "stage_overhead", "cpu_quota", "meta", "types"},
-                        "model")
+        reject_unknown(doc, {"format", "name", "latency_unit", "stage_overhead", "cpu_quota", "meta", "types"},
+                        "model", LatencyModelError)
         types_doc = doc.get("types")
         if not isinstance(types_doc, dict) or not types_doc:
             raise LatencyModelError("'types' must be a non-empty object")
@@ -168,7 +168,7 @@ class LatencyModel:
         for kind, entry in types_doc.items():
             if not isinstance(entry, dict):
                 raise LatencyModelError(f"types.{kind} must be an object")
-            _reject_unknown(entry, {"variables", "coef", "intercept", "fit"}, f"types.{kind}")
+            reject_unknown(entry, {"variables", "coef", "intercept", "fit"}, f"types.{kind}", LatencyModelError)
             try:
                 types[str(kind)] = TypeModel(variables=tuple(str(v) for v in entry["variables"]),
                                              coef=tuple(float(c) for c in entry["coef"]),
@@ -178,7 +178,7 @@ class LatencyModel:
         try:
             quota = doc.get("cpu_quota")
             if quota is not None:
-                _reject_unknown(quota, {"quota_s", "period_s", "start"}, "cpu_quota")
+                reject_unknown(quota, {"quota_s", "period_s", "start"}, "cpu_quota", LatencyModelError)
                 quota = CpuQuota(quota_s=float(quota["quota_s"]), period_s=float(quota["period_s"]),
                                  **({"start": str(quota["start"])} if "start" in quota else {}))
             return cls(name=str(doc.get("name", "unnamed")), types=types, unit=str(doc.get("latency_unit", "ms")),
@@ -236,11 +236,6 @@ def fit(samples: Sequence[Sample], *, name: str, variables: Mapping[str, tuple[s
     return LatencyModel(name=name, types=types, unit="ms", stage_overhead=stage_overhead_s * 1e3,
                         meta=dict(meta or {}))
 
-
-def _reject_unknown(doc: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(doc) - allowed)
-    if unknown:
-        raise LatencyModelError(f"{where}: unknown key(s) {unknown}")
 
 
 def calibrate_stages(predicted_s: Sequence[float], measured_s: Sequence[float],

@@ -188,11 +188,14 @@ class Lyapunov(Stateless):
         self._arrivals = 0  # decided in the current slot
         self._in_flight = 0  # decided and not yet observed
         self._choice: Choice | None = None
+        self._actions: tuple[Candidates, Actions] | None = None  # per candidates (an edge's advert), not per request
 
     def decide(self, view: View) -> Decision | Infeasible:
         c, cond = view.candidates, view.conditions
         exit_index = self.exit or c.rank[0][0]
-        acts = Actions.of_exit(c, exit_index)
+        if self._actions is None or self._actions[0] is not c:
+            self._actions = (c, Actions.of_exit(c, exit_index))
+        acts = self._actions[1]
         now = cond.now_s
         if now is None or self._slot_start is None or now >= self._slot_start + self.settings.slot_s \
                 or self._choice is None:
