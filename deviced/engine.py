@@ -118,6 +118,9 @@ class Device:
                                  emulated_uplink_bps=parse_bandwidth(cfg.emulate_uplink) if cfg.emulate_uplink else 0.0)
         self._fastest_local_s = self._local_plan(0.0).predicted_s  # the quickest way to any answer, as modelled
         self.actuator = Actuator(mode=cfg.compute_knob)  # applies a decision's CPU share and transmit rate
+        # one device stage at a time, in arrival order (asyncio.Lock is FIFO): concurrent stages would share the
+        # CPU and all finish late, and every latency model (Edgent's, the Lyapunov controller's) assumes a queue
+        self._cpu = asyncio.Lock()
 
     # ---- requests -------------------------------------------------------------------------------
     async def infer(self, x: npt.NDArray[np.float32], deadline_s: float, *,
@@ -179,13 +182,16 @@ class Device:
         except BrokerLost:
             return None
 
-    async def run_stage(self, stage: Stage, feed: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-        """Run a stage off the event loop; with ``emulate_slowdown`` > 1 stretch it like a slower CPU."""
-        start = time.monotonic()
-        out = await asyncio.to_thread(stage.run, feed)
-        if self.cfg.emulate_slowdown > 1.0:
-            await asyncio.sleep((self.cfg.emulate_slowdown - 1.0) * (time.monotonic() - start))
-        return out
+    async def run_stage(self, stage: Stage,
+                        feed: Mapping[str, npt.NDArray[Any]]) -> tuple[dict[str, npt.NDArray[Any]], float]:
+        """Run a stage off the event loop once the device's earlier stages are done: (outputs, seconds it ran, the
+        wait for the CPU not counted). With ``emulate_slowdown`` > 1 stretch it like a slower CPU."""
+        async with self._cpu:
+            start = time.monotonic()
+            out = await asyncio.to_thread(stage.run, feed)
+            if self.cfg.emulate_slowdown > 1.0:
+                await asyncio.sleep((self.cfg.emulate_slowdown - 1.0) * (time.monotonic() - start))
+            return out, time.monotonic() - start
 
     def device_rest_s(self, exit_index: int, cut_tensors: frozenset[str],
                       candidates: Candidates | None = None) -> float:
@@ -232,20 +238,19 @@ class Device:
                         edge_id: str, reason: str, head_s: float) -> Outcome:
         """Finish locally: the rest of the route from the cut, or an earlier exit from scratch."""
         self.metrics.fallbacks.labels(reason).inc()
-        fallback_start = time.monotonic()
         left = req.left_s()
         rest = self.device_rest_s(decision.exit, decision.cut_tensors, req.candidates)
         local = self._local_plan(left)
         if rest <= left or (not local.feasible and rest <= local.predicted_s):
             remote = decision.step(EDGE)
             assert remote is not None
-            out = await self.run_stage(self.runner.stage(remote.segment), tensors)
+            out, took = await self.run_stage(self.runner.stage(remote.segment), tensors)
             exit_index = decision.exit
         else:
-            out = await self.run_stage(self.runner.stage(self.runner.whole(local.exit)), req.feed)
+            out, took = await self.run_stage(self.runner.stage(self.runner.whole(local.exit)), req.feed)
             exit_index = local.exit
         return self._done(req, next(iter(out.values())), exit_index, "fallback", decision, edge_id, reason,
-                          stage_s=head_s + time.monotonic() - fallback_start)
+                          stage_s=head_s + took)
 
     async def _finish_local(self, req: _Request, decision: Decision, edge_id: str | None,
                             reason: str | None) -> Outcome:
@@ -271,10 +276,7 @@ class Device:
                            candidates: Candidates) -> tuple[dict[str, npt.NDArray[Any]], float]:
         """Run a head (or whole-exit) stage on the device (its session built first, untimed); fold its time into
         the device's speed factor."""
-        stage = self.runner.stage(segment)
-        start = time.monotonic()
-        out = await self.run_stage(stage, feed)
-        took = time.monotonic() - start
+        out, took = await self.run_stage(self.runner.stage(segment), feed)
         whole = segment == self.runner.whole(segment.exit)
         modelled = self._model_device_s(segment.exit, frozenset() if whole else segment.outputs, candidates)
         self.learning.device_stage(took, modelled)

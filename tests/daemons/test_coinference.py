@@ -1,4 +1,5 @@
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -205,6 +206,31 @@ async def test_the_device_learns_how_fast_it_runs(bundle: Bundle) -> None:
         ratio = outcomes[-1].plan.device_s / float(np.median([o.stage_s for o in outcomes[-10:]]))
         assert 0.5 < ratio < 2.0, ratio
     assert 2.0 < learned[3.0] / learned[1.0] < 4.5, learned
+
+
+async def test_concurrent_requests_take_the_device_one_stage_at_a_time(bundle: Bundle) -> None:
+    from protocol.session import BrokerConfig
+
+    x = _one_image()
+    cfg = DevicedConfig(device_id="pi-fifo", broker=BrokerConfig(port=free_port()), probe_interval_s=0,
+                        emulate_slowdown=3.0)
+    async with Client(cfg) as client:
+        runs: list[tuple[int, float, float]] = []  # (request, started, ended)
+        device, plain = client.device, client.device.run_stage
+
+        async def traced(stage, feed):  # type: ignore[no-untyped-def]
+            out, took = await plain(stage, feed)
+            runs.append((id(feed), time.monotonic() - took, time.monotonic()))
+            return out, took
+
+        device.run_stage = traced  # type: ignore[method-assign]
+        outcomes = await asyncio.gather(*(client.infer(x[0], deadline=5.0) for _ in range(4)))
+    assert len(runs) == 4 and all(o.where == "device" for o in outcomes)
+    # no stage started before the one ahead of it had ended, and each request's wait is in its latency only
+    assert all(b[1] >= a[2] - 1e-3 for a, b in itertools.pairwise(runs)), runs
+    by_latency = sorted(outcomes, key=lambda o: o.latency_s)
+    assert all(o.stage_s < o.latency_s for o in outcomes)
+    assert by_latency[-1].latency_s > sum(o.stage_s for o in outcomes[:3]), [o.record() for o in outcomes]
 
 
 async def test_the_device_plans_with_a_margin_for_its_overruns() -> None:
