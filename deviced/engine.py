@@ -279,7 +279,9 @@ class Device:
         out, took = await self.run_stage(self.runner.stage(segment), feed)
         whole = segment == self.runner.whole(segment.exit)
         modelled = self._model_device_s(segment.exit, frozenset() if whole else segment.outputs, candidates)
-        self.learning.device_stage(took, modelled)
+        # the model is of the full CPU: at a policy's share of it the stage is expected to take longer, not the
+        # device to have become slower
+        self.learning.device_stage(took, modelled / (self.actuator.share or 1.0))
         return out, took
 
     def _observe_edge(self, edge: EdgeView, decision: Decision, compute_s: float) -> None:

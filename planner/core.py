@@ -20,6 +20,7 @@ from planner.latency import LatencyModel
 
 DEVICE = "device"  # the host of a route's steps on the requesting device
 EDGE = "edge"  # the host of steps on the chosen edge server
+PLAIN = "float32"  # tensors cross as they are (the wire's ``protocol.tensors.ENCODINGS`` name the others)
 
 
 class Where(StrEnum):
@@ -42,6 +43,24 @@ class LayerInfo:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Encoded:
+    """A cut's tensors crossing in encoding ``name``: the exit's accuracy measured so, and the bytes that cross
+    (the mean over the measurement's inputs where a lossless codec makes them vary)."""
+
+    name: str
+    accuracy: float
+    bytes: float
+
+    def __post_init__(self) -> None:
+        if self.name == PLAIN or not 0 <= self.accuracy <= 1 or not self.bytes >= 0:
+            raise PlannerError(f"encoding {self.name!r}: a measured encoding other than {PLAIN}, accuracy in 0..1 "
+                               "and bytes >= 0")
+
+    def to_json(self) -> dict[str, float]:
+        return {"accuracy": self.accuracy, "bytes": self.bytes}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CutPoint:
     """A place to cut an exit: the ``tensors`` that cross (``bytes`` in all); ``index`` layers run before it."""
 
@@ -49,6 +68,7 @@ class CutPoint:
     index: int
     bytes: int
     head: frozenset[str] | None = None  # the layers on the device; None: the exit's first ``index`` (a chain)
+    encodings: tuple[Encoded, ...] = ()  # how else they may cross: only encodings measured for this (exit, cut)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tensors", frozenset(self.tensors))
@@ -80,6 +100,7 @@ class ExitInfo:
     cuts: tuple[CutPoint, ...]
     input_bytes: int
     result_bytes: int
+    input_encodings: tuple[Encoded, ...] = ()  # the input crossing encoded (edge-only), as measured
 
     def __post_init__(self) -> None:
         if self.index < 1:
@@ -99,7 +120,11 @@ class ExitInfo:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Candidates:
-    """Every (exit, cut) candidate of a model under one pair of latency models, as flat arrays."""
+    """Every (exit, cut, encoding) candidate of a model under one pair of latency models, as flat arrays.
+
+    Each exit's plain candidates come first (``rank`` spans them), then its encoded ones. ``level`` orders all
+    of them by accuracy: 0 for the most accurate (a deeper exit first on ties), equal for equal accuracy.
+    """
 
     exits: tuple[ExitInfo, ...]
     exit: npt.NDArray[np.int64]  # 1-based exit of each candidate
@@ -112,18 +137,21 @@ class Candidates:
     down_bytes: npt.NDArray[np.float64]
     uses_edge: npt.NDArray[np.bool_]
     tensors: tuple[frozenset[str], ...]  # what crosses: the input (edge-only), a cut, or nothing (device-only)
-    rank: tuple[tuple[int, int, int], ...]  # (exit, first, stop) groups, most accurate exit first
+    encoding: tuple[str, ...]  # how it crosses (``PLAIN`` where nothing does)
+    level: npt.NDArray[np.int64]  # accuracy order, 0 = most accurate
+    rank: tuple[tuple[int, int, int], ...]  # (exit, first, stop) spans of the plain candidates, most accurate first
 
-    def index(self, exit_index: int, cut: int | frozenset[str]) -> int:
-        """The candidate of exit ``exit_index`` cut at ``cut``: a tensor set, or (chains) a layer count."""
+    def index(self, exit_index: int, cut: int | frozenset[str], encoding: str = PLAIN) -> int:
+        """The candidate of exit ``exit_index`` cut at ``cut`` (a tensor set, or, for chains, a layer count) whose
+        tensors cross in ``encoding``."""
+        hits = np.flatnonzero(self.exit == exit_index)
         if isinstance(cut, int):
-            hits = np.flatnonzero((self.exit == exit_index) & (self.cut == cut))
-        else:
-            hits = np.flatnonzero(self.exit == exit_index)
-            hits = hits[[self.tensors[i] == cut for i in hits]] if hits.size else hits
+            hits = hits[self.cut[hits] == cut]
+        hits = hits[[(isinstance(cut, int) or self.tensors[i] == cut) and self.encoding[i] == encoding
+                     for i in hits]] if hits.size else hits
         if hits.size == 0:
             what = f"after {cut} layers" if isinstance(cut, int) else f"at {sorted(cut)}"
-            raise PlannerError(f"exit {exit_index} has no cut {what}")
+            raise PlannerError(f"exit {exit_index} has no cut {what} in {encoding}")
         return int(hits[0])
 
 
@@ -209,6 +237,7 @@ class Decision:
     edge_s: float
     accuracy: float
     actuation: Actuation | None = None
+    encoding: str = PLAIN  # how ``cut_tensors`` cross
 
     @property
     def where(self) -> Where:
@@ -225,7 +254,7 @@ class Decision:
         return {"feasible": self.feasible, "exit": self.exit, "cut": self.cut, "n_layers": self.n_layers,
                 "cut_tensors": sorted(self.cut_tensors), "where": self.where.value, "predicted_s": self.predicted_s,
                 "bound_s": self.bound_s, "device_s": self.device_s, "transfer_s": self.transfer_s,
-                "edge_s": self.edge_s, "accuracy": self.accuracy,
+                "edge_s": self.edge_s, "accuracy": self.accuracy, "encoding": self.encoding,
                 "route": [{"host": s.host, "inputs": sorted(s.segment.inputs), "outputs": sorted(s.segment.outputs)}
                           for s in self.route],
                 **({"actuation": {"cpu_share": self.actuation.cpu_share, "tx_rate_bps": self.actuation.tx_rate_bps}}
@@ -309,13 +338,21 @@ def exits_from_manifest(manifest: Mapping[str, Any]) -> tuple[ExitInfo, ...]:
                                      inputs=tuple(by_name[n].get("inputs", ())),
                                      outputs=tuple(by_name[n].get("outputs", ())))
                            for n in e["layers"])
-            cuts = tuple(CutPoint(index=int(c["index"]), bytes=int(c["bytes"]), tensors=frozenset(c["tensors"]))
+            cuts = tuple(CutPoint(index=int(c["index"]), bytes=int(c["bytes"]), tensors=frozenset(c["tensors"]),
+                                  encodings=_encodings(c.get("encodings", {})))
                          for c in e["cuts"])
             exits.append(ExitInfo(index=int(e["index"]), output=str(e["output"]), input=input_name,
                                   accuracy=float(e["accuracy"]), layers=layers, cuts=cuts, input_bytes=input_bytes,
-                                  result_bytes=int(layers[-1].features["output_bytes"])))
+                                  result_bytes=int(layers[-1].features["output_bytes"]),
+                                  input_encodings=_encodings(e.get("input_encodings", {}))))
     except (KeyError, TypeError, ValueError) as exc:
         raise PlannerError(f"malformed bundle manifest: {exc!r}") from exc
     if [e.index for e in exits] != list(range(1, len(exits) + 1)):
         raise PlannerError("malformed bundle manifest: exits must be numbered 1..N in order")
     return tuple(exits)
+
+
+def _encodings(doc: Mapping[str, Any]) -> tuple[Encoded, ...]:
+    """A manifest's measured encodings of one cut: ``{name: {"accuracy", "bytes"}}``."""
+    return tuple(Encoded(name=str(name), accuracy=float(m["accuracy"]), bytes=float(m["bytes"]))
+                 for name, m in sorted(doc.items()))

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from planner.core import Candidates, Conditions, Decision, ExitInfo, Infeasible, Stateless, View, route
+from planner.core import PLAIN, Candidates, Conditions, Decision, ExitInfo, Infeasible, Stateless, View, route
+from planner.encodings import cost_s as encoding_cost_s
 from planner.errors import PlannerError
 from planner.latency import LatencyModel
 
@@ -22,53 +23,74 @@ BASELINES = ("device_only", "edge_only", "partition_only", "exit_only")
 
 
 def compile_candidates(exits: Sequence[ExitInfo], device: LatencyModel, edge: LatencyModel) -> Candidates:
-    """Cost every (exit, cut) candidate's compute parts under the device's and the edge's models."""
+    """Cost every (exit, cut, encoding) candidate's compute parts under the device's and the edge's models.
+
+    An encoded candidate crosses its measured bytes, at its measured accuracy (never above the exit's own), and
+    adds its encoding's compute to both sides (``planner.encodings``)."""
     if not exits:
         raise PlannerError("a model needs at least one exit")
     if [ex.index for ex in exits] != list(range(1, len(exits) + 1)):
         raise PlannerError("exits must be numbered 1..N in order")
-    cols: dict[str, list[Any]] = {k: [] for k in ("exit", "cut", "n", "acc", "dev", "edge", "up", "down", "t")}
+    cols: dict[str, list[Any]] = {k: [] for k in ("exit", "cut", "n", "acc", "dev", "edge", "up", "down", "t", "enc")}
+    rank = []
     for ex in exits:
         feats = [(lay.kind, lay.features) for lay in ex.layers]
         dev_cum = np.concatenate([[0.0], np.cumsum(device.predict_many(feats))])
-        dev_stage = np.concatenate([[0.0], device.stage_s(dev_cum[1:])])  # a head runs as one stage
         edge_cum = np.concatenate([[0.0], np.cumsum(edge.predict_many(feats))])
         n = len(ex.layers)
         dev_layer, edge_layer = np.diff(dev_cum), np.diff(edge_cum)
         names = [lay.name for lay in ex.layers]
         # a cut's head is its listed layers, or (a chain, and every single-tensor cut ``models.graph.cuts`` finds)
         # the exit's first ``index`` layers: prefix sums
-        points = [(0, ex.input_bytes, frozenset({ex.input}), None), *((c.index, c.bytes, c.tensors, c.head)
-                                                                     for c in ex.cuts), (n, 0, frozenset(), None)]
-        for p, nbytes, tensors, head in sorted(points, key=lambda c: c[0]):
+        points = [(0, ex.input_bytes, frozenset({ex.input}), None, ex.input_encodings),
+                  *((c.index, c.bytes, c.tensors, c.head, c.encodings) for c in ex.cuts), (n, 0, frozenset(), None, ())]
+        plain, encoded = [], []
+        for p, nbytes, tensors, head, encodings in sorted(points, key=lambda c: c[0]):
             on_edge = p < n
             if head is None:
-                dev_s, rest_s = float(dev_stage[p]), float(edge_cum[n] - edge_cum[p])
+                head_s, rest_s = float(dev_cum[p]), float(edge_cum[n] - edge_cum[p])
             else:
                 on_device = np.array([name in head for name in names])
-                dev_s = float(device.stage_s(dev_layer[on_device].sum())) if on_device.any() else 0.0
-                rest_s = float(edge_layer[~on_device].sum())
+                head_s, rest_s = float(dev_layer[on_device].sum()), float(edge_layer[~on_device].sum())
+            dev_s = _wall(device, head_s, p > 0)
+            edge_s = _wall(edge, rest_s, on_edge)
+            plain.append((p, n, ex.accuracy, dev_s, edge_s, nbytes if on_edge else 0, tensors, PLAIN))
+            for e in encodings if on_edge else ():
+                enc_s, dec_s = encoding_cost_s(e.name, nbytes, device, edge)
+                encoded.append((p, n, min(e.accuracy, ex.accuracy), _wall(device, head_s + enc_s, True),
+                                _wall(edge, rest_s + dec_s, True), e.bytes, tensors, e.name))
+        first = len(cols["exit"])
+        rank.append((ex.index, first, first + len(plain)))
+        for p, n, accuracy, dev_s, edge_s, up, tensors, enc in [*plain, *sorted(encoded, key=lambda r: (-r[2], r[0]))]:
             cols["exit"].append(ex.index)
             cols["cut"].append(p)
             cols["n"].append(n)
-            cols["acc"].append(ex.accuracy)
+            cols["acc"].append(accuracy)
             cols["dev"].append(dev_s)
-            cols["edge"].append(float(edge.stage_s(rest_s)) if on_edge else 0.0)
-            cols["up"].append(nbytes if on_edge else 0)
-            cols["down"].append(ex.result_bytes if on_edge else 0)
+            cols["edge"].append(edge_s)
+            cols["up"].append(up)
+            cols["down"].append(ex.result_bytes if p < n else 0)
             cols["t"].append(tensors)
-    exit_arr = np.array(cols["exit"], dtype=np.int64)
-    rank = []
-    for ex in sorted(exits, key=lambda x: (-x.accuracy, -x.index)):
-        idx = np.flatnonzero(exit_arr == ex.index)
-        rank.append((ex.index, int(idx[0]), int(idx[-1]) + 1))
+            cols["enc"].append(enc)
+    exit_arr, acc = np.array(cols["exit"], dtype=np.int64), np.array(cols["acc"], dtype=np.float64)
+    order = sorted({(-a, -e) for a, e in zip(acc.tolist(), exit_arr.tolist(), strict=True)})
+    level = {key: i for i, key in enumerate(order)}
+    top = {ex.index: ex.accuracy for ex in exits}
     return Candidates(exits=tuple(exits), exit=exit_arr, cut=np.array(cols["cut"], dtype=np.int64),
-                      n_layers=np.array(cols["n"], dtype=np.int64), accuracy=np.array(cols["acc"], dtype=np.float64),
+                      n_layers=np.array(cols["n"], dtype=np.int64), accuracy=acc,
                       device_s=np.array(cols["dev"]), edge_s=np.array(cols["edge"]),
                       up_bytes=np.array(cols["up"], dtype=np.float64),
                       down_bytes=np.array(cols["down"], dtype=np.float64),
                       uses_edge=np.array([p < n for p, n in zip(cols["cut"], cols["n"], strict=True)]),
-                      tensors=tuple(cols["t"]), rank=tuple(rank))
+                      tensors=tuple(cols["t"]), encoding=tuple(cols["enc"]),
+                      level=np.array([level[(-a, -e)] for a, e in zip(acc.tolist(), exit_arr.tolist(), strict=True)],
+                                     dtype=np.int64),
+                      rank=tuple(sorted(rank, key=lambda r: (-top[r[0]], -r[0]))))
+
+
+def _wall(model: LatencyModel, compute_s: float, runs: bool) -> float:
+    """Wall seconds of one stage of ``compute_s`` on ``model``'s host (0 where no stage runs there)."""
+    return float(model.stage_s(compute_s)) if runs else 0.0
 
 
 def latencies(c: Candidates, cond: Conditions) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
@@ -169,13 +191,14 @@ _Costs = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.
 
 
 def _search(c: Candidates, cond: Conditions, costs: _Costs) -> Decision | Infeasible:
+    """The most accurate candidate that meets the deadline (``c.level``), the fastest of equally accurate ones."""
     total, _transfer, bound = costs
     ok = bound <= cond.deadline_s
-    for _, first, stop in c.rank:
-        if ok[first:stop].any():
-            best = first + int(np.argmin(np.where(ok[first:stop], total[first:stop], np.inf)))
-            return _plan_at(c, best, *costs, cond)
-    return Infeasible(f"no exit meets {cond.deadline_s * 1e3:.0f} ms")
+    if not ok.any():
+        return Infeasible(f"no exit meets {cond.deadline_s * 1e3:.0f} ms")
+    level = np.where(ok, c.level, np.iinfo(np.int64).max)
+    best = int(np.argmin(np.where(level == level.min(), total, np.inf)))
+    return _plan_at(c, best, *costs, cond)
 
 
 def _local(c: Candidates, cond: Conditions, costs: _Costs) -> Decision:
@@ -203,4 +226,4 @@ def _plan_at(c: Candidates, i: int, total: npt.NDArray[np.float64], transfer: np
                     predicted_s=float(total[i]), bound_s=float(bound[i]),
                     device_s=float(c.device_s[i] * cond.device_speed), transfer_s=float(transfer[i]),
                     edge_s=float(c.edge_s[i] * cond.edge_speed + c.uses_edge[i] * cond.edge_queue_s),
-                    accuracy=float(c.accuracy[i]))
+                    accuracy=float(c.accuracy[i]), encoding=c.encoding[i])

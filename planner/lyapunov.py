@@ -78,9 +78,11 @@ class Actions:
 
     @classmethod
     def of_exit(cls, c: Candidates, exit_index: int) -> Actions:
-        rows = np.flatnonzero(c.exit == exit_index)
-        if rows.size == 0:
+        # the exit's plain candidates: the controller trades energy for backlog, not for accuracy
+        spans = [np.arange(first, stop) for e, first, stop in c.rank if e == exit_index]
+        if not spans:
             raise PlannerError(f"lyapunov: no exit {exit_index}")
+        rows = spans[0]
         bits = c.up_bytes[rows] * 8.0
         edge_only = c.cut[rows] == 0
         return cls(rows=rows, head_s=c.device_s[rows], bits=bits, edge_s=c.edge_s[rows],
@@ -216,7 +218,10 @@ class Lyapunov(Stateless):
         self._in_flight += 1
         ch = self._choice
         plan = fixed_plan(c, cond, exit_index, c.tensors[int(acts.rows[ch.action])])
-        return replace(plan, actuation=Actuation(cpu_share=ch.setting, tx_rate_bps=ch.rate_bps or None))
+        slower = plan.device_s * (1 / ch.setting - 1)  # its device part at the chosen share of the CPU
+        return replace(plan, device_s=plan.device_s + slower, predicted_s=plan.predicted_s + slower,
+                       bound_s=plan.bound_s + slower, feasible=plan.bound_s + slower <= cond.deadline_s,
+                       actuation=Actuation(cpu_share=ch.setting, tx_rate_bps=ch.rate_bps or None))
 
     def observe(self, outcome: Observation) -> None:
         self._in_flight = max(self._in_flight - 1, 0)

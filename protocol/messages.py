@@ -18,8 +18,8 @@ import numpy as np
 import numpy.typing as npt
 
 from protocol import PROTOCOL_VERSION
-from protocol.errors import ErrorCode, MalformedMessage, MessageTooLarge, ProtocolError, VersionMismatch
-from protocol.tensors import decode_tensor, encode_tensor
+from protocol.errors import ErrorCode, MalformedMessage, MessageTooLarge, ProtocolError, TensorError, VersionMismatch
+from protocol.tensors import ENCODINGS, PLAIN, decode_tensor, encode_tensor
 from protocol.topics import check_id
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024 + 65536
@@ -41,6 +41,7 @@ class InferRequest:
     cut: int  # layers already run on the device (0: ``tensors`` holds the model input)
     tensors: Tensors
     budget_s: float  # time left for the edge's part when sent: admission control and expiry
+    encoding: str = PLAIN  # how ``tensors`` cross (``protocol.tensors.ENCODINGS``); each tensor also declares it
 
     def __post_init__(self) -> None:
         _check_request_id(self.request_id)
@@ -50,6 +51,8 @@ class InferRequest:
         _check_int(self.cut, "cut", 0)
         _check_tensors(self.tensors)
         _check_float(self.budget_s, "budget_s")
+        if self.encoding not in ENCODINGS:
+            raise TensorError(f"unknown encoding {self.encoding!r}; known: {', '.join(ENCODINGS)}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,10 +226,11 @@ _TENSOR_FIELDS = ("tensors", "outputs")
 def encode(msg: Message) -> bytes:
     """The msgpack envelope of ``msg``."""
     body: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": msg.kind}
+    encoding = getattr(msg, "encoding", PLAIN)
     for f in fields(msg):
         value = getattr(msg, f.name)
         if f.name in _TENSOR_FIELDS:
-            value = {k: encode_tensor(v) for k, v in value.items()}
+            value = {k: encode_tensor(v, encoding) for k, v in value.items()}
         elif isinstance(value, ErrorCode):
             value = value.value
         elif isinstance(value, Mapping):
@@ -266,6 +270,11 @@ def decode(raw: bytes, *, expect: type[Message] | tuple[type[Message], ...] | No
             tensors = body[name]
             if not isinstance(tensors, dict) or len(tensors) > MAX_TENSORS:
                 raise MalformedMessage(f"{name} must be a map of at most {MAX_TENSORS} tensors")
+            encoding = body.get("encoding", PLAIN)
+            for key, wire in tensors.items():
+                declared = wire.get("enc", PLAIN) if isinstance(wire, dict) else PLAIN
+                if declared != encoding:
+                    raise TensorError(f"tensor {key!r} declares {declared}, the request {encoding}")
             body[name] = {k: decode_tensor(v) for k, v in tensors.items()}
     try:
         return cls(**body)

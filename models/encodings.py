@@ -1,0 +1,106 @@
+"""Measure what encoding a bundle's cut tensors costs in accuracy and saves in bytes, into its manifest.
+
+For every tensor set that crosses somewhere (each exit's listed cuts and the input), the test set runs through the
+head, each image's crossing tensors go through the wire's own encode and decode (``protocol.tensors``: per-image
+scale and zero point, as deviced sends them), and the tail of every exit that can be cut there runs on the result.
+Lossless zstd keeps its precision's accuracy; its bytes vary with the data, so they are the mean over the first
+``BYTES_SAMPLE`` images. The planner only ever chooses an encoding whose accuracy is in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from tqdm import tqdm
+
+from models import graph
+from models.bundle import MANIFEST, Bundle, dynamic_batch, load_bundle
+from models.data import load_fashion_mnist
+from protocol.tensors import ENCODINGS, PLAIN, decode_tensor, encode_tensor
+
+MEASURED = tuple(e for e in ENCODINGS if e != PLAIN)
+LOSSY = ("float16", "int8")
+BYTES_SAMPLE = 1000
+BATCH = 250
+
+
+def measure(path: Path | str, *, images: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Measure every (exit, cut, encoding) of the bundle at ``path`` on the Fashion-MNIST test set (the first
+    ``images``; all by default) and write the results into its manifest; returns the manifest's summary."""
+    bundle = load_bundle(path)
+    raw_images, labels = load_fashion_mnist("test")
+    n = len(labels) if images is None else min(images, len(labels))
+    x, y = bundle.preprocess(raw_images[:n]), labels[:n]
+    model = graph.prepare(bundle.model)
+    sets: dict[frozenset[str], list[int]] = {}  # crossing tensors -> the exits cut there
+    for ex in bundle.exits:
+        for tensors in (frozenset({ex.input}), *(c.tensors for c in ex.cuts)):
+            sets.setdefault(tensors, []).append(ex.index)
+    results: dict[tuple[int, frozenset[str]], dict[str, dict[str, float]]] = {}
+    bar = tqdm(total=len(sets), desc=f"encodings {bundle.name}", unit="cut", disable=not progress)
+    for tensors, exits in sets.items():
+        outputs = [bundle.exit(e).output for e in exits]
+        accuracy, nbytes = _measure_cut(model, bundle, tensors, outputs, x, y)
+        for e, acc in zip(exits, accuracy, strict=True):
+            plain_acc = bundle.exit(e).accuracy
+            results[(e, tensors)] = {
+                enc: {"accuracy": round(float(acc[enc.partition("+")[0]]) if not enc.startswith(PLAIN)
+                                        else plain_acc, 4),
+                      "bytes": round(nbytes[enc], 1)} for enc in MEASURED}
+        bar.update()
+    bar.close()
+    manifest = json.loads((bundle.path / MANIFEST).read_text())
+    for e in manifest["exits"]:
+        ex = bundle.exit(int(e["index"]))
+        e["input_encodings"] = results[(ex.index, frozenset({ex.input}))]
+        for c in e["cuts"]:
+            c["encodings"] = results[(ex.index, frozenset(c["tensors"]))]
+    manifest["encodings"] = {"measured_on": f"fashion-mnist test, first {n} images", "bytes_mean_over": min(
+        BYTES_SAMPLE, n), "zstd_level": 1, "scheme": "per-tensor, per-image affine int8; float16; zstd of either"}
+    (bundle.path / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return {"bundle": bundle.name, "images": n, "cuts": len(sets),
+            "exits": [{"exit": e["index"], "accuracy": e["accuracy"], "input": e["input_encodings"],
+                       "cuts": {c["name"]: c["encodings"] for c in e["cuts"]}} for e in manifest["exits"]]}
+
+
+def _measure_cut(model: onnx.ModelProto, bundle: Bundle, tensors: frozenset[str], outputs: list[str],
+                 x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]
+                 ) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """(per output: accuracy per lossy precision, mean bytes per encoding) with ``tensors`` crossing encoded."""
+    names = sorted(tensors)
+    head = None if tensors == {bundle.input_name} else _session(graph.segment(model, [bundle.input_name], names))
+    tail = _session(graph.segment(model, names, outputs))
+    correct = {p: np.zeros(len(outputs)) for p in LOSSY}
+    sizes = {enc: 0.0 for enc in MEASURED}
+    seen = 0
+    for start, batch in _batches(x):
+        values = dict(zip(names, head.run(names, {bundle.input_name: batch}), strict=True)) if head else \
+            {bundle.input_name: batch}
+        for precision in LOSSY:
+            decoded = {t: np.stack([decode_tensor(encode_tensor(v[i:i + 1], precision)) for i in range(len(batch))])
+                       .reshape(v.shape) for t, v in values.items()}
+            logits = tail.run(outputs, decoded)
+            correct[precision] += [(lg.argmax(1) == y[start:start + len(batch)]).sum() for lg in logits]
+        for i in range(min(len(batch), BYTES_SAMPLE - seen)):
+            for enc in MEASURED:
+                sizes[enc] += sum(len(encode_tensor(v[i:i + 1], enc)["data"]) for v in values.values())
+            seen += 1
+    return ([{p: correct[p][k] / len(y) for p in LOSSY} for k in range(len(outputs))],
+            {enc: total / max(seen, 1) for enc, total in sizes.items()})
+
+
+def _batches(x: npt.NDArray[np.float32]) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
+    for start in range(0, len(x), BATCH):
+        yield start, x[start:start + BATCH]
+
+
+def _session(model: onnx.ModelProto) -> Any:
+    from models.ort import onnxruntime as ort
+
+    return ort.InferenceSession(dynamic_batch(model).SerializeToString(), providers=["CPUExecutionProvider"])
