@@ -27,7 +27,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -108,7 +108,7 @@ async def _command(client: Client, cmd: dict[str, Any], x: np.ndarray, y: np.nda
         return await _probe(client, int(cmd.get("repeats", 5)))
     if op == "run":
         deadline = float(cmd["deadline_s"])
-        policy, exec_deadline = _policy(cmd, deadline)
+        policy, exec_deadline = _policy(cmd, deadline, client.device.cfg.planner)
         records = []
         point = device.learning.suspended() if cmd["method"] == "coinfer_point" else contextlib.nullcontext()
         with point:
@@ -165,12 +165,16 @@ def _nearest(indices: Iterable[int], target: int) -> int:
     return min(indices, key=lambda i: abs(i - target))
 
 
-def _policy(cmd: dict[str, Any], deadline: float) -> tuple[Planner | None, float]:
-    """(policy, execution deadline) of a ``run`` command: deviced's own for coinfer, else the registered policy
-    of that name (``fixed`` takes the command's exit and cut) judged at ``deadline`` and run to completion."""
+def _policy(cmd: dict[str, Any], deadline: float, planner: Mapping[str, Any]) -> tuple[Planner | None, float]:
+    """(policy, execution deadline) of a ``run`` command: deviced's own (its ``planner`` table) for coinfer, else
+    the registered policy of that name (``fixed`` takes the command's exit and cut) judged at ``deadline`` and run
+    to completion."""
     method = cmd["method"]
     if method in ("coinfer", "coinfer_point"):
         return None, deadline
+    if method == "coinfer_float32":  # deviced's policy, its cut tensors never encoded
+        params = dict(planner)
+        return policies.make(str(params.pop("policy", policies.DEFAULT)), **params, encodings=False), deadline
     params = {k: int(cmd[k]) for k in ("exit", "cut") if k in cmd}
     return _AtDeadline(policies.make(method, **params), deadline), RUN_TO_COMPLETION_S
 

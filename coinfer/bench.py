@@ -147,7 +147,7 @@ async def _transport(port: int, sizes: tuple[int, ...], repeats: int) -> list[di
     import socket
 
     from protocol.messages import InferRequest, decode, encode
-    from protocol.session import TRAFFIC_QOS, BrokerConfig, client
+    from protocol.session import BrokerConfig, client, send
 
     rows = []
     received: asyncio.Queue[bytes] = asyncio.Queue()
@@ -175,7 +175,7 @@ async def _transport(port: int, sizes: tuple[int, ...], repeats: int) -> list[di
                 start = time.perf_counter()
                 payload = encode(InferRequest(request_id="b", device_id="bench", bundle="0" * 64, exit=1, cut=1,
                                               tensors={"t": tensor}, budget_s=1.0))
-                await mqtt.publish("bench/act", payload, qos=TRAFFIC_QOS)
+                await send(mqtt, "bench/act", payload)
                 message = await anext(messages)
                 assert isinstance(message.payload, bytes)
                 decode(message.payload)

@@ -71,6 +71,15 @@ def _parser() -> argparse.ArgumentParser:
                                                "it; without: marked unmeasured (0)")
     s.set_defaults(func=cmd_bundle)
 
+    s = sub.add_parser("encodings", help="measure the accuracy and bytes of every (exit, cut, encoding) of a bundle "
+                                         "into its manifest (what the planner may choose)")
+    s.add_argument("bundle", type=Path)
+    s.add_argument("--labels", type=Path, help="an .npz with `x` and `y` as for `bundle` (default: the Fashion-MNIST "
+                                               "test set through the bundle's preprocessing)")
+    s.add_argument("--images", type=int, help="measure on the first N inputs only (default: all)")
+    s.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    s.set_defaults(func=cmd_encodings)
+
     s = sub.add_parser("train", help="train a branchy network on Fashion-MNIST and write its bundle (needs torch)")
     s.add_argument("--arch", choices=[*sorted(branchy.ARCHS), RESNET], default=branchy.ALEXNET28.name,
                    help=f"which architecture (and bundle name); {RESNET}: the residual DAG (--init, --freeze and "
@@ -227,11 +236,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     accuracy = None
     count = 0
     if args.labels:
-        try:
-            with np.load(args.labels, allow_pickle=False) as data:
-                x, y = np.asarray(data["x"], np.float32), np.asarray(data["y"], np.int64)
-        except (OSError, KeyError, ValueError) as exc:
-            raise ModelError(f"{args.labels}: expected an .npz with arrays x and y ({exc})") from exc
+        x, y = _labelled(args.labels)
         shape = tuple(describe(model)["input"]["shape"][1:])
         if x.shape[1:] != shape or len(x) != len(y):
             raise ModelError(f"{args.labels}: x is {list(x.shape)} and y {list(y.shape)}; the model takes "
@@ -246,6 +251,38 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         print(f"exit {e.index} ({e.output}): {len(e.layers)} layers, {len(e.cuts)} single-tensor cuts, {measured}")
     print(f"-> {out} (sha256 {bundle.digest[:12]}); serve it: [edged] bundles = [\"{out}\"], "
           f"[deviced] bundle = \"{out}\"; plan DAG cuts with [planner] policy = \"mincut\"")
+    return 0
+
+
+def _labelled(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of a labelled-set .npz, never unpickled."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return np.asarray(data["x"], np.float32), np.asarray(data["y"], np.int64)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ModelError(f"{path}: expected an .npz with arrays x and y ({exc})") from exc
+
+
+def cmd_encodings(args: argparse.Namespace) -> int:
+    from models import encodings
+
+    x = y = None
+    if args.labels:
+        x, y = _labelled(args.labels)
+    summary = encodings.measure(args.bundle, x=x, y=y, images=args.images, progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    print(f"{summary['bundle']}: {summary['crossing_sets']} crossing tensor sets measured on {summary['inputs']} "
+          "inputs; per exit, over its cuts: accuracy change (points) and bytes against float32")
+    for e in summary["exits"]:
+        cuts = [e["input"], *e["cuts"].values()]
+        row = []
+        for name in encodings.MEASURED:
+            delta = [100 * (c[name]["accuracy"] - c["float32+zstd"]["accuracy"]) for c in cuts]
+            row.append(f"{name} {min(delta):+.2f}..{max(delta):+.2f}")
+        print(f"  exit {e['exit']} (float32 {e['accuracy']:.4f}): " + ", ".join(row))
+    print(f"-> {args.bundle / 'manifest.json'}")
     return 0
 
 

@@ -30,7 +30,7 @@ BUNDLE = BUNDLES_DIR / "fmnist56-branchy-alexnet"  # its stages span many period
 CALIBRATED = REPO / "docs" / "results" / "edgent"  # the testbed's device and edge latency models (bench edgent)
 
 
-def run(out: Path, *, duration_s: float = 300.0, rate: float = 1.0, v: float = 10.0, slot_s: float = 0.1,
+def run(out: Path, *, duration_s: float = 300.0, rate: float = 0.7, v: float = 10.0, slot_s: float = 0.1,
         latency_target_s: float = 10.0, profile: str = "pi3b-lte", cpu_quota: float = 0.1, seed: int = 0,
         outages_per_hour: float = 0.0, log: Callable[[str], None] = print) -> dict[str, Any]:
     """One run; ``outages_per_hour`` > 0 adds the HSDPA trace's outages (deviced then times out and falls back,
@@ -93,10 +93,12 @@ def _compare(path: Path, records: list[dict[str, Any]], trace: energy.Trace, off
     bundle = load_bundle(BUNDLE)
     cands = edgent.compile_candidates(bundle.exits, resources.load_latency_model(device_model),
                                       resources.load_latency_model(edge_model))
-    # how much slower than modelled the device's stages ran (what deviced's speed factor learns): the simulation
-    # serves its frames at the same speed, or a few percent at a busy device's load would read as queueing error
-    ratios = [r["stage_s"] / r["predicted_device_s"] for r in records
-              if r["where"] in ("device", "split") and r["predicted_device_s"]]
+    # how much slower than its model the device's stages ran at the share they ran at (what deviced's speed factor
+    # learns): the simulation serves its frames at the same speed, or a few percent at a busy device's load would
+    # read as queueing error
+    ratios = [r["stage_s"] * (r["cpu_share"] or 1.0) / float(cands.device_s[cands.index(
+        r["plan_exit"], frozenset(r["cut_tensors"]) if r["where"] == "split" else frozenset())])
+        for r in records if r["where"] in ("device", "split")]
     speed = float(np.median(ratios)) if ratios else 1.0
     acts = lyapunov.Actions.of_exit(cands, len(bundle.exits))
     acts = replace(acts, head_s=acts.head_s * speed)

@@ -14,6 +14,7 @@ from planner.errors import PlannerError
 from planner.units import parse_bandwidth, parse_duration
 from protocol.config import load_daemon
 from protocol.session import BrokerConfig
+from protocol.tensors import ENCODINGS, PLAIN
 from protocol.topics import DEFAULT_PREFIX, check_id
 
 DEPLOYED_CONFIG = Path("/etc/coinfer/deviced.toml")  # where deploy/install.sh puts it
@@ -43,6 +44,9 @@ class DevicedConfig:
     # which knob applies a policy's CPU share (``deviced/actuation.py``): auto (cpufreq, else this process's
     # cgroup quota, where writable), cpufreq, cgroup or none
     compute_knob: str = "auto"
+    # how a cut's tensors may cross besides float32, when the bundle measured that encoding's accuracy there
+    # (``protocol.tensors.ENCODINGS``); [] = always float32
+    encodings: tuple[str, ...] = tuple(e for e in ENCODINGS if e != PLAIN)
     # Emulation for single-machine runs, stated in every output that uses it (0 / 1: off).
     emulate_uplink: str = ""  # e.g. "500kbps": delay each upload as if sent at this rate
     emulate_slowdown: float = 1.0  # stretch local compute by this factor (a Pi-class device)
@@ -65,6 +69,9 @@ class DevicedConfig:
             raise ValueError("plan_quantile must be within [0, 1]")
         if self.compute_knob not in ("auto", "cpufreq", "cgroup", "none"):
             raise ValueError("compute_knob must be one of auto, cpufreq, cgroup, none")
+        unknown = sorted(set(self.encodings) - set(ENCODINGS) | ({PLAIN} & set(self.encodings)))
+        if unknown:
+            raise ValueError(f"encodings: unknown {unknown}; choose from {[e for e in ENCODINGS if e != PLAIN]}")
         if len(set(self.probe_sizes)) < 2:
             raise ValueError("probe_sizes needs two different sizes")
         self.make_policy()  # an unknown policy or bad parameters fail at start-up
@@ -80,5 +87,5 @@ class DevicedConfig:
 
 
 def load(path: Path) -> DevicedConfig:
-    return load_daemon(DevicedConfig, path, "deviced", paths=("bundle", "latency_model"), lists=("probe_sizes",),
-                       tables=("planner",))
+    return load_daemon(DevicedConfig, path, "deviced", paths=("bundle", "latency_model"),
+                       lists=("probe_sizes", "encodings"), tables=("planner",))

@@ -161,7 +161,7 @@ class Dispatch:
         if client is None:
             raise BrokerLost("not connected to the broker")
         try:
-            await client.publish(topic, payload, qos=session.TRAFFIC_QOS, properties=props)
+            await session.send(client, topic, payload, props)
         except session.MQTT_ERRORS as exc:
             self.detach(exc)
             raise BrokerLost(f"publish failed: {exc}") from exc

@@ -42,6 +42,7 @@ from planner.core import (
     Segment,
     View,
     Where,
+    allow_encodings,
 )
 from planner.latency import LatencyModel
 from planner.units import parse_bandwidth
@@ -108,7 +109,8 @@ class Device:
         self.metrics = metrics or DeviceMetrics()
         self.policy = cfg.make_policy()
         self.local = edgent.compile_candidates(bundle.exits, device_model, device_model)
-        self.edges = EdgeDirectory(digest=bundle.digest, exits=bundle.exits, device_model=device_model,
+        self.edges = EdgeDirectory(digest=bundle.digest, exits=allow_encodings(bundle.exits, cfg.encodings),
+                                   device_model=device_model,
                                    compile=self.policy.compile, wanted=cfg.edge_id)
         self.link = LinkEstimator(parse_bandwidth(cfg.initial_bandwidth), cfg.probe_sizes, self.metrics)
         self.learning = Calibration(cfg.plan_quantile, self.metrics)
@@ -209,7 +211,7 @@ class Device:
         left = req.left_s()
         payload = encode(InferRequest(request_id=req.request_id, device_id=self.cfg.device_id,
                                       bundle=self.bundle.digest, exit=decision.exit, cut=decision.cut,
-                                      tensors=tensors, budget_s=max(left, 0.0)))
+                                      tensors=tensors, budget_s=max(left, 0.0), encoding=decision.encoding))
         # the bytes that must cross before an answer can come: ours and what is still queued ahead of them
         crossing = self.dispatch.uplink_backlog() + len(payload)
         sent_at = time.monotonic()
@@ -288,7 +290,7 @@ class Device:
         """The edge computed our tail in ``compute_s``: fold it into that edge's speed factor."""
         if edge.candidates is not None:
             c = edge.candidates
-            predicted = float(c.edge_s[c.index(decision.exit, decision.cut_tensors)])
+            predicted = float(c.edge_s[c.index(decision.exit, decision.cut_tensors, decision.encoding)])
             edge.speed = edge.speed.update(compute_s, predicted)
             self.metrics.speed.labels(edge.edge_id).set(edge.speed.value)
 

@@ -160,8 +160,7 @@ async def _serve_app(client: aiomqtt.Client, device: Device, message: aiomqtt.Me
         text = str(exc) if isinstance(exc, ProtocolError) else f"device error: {type(exc).__name__}"
         answer = ErrorReply(request_id=request_id, code=code, message=text[:2000], sender=cfg.device_id)
     with contextlib.suppress(*session.MQTT_ERRORS):  # disconnected: the application's own timeout covers it
-        await client.publish(reply_to, encode(answer), qos=session.TRAFFIC_QOS,
-                             properties=session.reply_properties(correlation))
+        await session.send(client, reply_to, encode(answer), session.reply_properties(correlation))
 
 
 async def _probe_loop(device: Device) -> None:

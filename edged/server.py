@@ -170,8 +170,7 @@ async def _handle(client: aiomqtt.Client, state: EdgeState, message: aiomqtt.Mes
     if isinstance(msg, Probe):
         state.metrics.probes.inc()
         reply = ProbeReply(probe_id=msg.probe_id, edge_id=state.cfg.edge_id, size=len(msg.padding))
-        await client.publish(reply_to, encode(reply), qos=session.TRAFFIC_QOS,
-                             properties=session.reply_properties(correlation))
+        await session.send(client, reply_to, encode(reply), session.reply_properties(correlation))
     elif isinstance(msg, InferRequest):
         await _admit(client, state, msg, reply_to, correlation)
 
@@ -223,8 +222,7 @@ async def _worker(client: aiomqtt.Client, state: EdgeState) -> None:
             state.queue.task_done()
         req = job.request
         if isinstance(answer, InferResult):
-            await client.publish(job.reply_to, encode(answer), qos=session.TRAFFIC_QOS,
-                                 properties=session.reply_properties(job.correlation))
+            await session.send(client, job.reply_to, encode(answer), session.reply_properties(job.correlation))
             state.metrics.requests.labels("ok").inc()
             state.metrics.request_seconds.observe(time.monotonic() - job.arrived)
         else:
@@ -270,5 +268,4 @@ async def _error(client: aiomqtt.Client, state: EdgeState, reply_to: str | None,
     if reply_to is None:
         return  # unreadable and unaddressed: nobody to answer; counted and logged
     reply = ErrorReply(request_id=request_id, code=code, message=text[:2000], sender=state.cfg.edge_id)
-    await client.publish(reply_to, encode(reply), qos=session.TRAFFIC_QOS,
-                                 properties=session.reply_properties(correlation))
+    await session.send(client, reply_to, encode(reply), session.reply_properties(correlation))

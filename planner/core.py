@@ -8,7 +8,7 @@ is kept as information and names a cut only where the model is a chain. Exits ar
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol
 
@@ -138,6 +138,7 @@ class Candidates:
     uses_edge: npt.NDArray[np.bool_]
     tensors: tuple[frozenset[str], ...]  # what crosses: the input (edge-only), a cut, or nothing (device-only)
     encoding: tuple[str, ...]  # how it crosses (``PLAIN`` where nothing does)
+    plain: npt.NDArray[np.bool_]  # encoding == PLAIN
     level: npt.NDArray[np.int64]  # accuracy order, 0 = most accurate
     rank: tuple[tuple[int, int, int], ...]  # (exit, first, stop) spans of the plain candidates, most accurate first
 
@@ -322,6 +323,15 @@ def route(ex: ExitInfo, tensors: frozenset[str]) -> tuple[Step, ...]:
     if tensors == whole_in:
         return (Step(EDGE, Segment(ex.index, whole_in, out)),)
     return Step(DEVICE, Segment(ex.index, whole_in, tensors)), Step(EDGE, Segment(ex.index, tensors, out))
+
+
+def allow_encodings(exits: Sequence[ExitInfo], allowed: Sequence[str]) -> tuple[ExitInfo, ...]:
+    """``exits`` whose cuts (and inputs) keep only the encodings in ``allowed``."""
+    def keep(encodings: tuple[Encoded, ...]) -> tuple[Encoded, ...]:
+        return tuple(e for e in encodings if e.name in allowed)
+
+    return tuple(replace(ex, input_encodings=keep(ex.input_encodings),
+                         cuts=tuple(replace(c, encodings=keep(c.encodings)) for c in ex.cuts)) for ex in exits)
 
 
 def exits_from_manifest(manifest: Mapping[str, Any]) -> tuple[ExitInfo, ...]:

@@ -83,6 +83,7 @@ def compile_candidates(exits: Sequence[ExitInfo], device: LatencyModel, edge: La
                       down_bytes=np.array(cols["down"], dtype=np.float64),
                       uses_edge=np.array([p < n for p, n in zip(cols["cut"], cols["n"], strict=True)]),
                       tensors=tuple(cols["t"]), encoding=tuple(cols["enc"]),
+                      plain=np.array([e == PLAIN for e in cols["enc"]], dtype=np.bool_),
                       level=np.array([level[(-a, -e)] for a, e in zip(acc.tolist(), exit_arr.tolist(), strict=True)],
                                      dtype=np.int64),
                       rank=tuple(sorted(rank, key=lambda r: (-top[r[0]], -r[0]))))
@@ -151,12 +152,15 @@ def local_plan(c: Candidates, cond: Conditions) -> Decision:
 class Edgent(Stateless):
     """Edgent's search (``plan``). When nothing meets the deadline it still names a plan to run (judged at the
     deadline, so flagged as missing it): the most accurate exit at its fastest cut if that uses the edge, else
-    the most accurate exit that fits locally."""
+    the most accurate exit that fits locally. ``encodings=False``: only plans whose tensors cross as float32."""
+
+    def __init__(self, *, encodings: bool = True) -> None:
+        self.encodings = bool(encodings)
 
     def decide(self, view: View) -> Decision | Infeasible:
         c, cond = view.candidates, view.conditions
         costs = _costs(c, cond)
-        chosen = _search(c, cond, costs)
+        chosen = _search(c, cond, costs, plain_only=not self.encodings)
         if isinstance(chosen, Decision):
             return chosen
         _top, first, stop = c.rank[0]
@@ -190,10 +194,12 @@ class Fixed(Stateless):
 _Costs = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]
 
 
-def _search(c: Candidates, cond: Conditions, costs: _Costs) -> Decision | Infeasible:
+def _search(c: Candidates, cond: Conditions, costs: _Costs, *, plain_only: bool = False) -> Decision | Infeasible:
     """The most accurate candidate that meets the deadline (``c.level``), the fastest of equally accurate ones."""
     total, _transfer, bound = costs
     ok = bound <= cond.deadline_s
+    if plain_only:
+        ok &= c.plain
     if not ok.any():
         return Infeasible(f"no exit meets {cond.deadline_s * 1e3:.0f} ms")
     level = np.where(ok, c.level, np.iinfo(np.int64).max)

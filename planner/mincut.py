@@ -275,7 +275,8 @@ class MinCut(Edgent):
     edge latency model); conditions outside the box get a per-request min-cut added. On a chain its plans are
     Edgent's."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, encodings: bool = True) -> None:
+        super().__init__(encodings=encodings)
         self._prepared: dict[int, _Prepared] = {}
 
     def compile(self, exits: Sequence[ExitInfo], device: LatencyModel, edge: LatencyModel) -> Candidates:

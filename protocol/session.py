@@ -24,6 +24,7 @@ from typing import TextIO, cast
 import aiomqtt
 import sdnotify
 import structlog
+from paho.mqtt import client as mqtt_client
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -117,6 +118,30 @@ def client(cfg: BrokerConfig, *, identifier: str, will_topic: str = "", sender: 
         # small request/reply messages: Nagle plus delayed ACKs would add ~40 ms to each
         socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
     )
+
+
+async def send(client: aiomqtt.Client, topic: str, payload: bytes, properties: Properties | None = None) -> None:
+    """Publish one request, reply or probe (``TRAFFIC_QOS``), written to the socket now, in this event loop turn;
+    what the socket does not take yet goes out as it drains (``unsent_bytes`` counts it).
+
+    aiomqtt's ``publish`` queues the packet, registers a socket writer, awaits its write a turn or two later and
+    unregisters it: about eight loop turns per request and answer on loopback. Without a writer callback set, paho
+    writes the packet in ``publish`` itself (its mode for callers without an event loop); only a packet the
+    socket could not take whole registers the writer, as aiomqtt would have.
+    """
+    paho = client._client  # aiomqtt has no public accessor for its paho client
+    register = paho.on_socket_register_write
+    paho.on_socket_register_write = None
+    try:
+        info = paho.publish(topic, payload, qos=TRAFFIC_QOS, properties=properties)
+    finally:
+        paho.on_socket_register_write = register
+    if paho.want_write():  # the socket is full (or paho could not write now): the writer sends the rest
+        paho._registered_write = False  # paho marked it registered without a callback to call
+        paho._call_socket_register_write()
+    if info.rc not in (mqtt_client.MQTT_ERR_SUCCESS, mqtt_client.MQTT_ERR_AGAIN):
+        raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+    await asyncio.sleep(0)  # a turn for the loop, as an awaited publish gave
 
 
 def unsent_bytes(client: aiomqtt.Client) -> int:

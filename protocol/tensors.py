@@ -62,13 +62,35 @@ def encode_tensor(array: npt.NDArray[Any], encoding: str = PLAIN) -> dict[str, A
 
 def quantize(x: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.int8], float, int]:
     """Per-tensor affine int8: (q, scale, zero) with ``x ~ scale * (q - zero)`` and 0 exactly representable."""
-    lo = min(float(x.min(initial=0.0)), 0.0)
-    hi = max(float(x.max(initial=0.0)), 0.0)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
+    q, scale, zero = _quantize_rows(x.reshape(1, -1))
+    return q.reshape(x.shape), float(scale[0]), int(zero[0])
+
+
+def roundtrip(batch: npt.NDArray[np.float32], encoding: str) -> npt.NDArray[np.float32]:
+    """What each sample of ``batch`` (its first axis) is after crossing in ``encoding``, exactly as
+    ``decode_tensor(encode_tensor(sample, encoding))`` makes it, for a whole batch at once (to measure accuracy)."""
+    precision = encoding.partition("+")[0]
+    if encoding not in ENCODINGS:
+        raise TensorError(f"unknown encoding {encoding!r}; known: {', '.join(ENCODINGS)}")
+    if precision == "float16":
+        return batch.astype("<f2").astype(np.float32)
+    if precision == "int8":
+        q, scale, zero = _quantize_rows(batch.reshape(len(batch), -1))
+        out = (q.astype(np.float32) - zero[:, None].astype(np.float32)) * scale[:, None].astype(np.float32)
+        return out.reshape(batch.shape)
+    return batch
+
+
+def _quantize_rows(rows: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float64],
+                                                            npt.NDArray[np.int64]]:
+    """int8 of each row on its own: (q, scale per row, zero point per row)."""
+    lo = np.minimum(rows.min(axis=1, initial=0.0), 0.0).astype(np.float64)
+    hi = np.maximum(rows.max(axis=1, initial=0.0), 0.0).astype(np.float64)
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
         raise TensorError("a tensor with inf or nan cannot be quantized")
-    scale = max((hi - lo) / 255.0, 1e-30) if hi > lo else 1.0  # a normal float32 whatever the range
-    zero = int(np.clip(round(-128 - lo / scale), -128, 127))
-    q = np.clip(np.rint(x / np.float32(scale)) + zero, -128, 127).astype(np.int8)
+    scale = np.where(hi > lo, np.maximum((hi - lo) / 255.0, 1e-30), 1.0)  # a normal float32 whatever the range
+    zero = np.clip(np.rint(-128 - lo / scale), -128, 127).astype(np.int64)
+    q = np.clip(np.rint(rows / scale[:, None].astype(np.float32)) + zero[:, None], -128, 127).astype(np.int8)
     return q, scale, zero
 
 

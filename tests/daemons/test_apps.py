@@ -26,7 +26,9 @@ from tests.daemons.conftest import REPO, Broker, EdgeProcess, free_port
 
 @pytest.fixture
 async def deviced(broker: Broker, prefix: str) -> AsyncIterator[DevicedConfig]:
-    cfg = DevicedConfig(device_id="pi-app", topic_prefix=prefix, broker=broker.config, probe_interval_s=0)
+    # float32 across, so that an answer is exactly the whole model's (encoded ones: tests/daemons/test_encodings.py)
+    cfg = DevicedConfig(device_id="pi-app", topic_prefix=prefix, broker=broker.config, probe_interval_s=0,
+                        encodings=())
     device, shutdown, connected = build_device(cfg), asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(run(device, shutdown=shutdown, connected=connected))
     await asyncio.wait_for(connected.wait(), 5)

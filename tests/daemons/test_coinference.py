@@ -45,7 +45,7 @@ async def test_coinferred_answer_equals_whole_model(broker: Broker, prefix: str,
     images, labels = load_fashion_mnist("test")
     x = preprocess(images[:30])
     cfg = DevicedConfig(device_id="pi-1", topic_prefix=prefix, broker=broker.config, probe_interval_s=0,
-                        initial_bandwidth="1Mbps")
+                        initial_bandwidth="1Mbps", encodings=())  # float32 across: exactly the whole model
     async with Client(cfg) as client:
         assert await client.wait_for_edge(5)
         outcomes = [await client.infer(x[i], deadline=1.0) for i in range(len(x))]
@@ -151,7 +151,7 @@ async def test_a_late_answer_still_measures_the_link(broker: Broker, prefix: str
     a transfer sample all the same, from exactly the link that made it late."""
     x = _one_image()
     cfg = DevicedConfig(device_id="pi-late", topic_prefix=prefix, broker=broker.config, probe_interval_s=0,
-                        initial_bandwidth="10Mbps", emulate_uplink="200kbps")
+                        initial_bandwidth="10Mbps", emulate_uplink="200kbps", encodings=())  # the input's 3 KB
     async with Client(cfg) as client:
         assert await client.wait_for_edge(5)
         device = client.device

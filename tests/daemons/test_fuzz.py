@@ -22,6 +22,7 @@ from deviced.service import Client, RemoteClient
 from models.bundle import Bundle
 from protocol import session
 from protocol.messages import Advert, AppRequest, AppResult, ErrorReply, InferRequest, InferResult, decode, encode
+from protocol.tensors import ENCODINGS
 from protocol.topics import Topics
 from tests.daemons.conftest import Broker, EdgeProcess, wait_online
 
@@ -34,7 +35,9 @@ _values = st.recursive(
 _tensor = st.fixed_dictionaries({
     "dtype": st.sampled_from(["float32", "float64", "int8", "uint8", "float16", "object", "<f4", "", "complex64"]),
     "shape": st.lists(st.integers(-2, 1 << 40), max_size=6) | _values,
-    "data": st.binary(max_size=4096) | _values})
+    "data": st.binary(max_size=4096) | _values}, optional={  # an encoded tensor's declarations
+    "enc": st.sampled_from([*ENCODINGS, "int4", ""]) | _values,
+    "scale": st.floats() | _values, "zero": st.integers(-300, 300) | _values})
 
 
 def mutations(valid: bytes) -> st.SearchStrategy[bytes]:

@@ -11,7 +11,7 @@ from hypothesis.extra import numpy as hnp
 
 from protocol.errors import MessageTooLarge, TensorError
 from protocol.messages import InferRequest, decode, encode
-from protocol.tensors import ENCODINGS, decode_tensor, encode_tensor, quantize
+from protocol.tensors import ENCODINGS, decode_tensor, encode_tensor, quantize, roundtrip
 
 RELU = np.maximum(np.random.default_rng(0).standard_normal((1, 16, 8, 8)), 0).astype(np.float32)
 
@@ -128,3 +128,13 @@ def test_int8_error_is_at_most_half_a_step(x: np.ndarray) -> None:
         _q, scale, _zero = quantize(x)
         assert back.shape == x.shape
         assert np.all(np.abs(back - x) <= scale / 2 + scale * 1e-3 + 1e-6)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_a_batch_round_trips_exactly_as_its_samples_cross_one_by_one(encoding: str) -> None:
+    rng = np.random.default_rng(1)
+    batch = (rng.standard_normal((5, 3, 4, 4)) * rng.uniform(0.01, 100, (5, 1, 1, 1))).astype(np.float32)
+    batch[2] = 0.0
+    batch[3] = np.abs(batch[3])
+    expected = np.concatenate([decode_tensor(encode_tensor(batch[i:i + 1], encoding)) for i in range(5)])
+    assert np.array_equal(roundtrip(batch, encoding), expected)
