@@ -263,7 +263,8 @@ def _record(o: Outcome, deadline: float, label: int, *, method: str) -> dict[str
             "bound_s": o.plan.bound_s, "latency_s": o.latency_s,
             "met": o.latency_s <= deadline, "correct": int(np.argmax(o.logits)) == label, "fallback": o.fallback,
             "bandwidth_est_bps": o.bandwidth_bps, "stage_s": o.stage_s, "edge_s": o.edge_s,
-            "predicted_device_s": o.plan.device_s, "predicted_edge_s": o.plan.edge_s}
+            "predicted_device_s": o.plan.device_s, "predicted_edge_s": o.plan.edge_s,
+            "encoding": o.plan.encoding}
 
 
 if __name__ == "__main__":

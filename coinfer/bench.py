@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,6 +12,7 @@ import numpy as np
 from coinfer import resources
 from planner import edgent, mincut, policies
 from planner.core import Candidates, Conditions, CutPoint, ExitInfo, LayerInfo, View
+from planner.latency import LatencyModel
 
 SYNTHETIC_LAYERS = 500
 SYNTHETIC_EXITS = 5
@@ -119,7 +120,8 @@ TRANSPORT_SIZES = (4096, 65536, 1 << 20)
 
 
 def transport_bench(sizes: tuple[int, ...] = TRANSPORT_SIZES, repeats: int = 30) -> dict[str, Any]:
-    """One activation of each size, device -> edge on loopback: MQTT (encode, broker, decode) vs raw TCP.
+    """One activation of each size, device -> edge on loopback: MQTT (encode, broker, decode) vs raw TCP, the
+    round trip's parts, and the same tensor in each encoding.
 
     ``broker_floor_s`` is the same payload through the same mosquitto from a minimal blocking-socket MQTT
     client (no paho, no msgpack): what the broker hop alone costs, whatever the client library.
@@ -133,23 +135,32 @@ def transport_bench(sizes: tuple[int, ...] = TRANSPORT_SIZES, repeats: int = 30)
     with tempfile.TemporaryDirectory(prefix="coinfer-bench-") as tmp, \
             Mosquitto.from_template(REPO / "mosquitto.conf", Path(tmp)) as broker:
         port = broker.port
-        rows = asyncio.run(_transport(port, sizes, repeats))
+        rows, encoded = asyncio.run(_transport(port, sizes, repeats))
         for row in rows:
             row["broker_floor_s"] = _raw_mqtt_roundtrip(port, int(row["bytes"]), repeats)
-    return {"rows": rows, "repeats": repeats, "host": {"machine": platform.machine()},
+    bundle = resources.default_bundle()
+    breakeven = encoding_breakeven(bundle.exits, resources.load_latency_model(resources.PI3_MODEL),
+                                   resources.load_latency_model(resources.DESKTOP_MODEL))
+    return {"rows": rows, "encodings": encoded, "breakeven": {"bundle": bundle.name, "models": "Edgent's Pi 3 and "
+                                                              "desktop", "rows": breakeven},
+            "repeats": repeats, "host": {"machine": platform.machine()},
             "note": "medians; loopback; MQTT v5 at the daemons' QoS for requests through mosquitto incl. msgpack "
-                    "encode/decode and validation; TCP = the same bytes length-prefixed over one asyncio stream; "
-                    "broker_floor = raw MQTT 3.1.1 QoS 0 publish to itself through mosquitto, blocking sockets"}
+                    "encode/decode and validation; parts: encode (msgpack + tensor encoding), publish (session.send "
+                    "returns), arrive (the message reaches our iterator: broker and paho), decode (validation and "
+                    "tensor decoding); TCP = the same bytes length-prefixed over one asyncio stream; broker_floor = "
+                    "raw MQTT 3.1.1 QoS 0 publish to itself through mosquitto, blocking sockets; encodings: a "
+                    "ReLU-like float32 tensor (half zeros) in each wire encoding"}
 
 
-async def _transport(port: int, sizes: tuple[int, ...], repeats: int) -> list[dict[str, float]]:
+async def _transport(port: int, sizes: tuple[int, ...], repeats: int
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     import asyncio
     import socket
 
-    from protocol.messages import InferRequest, decode, encode
-    from protocol.session import BrokerConfig, client, send
+    from protocol.session import BrokerConfig, client
+    from protocol.tensors import ENCODINGS
 
-    rows = []
+    rows, encoded = [], []
     received: asyncio.Queue[bytes] = asyncio.Queue()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -170,28 +181,77 @@ async def _transport(port: int, sizes: tuple[int, ...], repeats: int) -> list[di
         messages = mqtt.messages.__aiter__()
         for size in sizes:
             tensor = np.frombuffer(np.random.default_rng(size).bytes(size), dtype=np.float32).reshape(1, -1)
-            mqtt_t, tcp_t = [], []
+            tensor = np.where(np.isfinite(tensor), tensor, 0.0).astype(np.float32)
+            parts = await _mqtt_roundtrips(mqtt, messages, tensor, "float32", repeats)
+            tcp_t = []
             for _ in range(repeats):
-                start = time.perf_counter()
-                payload = encode(InferRequest(request_id="b", device_id="bench", bundle="0" * 64, exit=1, cut=1,
-                                              tensors={"t": tensor}, budget_s=1.0))
-                await send(mqtt, "bench/act", payload)
-                message = await anext(messages)
-                assert isinstance(message.payload, bytes)
-                decode(message.payload)
-                mqtt_t.append(time.perf_counter() - start)
                 start = time.perf_counter()
                 data = tensor.tobytes()
                 writer.write(len(data).to_bytes(8, "little") + data)
                 await writer.drain()
                 await received.get()
                 tcp_t.append(time.perf_counter() - start)
-            m, t = float(np.median(mqtt_t)), float(np.median(tcp_t))
-            rows.append({"bytes": size, "mqtt_s": m, "tcp_s": t, "ratio": m / t})
+            m, t = parts["total_s"], float(np.median(tcp_t))
+            rows.append({"bytes": size, "mqtt_s": m, "tcp_s": t, "ratio": m / t,
+                         "parts_s": {k: v for k, v in parts.items() if k not in ("total_s", "wire_bytes")}})
+            relu = np.maximum(np.random.default_rng(size).standard_normal(size // 4), 0).astype(np.float32)
+            for name in ENCODINGS:
+                got = await _mqtt_roundtrips(mqtt, messages, relu.reshape(1, -1), name, repeats)
+                encoded.append({"bytes": size, "encoding": name, "mqtt_s": got["total_s"],
+                                "wire_bytes": got["wire_bytes"], "encode_s": got["encode_s"],
+                                "decode_s": got["decode_s"]})
     writer.close()
     await writer.wait_closed()
     server.close()
     await server.wait_closed()
+    return rows, encoded
+
+
+async def _mqtt_roundtrips(mqtt: Any, messages: Any, tensor: np.ndarray, encoding: str,
+                           repeats: int) -> dict[str, float]:
+    """Median seconds of each part of a request's trip through the broker and back to us, and its size."""
+    from protocol.messages import InferRequest, decode, encode
+    from protocol.session import send
+
+    times: dict[str, list[float]] = {k: [] for k in ("encode_s", "publish_s", "arrive_s", "decode_s", "total_s")}
+    size = 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        payload = encode(InferRequest(request_id="b", device_id="bench", bundle="0" * 64, exit=1, cut=1,
+                                      tensors={"t": tensor}, budget_s=1.0, encoding=encoding))
+        t1 = time.perf_counter()
+        await send(mqtt, "bench/act", payload)
+        t2 = time.perf_counter()
+        message = await anext(messages)
+        t3 = time.perf_counter()
+        assert isinstance(message.payload, bytes)
+        decode(message.payload)
+        t4 = time.perf_counter()
+        for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True):
+            times[k].append(v)
+        size = len(payload)
+    return {**{k: float(np.median(v)) for k, v in times.items()}, "wire_bytes": float(size)}
+
+
+def encoding_breakeven(exits: Sequence[ExitInfo], device: LatencyModel, edge: LatencyModel,
+                       bandwidths: Sequence[float] = tuple(np.geomspace(10e3, 1e9, 401))) -> list[dict[str, Any]]:
+    """Per exit and encoding: the highest bandwidth at which that exit's fastest plan in the encoding beats its
+    fastest float32 plan (predicted, no deadline), and the accuracy it costs there."""
+    c = edgent.compile_candidates(exits, device, edge)
+    rows = []
+    for ex in exits:
+        mine = c.exit == ex.index
+        for name in sorted({c.encoding[i] for i in np.flatnonzero(mine & ~c.plain)}):
+            enc = mine & np.array([e == name for e in c.encoding])
+            pays, at = 0.0, None
+            for bw in bandwidths:
+                total, _ = edgent.latencies(c, Conditions(bandwidth_bps=float(bw), deadline_s=1.0))
+                best = int(np.flatnonzero(enc)[np.argmin(total[enc])])
+                if total[best] < total[mine & c.plain].min():
+                    pays, at = float(bw), best
+            rows.append({"exit": ex.index, "encoding": name, "pays_below_bps": pays,
+                         "accuracy_cost": None if at is None else round(ex.accuracy - float(c.accuracy[at]), 4),
+                         "cut": None if at is None else sorted(c.tensors[at])})
     return rows
 
 

@@ -187,6 +187,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="edgent: the model (default: the 56x56 bundle, whose stages suit a CPU quota)")
     s.add_argument("--policy", default=policies.DEFAULT, choices=sorted(set(policies.POLICIES) - {"fixed"}),
                    help="edgent: deviced's planning policy, the figures' `coinfer` (mincut for a DAG bundle)")
+    s.add_argument("--only", choices=["fig9"], help="edgent: calibrate, then this experiment alone (fig9: accuracy "
+                                                    "vs deadline at 400 kbps, with and without encoded activations)")
     s.add_argument("--requests", type=int, default=20000)
     s.add_argument("--soak", type=float, default=180.0, help="load: soak length in seconds (0: none)")
     s.add_argument("--step", type=float, default=4.0, help="load: seconds per offered rate")
@@ -621,7 +623,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         settings = experiments.Settings(requests=args.per_point, method_requests=args.per_method,
                                         loopback=args.loopback,
                                         emulation=testbed.Emulation(cpu_quota=args.cpu_quota),
-                                        bundle=args.bundle or experiments.BUNDLE, policy=args.policy)
+                                        bundle=args.bundle or experiments.BUNDLE, policy=args.policy,
+                                        only=args.only or "")
         try:
             experiments.run(args.out, settings, log=lambda text: print(text, flush=True))
         except testbed.TestbedError as exc:
@@ -632,8 +635,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         doc = bench.transport_bench()
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
         for row in doc["rows"]:
+            parts = "  ".join(f"{k[:-2]} {v * 1e3:.3f}" for k, v in row["parts_s"].items())
             print(f"{row['bytes']:>8} B  mqtt {row['mqtt_s'] * 1e3:7.3f} ms  tcp {row['tcp_s'] * 1e3:7.3f} ms  "
-                  f"ratio {row['ratio']:5.2f}  broker floor {row['broker_floor_s'] * 1e3:7.3f} ms")
+                  f"ratio {row['ratio']:5.2f}  broker floor {row['broker_floor_s'] * 1e3:7.3f} ms  ({parts} ms)")
+        for e in doc["encodings"]:
+            print(f"{e['bytes']:>8} B as {e['encoding']:<13} {e['wire_bytes']:>9.0f} B on the wire  "
+                  f"mqtt {e['mqtt_s'] * 1e3:7.3f} ms  (encode {e['encode_s'] * 1e3:.3f}, decode "
+                  f"{e['decode_s'] * 1e3:.3f})")
         print(f"-> {args.out}")
         return 0
     doc = bench.planner_bench(requests=args.requests)

@@ -7,10 +7,12 @@ simulation (``coinfer.energy``) of the same trace and the same arrivals. Needs r
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
@@ -24,8 +26,10 @@ from coinfer.experiments import BROKER_PORT, REPO, Agent, _broker, _edged, run_a
 from coinfer.testbed import Emulation, Testbed
 from models.bundle import BUNDLES_DIR, load_bundle
 from planner import edgent, lyapunov
-from planner.energy import PROFILES
+from planner.core import Candidates, Conditions, Decision, Observation, View, Where
+from planner.energy import PROFILES, EnergyProfile
 
+REPLAY_STEP_S = 0.002  # the per-request simulation's time step
 BUNDLE = BUNDLES_DIR / "fmnist56-branchy-alexnet"  # its stages span many periods of the quota (as bench edgent)
 CALIBRATED = REPO / "docs" / "results" / "edgent"  # the testbed's device and edge latency models (bench edgent)
 
@@ -88,24 +92,52 @@ def _play(bed: Testbed, trace: energy.Trace, stop: threading.Event) -> None:
 def _compare(path: Path, records: list[dict[str, Any]], trace: energy.Trace, offsets: np.ndarray, duration_s: float,
              params: dict[str, Any], profile_name: str, device_model: Path, edge_model: Path,
              described: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
-    """Measured latency and throughput, energy modelled from the measured times, against the simulation."""
+    """Measured latency and throughput, energy modelled from the measured times, against the simulation of the same
+    requests (``replay``: deviced's own policy object per request, on the same trace and arrivals) and, for
+    reference, against the trade-off curves' slotted fluid simulation."""
     profile = PROFILES[profile_name]
     bundle = load_bundle(BUNDLE)
     cands = edgent.compile_candidates(bundle.exits, resources.load_latency_model(device_model),
                                       resources.load_latency_model(edge_model))
     # how much slower than its model the device's stages ran at the share they ran at (what deviced's speed factor
-    # learns): the simulation serves its frames at the same speed, or a few percent at a busy device's load would
+    # learns): the simulations serve frames at the same speed, or a few percent at a busy device's load would
     # read as queueing error
     ratios = [r["stage_s"] * (r["cpu_share"] or 1.0) / float(cands.device_s[cands.index(
         r["plan_exit"], frozenset(r["cut_tensors"]) if r["where"] == "split" else frozenset())])
         for r in records if r["where"] in ("device", "split")]
     speed = float(np.median(ratios)) if ratios else 1.0
+    measured = {**account(records, cands, profile, trace, duration_s, speed), "device_speed": speed}
+    replayed = replay(cands, params, trace, offsets, speed)
+    sim = account(replayed, cands, profile, trace, duration_s, speed)
+    s = lyapunov.Settings(v=float(params["v"]), slot_s=float(params["slot"]),
+                          latency_target_s=float(params["latency_target"]))
+    arrived = np.bincount((offsets / s.slot_s).astype(int), minlength=int(duration_s / s.slot_s))[
+        :int(duration_s / s.slot_s)].astype(float)
     acts = lyapunov.Actions.of_exit(cands, len(bundle.exits))
     acts = replace(acts, head_s=acts.head_s * speed)
+    fluid = energy.simulate(energy.controller(s, profile, acts), "fluid", s, profile, acts, trace, arrived,
+                            deadline_s=s.latency_target_s).summary()
+    errors = {k: measured[k] / sim[k] - 1 for k in ("throughput", "latency_mean_s", "power_w") if sim[k]}
+    doc = {"emulation": described, "params": params, "profile": profile.to_json(), "trace": trace.to_json(),
+           "measured": measured, "simulated": sim, "relative_error": errors, "fluid_simulation": fluid,
+           "records": records, "simulated_records": replayed}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    log(f"  measured: {measured['requests']} requests, {measured['throughput']:.3f}/s, latency mean "
+        f"{measured['latency_mean_s']:.3f} s p95 {measured['latency_p95_s']:.3f} s, modelled power "
+        f"{measured['power_w']:.3f} W; where {measured['where']}; CPU shares used {measured['cpu_shares']}")
+    log(f"  simulated: {sim['throughput']:.3f}/s, latency mean {sim['latency_mean_s']:.3f} s p95 "
+        f"{sim['latency_p95_s']:.3f} s, power {sim['power_w']:.3f} W; where {sim['where']}; relative error "
+        + ", ".join(f"{k} {v:+.1%}" for k, v in errors.items()))
+    return doc
+
+
+def account(records: list[dict[str, Any]], cands: Candidates, profile: EnergyProfile, trace: energy.Trace,
+            duration_s: float, speed: float) -> dict[str, Any]:
+    """Throughput, latency and modelled power of a run's per-request records (the testbed's or ``replay``'s):
+    compute as the modelled full-speed time of what ran on the device at ``speed``, at the share it ran at (a
+    fallback counted as its whole exit on the device); the radio from each send at its paced rate and the tail
+    between sends."""
     lat = np.array([r["latency_s"] for r in records])
-    done = np.array([r["t"] + r["latency_s"] for r in records])
-    # compute: the modelled full-speed time of what ran on the device at the measured speed, at the share it ran
-    # at (a fallback counted as its whole exit on the device)
     compute_j = 0.0
     for r in records:
         ran = {"device": (r["plan_exit"], frozenset()), "fallback": (r["exit"], frozenset()),
@@ -126,29 +158,71 @@ def _compare(path: Path, records: list[dict[str, Any]], trace: energy.Trace, off
         quiet = (sends[i + 1][0] if i + 1 < len(sends) else duration_s) - start - air
         radio_j += float(profile.radio_w(rate)) * air + profile.radio_tail_w * min(max(quiet, 0.0),
                                                                                    profile.radio_tail_s)
-    measured = {"requests": len(records), "device_speed": speed,
-                "throughput": len(records) / float(max(done.max(), duration_s)),
-                "latency_mean_s": float(lat.mean()), "latency_p95_s": float(np.percentile(lat, 95)),
-                "deadline_hit": float(np.mean([r["met"] for r in records])),
-                "fallbacks": sum(r["fallback"] is not None for r in records),
-                "where": {w: sum(r["where"] == w for r in records) for w in sorted({r["where"] for r in records})},
-                "cpu_shares": sorted({r["cpu_share"] for r in records if r["cpu_share"] is not None}),
-                "power_w": profile.idle_w + (compute_j + radio_j) / duration_s, "compute_w": compute_j / duration_s,
-                "radio_w": radio_j / duration_s}
-    s = lyapunov.Settings(v=float(params["v"]), slot_s=float(params["slot"]),
-                          latency_target_s=float(params["latency_target"]))
-    arrived = np.bincount((offsets / s.slot_s).astype(int), minlength=int(duration_s / s.slot_s))[
-        :int(duration_s / s.slot_s)].astype(float)
-    sim = energy.simulate(energy.controller(s, profile, acts), "simulation", s, profile, acts, trace, arrived,
-                          deadline_s=s.latency_target_s).summary()
-    errors = {k: measured[k] / sim[k] - 1 for k in ("throughput", "latency_mean_s", "power_w") if sim[k]}
-    doc = {"emulation": described, "params": params, "profile": profile.to_json(), "trace": trace.to_json(),
-           "measured": measured, "simulated": sim, "relative_error": errors, "records": records}
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    log(f"  measured: {measured['requests']} requests, {measured['throughput']:.3f}/s, latency mean "
-        f"{measured['latency_mean_s']:.3f} s p95 {measured['latency_p95_s']:.3f} s, modelled power "
-        f"{measured['power_w']:.3f} W; where {measured['where']}; CPU shares used {measured['cpu_shares']}")
-    log(f"  simulated: {sim['throughput']:.3f}/s, latency mean {sim['latency_mean_s']:.3f} s p95 "
-        f"{sim['latency_p95_s']:.3f} s, power {sim['power_w']:.3f} W; relative error "
-        + ", ".join(f"{k} {v:+.1%}" for k, v in errors.items()))
-    return doc
+    return {"requests": len(records), "throughput": len(records) / duration_s,  # per second of the arrivals
+            "latency_mean_s": float(lat.mean()), "latency_p95_s": float(np.percentile(lat, 95)),
+            "deadline_hit": float(np.mean([r["met"] for r in records])),
+            "fallbacks": sum(r["fallback"] is not None for r in records),
+            "where": {w: sum(r["where"] == w for r in records) for w in sorted({r["where"] for r in records})},
+            "cpu_shares": sorted({r["cpu_share"] for r in records if r["cpu_share"] is not None}),
+            "power_w": profile.idle_w + (compute_j + radio_j) / duration_s, "compute_w": compute_j / duration_s,
+            "radio_w": radio_j / duration_s}
+
+
+def replay(cands: Candidates, params: dict[str, Any], trace: energy.Trace, offsets: np.ndarray, speed: float,
+           step_s: float = REPLAY_STEP_S) -> list[dict[str, Any]]:
+    """What deviced does with these requests, simulated in steps of ``step_s``: the same ``Lyapunov`` policy decides
+    each request as it arrives (its route fixed then, its CPU share and transmit rate applied to the whole device
+    from then on, as the actuator does); stages run one at a time, first come first served, at ``speed`` times their
+    model over the share in force; sends queue on an uplink at the trace's rate (or the paced one, if lower); the
+    edge answers after its modelled time. Returns records shaped like the testbed's."""
+    policy = lyapunov.Lyapunov(**params)
+    share, rate, t, i = 1.0, math.inf, 0.0, 0
+    cpu: deque[list[Any]] = deque()  # [request, full-speed seconds left]
+    air: deque[list[Any]] = deque()  # [request, bits left]
+    edge: list[tuple[float, dict[str, Any]]] = []  # (answer at, request)
+    records: list[dict[str, Any]] = []
+    while i < len(offsets) or cpu or air or edge:
+        while i < len(offsets) and offsets[i] <= t:
+            cond = Conditions(bandwidth_bps=trace.at(t), deadline_s=policy.settings.latency_target_s,
+                              uplink_backlog_bytes=sum(b for _, b in air) / 8, device_speed=speed, now_s=t)
+            d = policy.decide(View(candidates=cands, conditions=cond))
+            assert isinstance(d, Decision) and d.actuation is not None
+            share, rate = d.actuation.cpu_share or 1.0, d.actuation.tx_rate_bps or math.inf
+            r = {"t": float(offsets[i]), "decision": d, "where": d.where.value, "plan_exit": d.exit,
+                 "exit": d.exit, "cut_tensors": sorted(d.cut_tensors), "cpu_share": share,
+                 "tx_rate_bps": d.actuation.tx_rate_bps, "fallback": None, "stage_s": 0.0}
+            c = cands.index(d.exit, d.cut_tensors)
+            r["bits"], r["edge_s"] = float(cands.up_bytes[c]) * 8, float(cands.edge_s[c])
+            if d.where == Where.EDGE:
+                air.append([r, r["bits"]])
+            else:
+                cpu.append([r, float(cands.device_s[c]) * speed])
+            i += 1
+        if cpu:
+            cpu[0][1] -= step_s * share
+            cpu[0][0]["stage_s"] += step_s
+            if cpu[0][1] <= 0:
+                r = cpu.popleft()[0]
+                if r["where"] == Where.SPLIT:
+                    air.append([r, r["bits"]])
+                else:
+                    records.append(_done(policy, r, t + step_s))
+        if air:
+            air[0][1] -= step_s * min(rate, trace.at(t))
+            if air[0][1] <= 0:
+                r = air.popleft()[0]
+                edge.append((t + step_s + r["edge_s"], r))
+        for answer in [e for e in edge if e[0] <= t + step_s]:
+            edge.remove(answer)
+            records.append(_done(policy, answer[1], answer[0]))
+        t += step_s
+    return sorted(records, key=lambda r: r["t"])
+
+
+def _done(policy: lyapunov.Lyapunov, r: dict[str, Any], at: float) -> dict[str, Any]:
+    d = r.pop("decision")
+    r["latency_s"] = at - r["t"]
+    r["met"] = r["latency_s"] <= policy.settings.latency_target_s
+    policy.observe(Observation(decision=d, latency_s=r["latency_s"], deadline_s=policy.settings.latency_target_s,
+                               device_s=r["stage_s"], edge_s=r["edge_s"], fallback=None))
+    return r

@@ -42,7 +42,8 @@ PAPER_DEADLINES_S = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 BANDWIDTHS = (50e3, 100e3, 200e3, 400e3, 500e3, 750e3, 1e6, 1.5e6, 2e6)
 ORACLE_BANDWIDTHS = (100e3, 400e3, 1e6, 2e6)
 # coinfer_point: coinfer planning on the point prediction, as Edgent does (deviced's margins off)
-METHODS = (*edgent.BASELINES, "coinfer_point", "coinfer")  # coinfer: deviced as configured (Edgent)
+# coinfer_float32: deviced's policy with every cut tensor sent as float32 (no encoded activations)
+METHODS = (*edgent.BASELINES, "coinfer_point", "coinfer_float32", "coinfer")  # coinfer: deviced as configured
 # (seconds, bps): steps, then a ramp, half of it below 400 kbps where the input upload alone takes 250 ms;
 # the 10 -> 1 Mbps step times how fast the device notices a drop
 TRACE = ((0.0, 10e6), (8.0, 10e6), (8.0, 1e6), (16.0, 1e6), (16.0, 200e3), (28.0, 200e3), (28.0, 2e6),
@@ -64,6 +65,7 @@ class Settings:
     bundle: Path = BUNDLE
     policy: str = "edgent"  # deviced's planning policy ("coinfer" in the figures); mincut for a DAG bundle
     agent_log_level: str = "warning"  # deviced's log (stderr) inside the agent
+    only: str = ""  # one experiment after the calibration ("fig9"); "": all
 
     @property
     def cpu_quota(self) -> CpuQuota | None:
@@ -93,14 +95,16 @@ def run(out: Path, settings: Settings, log: Callable[[str], None] = print) -> di
             _calibrate_stages(agent, exits, calib, settings, tmp, out, log)
         agent = stack.enter_context(_agent(bed, tmp, calib["device_model_path"], settings))
         exp = Experiments(bed, agent, exits, calib, settings, out, log)
-        results = exp.run_all()
+        results = exp.run_all() if not settings.only else {
+            "fig9": exp.methods(list(PAPER_DEADLINES_S), 400e3)}
     summary = {"emulation": emulation, "model": bundle.name, "policy": settings.policy, "exits": len(bundle.exits),
                "input_bytes": bundle.exits[0].input_bytes,
                "settings": {"requests_per_point": settings.requests, "method_requests": settings.method_requests,
                             "oracle_repeats": settings.oracle_repeats, "stage_repeats": settings.stage_repeats},
                "wall_s": round(time.monotonic() - started, 1), **results}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    _write_markdown(out, summary, calib)
+    if not settings.only:
+        _write_markdown(out, summary, calib)
     log(f"done in {summary['wall_s']:.0f} s -> {out}")
     return summary
 
@@ -380,7 +384,8 @@ class Experiments:
                 acc = float(np.mean([r["met"] and r["correct"] for r in records]))
                 table[m].append({"deadline_s": d, "hit_rate": hit, "accuracy": acc,
                                  "p50_ms": float(np.median([r["latency_s"] for r in records]) * 1e3),
-                                 "plans": dict(Counter(f"e{r['plan_exit']}@{r['plan_cut']}" for r in records)),
+                                 "plans": dict(Counter(f"e{r['plan_exit']}@{r['plan_cut']}/{r['encoding']}"
+                                                       for r in records)),
                                  "fallbacks": sum(r["fallback"] is not None for r in records)})
             self.image += n
             self.log("  " + f"{d * 1e3:6.1f} ms: " + "  ".join(

@@ -281,7 +281,8 @@ class MinCut(Edgent):
 
     def compile(self, exits: Sequence[ExitInfo], device: LatencyModel, edge: LatencyModel) -> Candidates:
         graphs = tuple(from_exit(ex, device, edge) for ex in exits)
-        richer = [replace(ex, cuts=cut_points(g, candidate_partitions(g))) for ex, g in zip(exits, graphs, strict=True)]
+        richer = [replace(ex, cuts=_measured(ex, cut_points(g, candidate_partitions(g))))
+                  for ex, g in zip(exits, graphs, strict=True)]
         c = compile_candidates(richer, device, edge)
         while len(self._prepared) >= PREPARED_KEPT:
             del self._prepared[next(iter(self._prepared))]
@@ -298,9 +299,16 @@ class MinCut(Edgent):
         if inside or prepared is None or prepared.candidates is not view.candidates:
             return super().decide(view)
         # outside the box the candidates may miss the optimum: add this request's own min-cut of every exit
-        exits = [replace(ex, cuts=(*ex.cuts, *cut_points(g, [min_cut(g, ratio * m, per_byte * m) for m in (1, high)])))
+        exits = [replace(ex, cuts=(*ex.cuts, *_measured(ex, cut_points(g, [min_cut(g, ratio * m, per_byte * m)
+                                                                           for m in (1, high)]))))
                  for ex, g in zip(prepared.exits, prepared.graphs, strict=True)]
         return super().decide(replace(view, candidates=compile_candidates(exits, prepared.device, prepared.edge)))
+
+
+def _measured(ex: ExitInfo, cuts: Sequence[CutPoint]) -> tuple[CutPoint, ...]:
+    """``cuts`` with the encodings the exit's listed cut of the same tensors has measured (others: none)."""
+    known = {c.tensors: c.encodings for c in ex.cuts}
+    return tuple(replace(c, encodings=known.get(c.tensors, ())) for c in cuts)
 
 
 PREPARED_KEPT = 16  # candidate sets (one per edge latency model) whose graphs are kept for out-of-box requests

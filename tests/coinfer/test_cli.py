@@ -91,6 +91,11 @@ def test_bench_transport_rows() -> None:
     assert [r["bytes"] for r in doc["rows"]] == [4096, 65536]
     for row in doc["rows"]:
         assert row["mqtt_s"] > 0 and row["tcp_s"] > 0 and row["ratio"] == pytest.approx(row["mqtt_s"] / row["tcp_s"])
+        assert set(row["parts_s"]) == {"encode_s", "publish_s", "arrive_s", "decode_s"}
+    wire = {(e["bytes"], e["encoding"]): e["wire_bytes"] for e in doc["encodings"]}
+    for size in (4096, 65536):  # each encoding crosses fewer bytes than float32, zstd fewer than its precision
+        assert wire[(size, "int8")] < wire[(size, "float16")] < wire[(size, "float32")]
+        assert wire[(size, "int8+zstd")] < wire[(size, "int8")]
 
 
 def test_plan_any_onnx_model_with_the_min_cut(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -74,3 +74,26 @@ def test_bench_energy_writes_curves_traces_and_plots(tmp_path: Path, capsys: pyt
         assert (tmp_path / name).stat().st_size > 0
     assert main(["bench", "pipeline", "--out", str(tmp_path)]) == 2  # the real run is another issue: it says so
     assert "--sim" in capsys.readouterr().err
+
+
+def test_the_replay_answers_every_request_as_deviced_would(bundle: Bundle, pi3: LatencyModel,
+                                                           desktop: LatencyModel) -> None:
+    from coinfer import energybed
+
+    cands = edgent.compile_candidates(bundle.exits, pi3, desktop)
+    trace = energy.hsdpa(130, seed=3)
+    offsets = np.cumsum(np.random.default_rng(3).exponential(1.5, 80))
+    offsets = offsets[offsets < 120]
+    params = {"v": 10.0, "slot": 0.1, "latency_target": 10.0, "profile": "pi3b-lte"}
+    records = energybed.replay(cands, params, trace, offsets, speed=2.0)
+    assert [r["t"] for r in records] == pytest.approx(list(offsets))  # one answer per request
+    on_device = [r for r in records if r["where"] in ("device", "split")]
+    assert on_device, "the controller computes some frames on the device at LTE"
+    for r in on_device:  # a stage takes its modelled time at the measured speed over its share, or longer
+        full = float(cands.device_s[cands.index(r["plan_exit"], frozenset(r["cut_tensors"]) if r["where"] == "split"
+                                                else frozenset())])
+        assert r["stage_s"] >= full * 2.0 - 0.01 and r["latency_s"] >= r["stage_s"] - 1e-9
+    finished = sorted(on_device, key=lambda r: r["t"] + r["latency_s"])
+    assert [r["t"] for r in finished] == sorted(r["t"] for r in on_device)  # first come, first served
+    summary = energybed.account(records, cands, PROFILES["pi3b-lte"], trace, 120.0, 2.0)
+    assert summary["requests"] == len(offsets) and summary["power_w"] > PROFILES["pi3b-lte"].idle_w

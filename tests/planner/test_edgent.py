@@ -13,6 +13,12 @@ from planner.latency import LatencyModel, TypeModel
 KINDS = ("conv", "relu", "pool", "fc", "flatten")
 
 
+def _float32(bundle: Bundle) -> tuple[core.ExitInfo, ...]:
+    """The bundle's exits with every tensor crossing as float32: Edgent's own candidates (encoded ones:
+    test_encodings.py)."""
+    return core.allow_encodings(bundle.exits, ())
+
+
 def _linear(scale: float) -> LatencyModel:
     types = {k: TypeModel(variables=("input_bytes",), coef=(scale * (i + 1),), intercept=0.01 * scale)
              for i, k in enumerate(("conv", "relu", "pool", "fc", "other"))}
@@ -82,7 +88,7 @@ def test_more_bandwidth_never_lowers_accuracy(exits: list[core.ExitInfo], bw: fl
 
 
 def test_device_only_and_edge_only_are_candidates(bundle: Bundle, pi3: LatencyModel, desktop: LatencyModel) -> None:
-    exits = bundle.exits
+    exits = _float32(bundle)
     cands = edgent.compile_candidates(exits, pi3, desktop)
     base = edgent.baselines(cands, core.Conditions(bandwidth_bps=4e5, deadline_s=0.3))
     n = len(exits[-1].layers)
@@ -95,7 +101,7 @@ def test_device_only_and_edge_only_are_candidates(bundle: Bundle, pi3: LatencyMo
 
 def test_uplink_backlog_delays_every_plan_that_uses_the_edge(bundle: Bundle, pi3: LatencyModel,
                                                              desktop: LatencyModel) -> None:
-    cands = edgent.compile_candidates(bundle.exits, pi3, desktop)
+    cands = edgent.compile_candidates(_float32(bundle), pi3, desktop)
     cond = core.Conditions(bandwidth_bps=4e5, deadline_s=0.3)
     free, _ = edgent.latencies(cands, cond)
     queued, _ = edgent.latencies(cands, core.Conditions(bandwidth_bps=4e5, deadline_s=0.3,
@@ -109,7 +115,7 @@ def test_uplink_backlog_delays_every_plan_that_uses_the_edge(bundle: Bundle, pi3
 
 def test_speed_factors_scale_each_side_and_move_the_plan(bundle: Bundle, pi3: LatencyModel,
                                                           desktop: LatencyModel) -> None:
-    cands = edgent.compile_candidates(bundle.exits, pi3, desktop)
+    cands = edgent.compile_candidates(_float32(bundle), pi3, desktop)
     base = core.Conditions(bandwidth_bps=4e5, deadline_s=0.3, edge_queue_s=0.01)
     free, _ = edgent.latencies(cands, base)
     slow, _ = edgent.latencies(cands, core.Conditions(bandwidth_bps=4e5, deadline_s=0.3, edge_queue_s=0.01,
@@ -127,7 +133,7 @@ def test_speed_factors_scale_each_side_and_move_the_plan(bundle: Bundle, pi3: La
 
 def test_margins_trade_accuracy_for_deadlines_met(bundle: Bundle, pi3: LatencyModel,
                                                   desktop: LatencyModel) -> None:
-    cands = edgent.compile_candidates(bundle.exits, pi3, desktop)
+    cands = edgent.compile_candidates(_float32(bundle), pi3, desktop)
     narrow = core.Conditions(bandwidth_bps=1e4, deadline_s=1.0)  # behind 10 kbps: only the device fits
     point = edgent.plan(cands, narrow)
     assert point.where == "device" and point.bound_s == point.predicted_s
@@ -165,7 +171,7 @@ def test_reference_models_reproduce_edgent_trends(bundle: Bundle, pi3: LatencyMo
     Pi (Edgent's AlexNet: > 2 s), so the trade-off is active at a 200 ms deadline (the paper's 1 s) and,
     for the deadline sweep, at 100 kbps (the paper's 500 kbps, where every deadline here fits edge-only).
     """
-    cands = edgent.compile_candidates(bundle.exits, pi3, desktop)
+    cands = edgent.compile_candidates(_float32(bundle), pi3, desktop)
     bandwidths = list(np.geomspace(5e4, 2e6, 25))
     for deadline in (0.2, 1.0):
         by_bw = _sweep(cands, bandwidths, [deadline])
@@ -206,7 +212,7 @@ def test_malformed_manifest_is_a_planner_error() -> None:
 
 def test_fixed_plan_matches_the_search_for_its_choice(bundle: Bundle, pi3: LatencyModel,
                                                       desktop: LatencyModel) -> None:
-    c = edgent.compile_candidates(bundle.exits, pi3, desktop)
+    c = edgent.compile_candidates(_float32(bundle), pi3, desktop)
     cond = core.Conditions(bandwidth_bps=5e5, deadline_s=0.3)
     best = edgent.plan(c, cond)
     assert best.exit is not None and best.cut is not None

@@ -36,7 +36,7 @@ def test_the_planner_knows_exactly_the_wire_encodings() -> None:
 
 def test_encoded_candidates_exist_only_where_measured(bundle: Bundle, pi3: LatencyModel,
                                                       desktop: LatencyModel) -> None:
-    plain = edgent.compile_candidates(bundle.exits, pi3, desktop)
+    plain = edgent.compile_candidates(core.allow_encodings(bundle.exits, ()), pi3, desktop)
     assert plain.plain.all() and set(plain.encoding) == {PLAIN}
     exits = list(_encode(bundle.exits))
     exits[0] = replace(exits[0], cuts=tuple(replace(c, encodings=()) for c in exits[0].cuts), input_encodings=())
