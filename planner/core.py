@@ -56,9 +56,6 @@ class Encoded:
             raise PlannerError(f"encoding {self.name!r}: a measured encoding other than {PLAIN}, accuracy in 0..1 "
                                "and bytes >= 0")
 
-    def to_json(self) -> dict[str, float]:
-        return {"accuracy": self.accuracy, "bytes": self.bytes}
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CutPoint:

@@ -191,6 +191,7 @@ class Fixed(Stateless):
         return fixed_plan(view.candidates, view.conditions, self.exit, self.cut)
 
 
+_NONE = np.int64(2**62)  # the accuracy level of a candidate that misses the deadline
 _Costs = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]
 
 
@@ -200,10 +201,11 @@ def _search(c: Candidates, cond: Conditions, costs: _Costs, *, plain_only: bool 
     ok = bound <= cond.deadline_s
     if plain_only:
         ok &= c.plain
-    if not ok.any():
+    level = np.where(ok, c.level, _NONE)
+    top = int(level.argmin())
+    if not ok[top]:
         return Infeasible(f"no exit meets {cond.deadline_s * 1e3:.0f} ms")
-    level = np.where(ok, c.level, np.iinfo(np.int64).max)
-    best = int(np.argmin(np.where(level == level.min(), total, np.inf)))
+    best = int(np.argmin(np.where(level == level[top], total, np.inf)))
     return _plan_at(c, best, *costs, cond)
 
 
