@@ -468,13 +468,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=1))
         return 0
     print(f"{name}: device {args.device_model.stem}, edge {args.edge_model.stem}")
-    print(f"{'uplink':>9} {'deadline':>9} {'exit':>5} {'cut':>7} {'where':<6} {'predicted ms':>12} {'accuracy':>8}")
+    print(f"{'uplink':>9} {'deadline':>9} {'exit':>5} {'cut':>7} {'where':<6} {'predicted ms':>12} {'accuracy':>8} "
+          f"crossing as")
     for r in results:
         cut = f"{r['cut']}/{r['n_layers']}" if r["exit"] else "-"
         pred = f"{r['predicted_s'] * 1e3:12.1f}" if r["exit"] else f"{'infeasible':>12}"
         acc = f"{r['accuracy']:8.4f}" if r["exit"] else f"{'-':>8}"
+        crossing = r.get("encoding", "-") if r["exit"] and r["where"] != "device" else "-"
         print(f"{units.format_bandwidth(r['bandwidth_bps']):>9} {r['deadline_s'] * 1e3:>7.0f}ms "
-              f"{r['exit'] or '-':>5} {cut:>7} {r['where']:<6} {pred} {acc}")
+              f"{r['exit'] or '-':>5} {cut:>7} {r['where']:<6} {pred} {acc} {crossing}")
     return 0
 
 

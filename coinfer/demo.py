@@ -32,7 +32,7 @@ def run_demo(*, links: Sequence[str], deadline_s: float, images: int, mosquitto_
         print("emulated: the uplink, in the application (each upload delayed by bytes / rate); the device's "
               "compute is this host's, planned with Edgent's Raspberry Pi 3 latency model; the device starts from "
               "the nominal link rate and refines it from its own transfers (no probes)")
-        print(f"\n{'uplink':>8} {'deadline':>8} {'n':>4}  {'plans (exit@where: count)':<34} {'pred ms':>8} "
+        print(f"\n{'uplink':>8} {'deadline':>8} {'n':>4}  {'plans (exit@where[/encoding]: count)':<44} {'pred ms':>8} "
               f"{'p50 ms':>7} {'p95 ms':>7} {'met':>6} {'accuracy':>8} {'fallbacks':>9} {'bw est':>9}")
         for link in links:
             outcomes, estimate = asyncio.run(_run_link(port, link, deadline_s, x))
@@ -51,14 +51,15 @@ async def _run_link(port: int, link: str, deadline_s: float, x: np.ndarray) -> t
 
 
 def _print_row(link: str, deadline_s: float, outcomes: list[Outcome], labels: np.ndarray, estimate: float) -> None:
-    plans = Counter(f"{o.plan.exit}@{o.plan.where}" for o in outcomes)
+    plans = Counter(f"{o.plan.exit}@{o.plan.where}" + (f"/{o.plan.encoding}" if o.plan.encoding != "float32" else "")
+                    for o in outcomes)
     lat = np.array([o.latency_s for o in outcomes]) * 1e3
     pred = np.mean([o.plan.predicted_s or 0.0 for o in outcomes]) * 1e3
     correct = np.mean([int(np.argmax(o.logits)) == int(y) for o, y in zip(outcomes, labels, strict=True)])
     met = np.mean([o.met for o in outcomes])
     fallbacks = sum(o.fallback not in (None, "no_edge") for o in outcomes)
     plan_text = ", ".join(f"{k}: {v}" for k, v in plans.most_common(3))
-    print(f"{link:>8} {deadline_s * 1e3:>6.0f}ms {len(outcomes):>4}  {plan_text:<34} {pred:>8.1f} "
+    print(f"{link:>8} {deadline_s * 1e3:>6.0f}ms {len(outcomes):>4}  {plan_text:<44} {pred:>8.1f} "
           f"{np.percentile(lat, 50):>7.1f} {np.percentile(lat, 95):>7.1f} {met:>6.1%} {correct:>8.4f} "
           f"{fallbacks:>9} {format_bandwidth(round(estimate, -3)):>9}", flush=True)
 
