@@ -137,6 +137,10 @@ class Candidates:
     encoding: tuple[str, ...]  # how it crosses (``PLAIN`` where nothing does)
     plain: npt.NDArray[np.bool_]  # encoding == PLAIN
     level: npt.NDArray[np.int64]  # accuracy order, 0 = most accurate
+    # (up_bytes, down_bytes, uses_edge, device_s, edge_s) as the columns of one matrix: a request's costs are
+    # one matrix-vector product (``edgent.latencies``)
+    parts: npt.NDArray[np.float64]
+    routes: tuple[tuple[Step, ...], ...]  # each candidate's device / edge steps (``route``), built once
     rank: tuple[tuple[int, int, int], ...]  # (exit, first, stop) spans of the plain candidates, most accurate first
 
     def index(self, exit_index: int, cut: int | frozenset[str], encoding: str = PLAIN) -> int:

@@ -73,6 +73,7 @@ def compile_candidates(exits: Sequence[ExitInfo], device: LatencyModel, edge: La
             cols["t"].append(tensors)
             cols["enc"].append(enc)
     exit_arr, acc = np.array(cols["exit"], dtype=np.int64), np.array(cols["acc"], dtype=np.float64)
+    uses_edge = np.array([p < n for p, n in zip(cols["cut"], cols["n"], strict=True)])
     order = sorted({(-a, -e) for a, e in zip(acc.tolist(), exit_arr.tolist(), strict=True)})
     level = {key: i for i, key in enumerate(order)}
     top = {ex.index: ex.accuracy for ex in exits}
@@ -81,8 +82,11 @@ def compile_candidates(exits: Sequence[ExitInfo], device: LatencyModel, edge: La
                       device_s=np.array(cols["dev"]), edge_s=np.array(cols["edge"]),
                       up_bytes=np.array(cols["up"], dtype=np.float64),
                       down_bytes=np.array(cols["down"], dtype=np.float64),
-                      uses_edge=np.array([p < n for p, n in zip(cols["cut"], cols["n"], strict=True)]),
+                      uses_edge=uses_edge,
+                      parts=np.column_stack([cols["up"], cols["down"], uses_edge, cols["dev"], cols["edge"]]).astype(
+                          np.float64),
                       tensors=tuple(cols["t"]), encoding=tuple(cols["enc"]),
+                      routes=tuple(route(exits[e - 1], t) for e, t in zip(cols["exit"], cols["t"], strict=True)),
                       plain=np.array([e == PLAIN for e in cols["enc"]], dtype=np.bool_),
                       level=np.array([level[(-a, -e)] for a, e in zip(acc.tolist(), exit_arr.tolist(), strict=True)],
                                      dtype=np.int64),
@@ -97,10 +101,11 @@ def _wall(model: LatencyModel, compute_s: float, runs: bool) -> float:
 def latencies(c: Candidates, cond: Conditions) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """(end-to-end, transfer) predicted seconds of every candidate."""
     down = cond.downlink_bps or cond.bandwidth_bps
-    transfer = c.up_bytes * (8.0 / cond.bandwidth_bps) + c.down_bytes * (8.0 / down)
-    transfer = transfer + c.uses_edge * (cond.rtt_s + cond.uplink_backlog_bytes * 8.0 / cond.bandwidth_bps)
-    compute = c.device_s * cond.device_speed + c.edge_s * cond.edge_speed + c.uses_edge * cond.edge_queue_s
-    return compute + transfer, transfer
+    wire = cond.rtt_s + cond.uplink_backlog_bytes * 8.0 / cond.bandwidth_bps
+    transfer = c.parts[:, :3] @ np.array([8.0 / cond.bandwidth_bps, 8.0 / down, wire])
+    total = c.parts @ np.array([8.0 / cond.bandwidth_bps, 8.0 / down, wire + cond.edge_queue_s, cond.device_speed,
+                                cond.edge_speed])
+    return total, transfer
 
 
 def bounds(c: Candidates, cond: Conditions, total: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -230,7 +235,7 @@ def _plan_at(c: Candidates, i: int, total: npt.NDArray[np.float64], transfer: np
              bound: npt.NDArray[np.float64], cond: Conditions) -> Decision:
     ex = c.exits[int(c.exit[i]) - 1]
     return Decision(feasible=bool(bound[i] <= cond.deadline_s), exit=ex.index, cut=int(c.cut[i]),
-                    n_layers=int(c.n_layers[i]), cut_tensors=c.tensors[i], route=route(ex, c.tensors[i]),
+                    n_layers=int(c.n_layers[i]), cut_tensors=c.tensors[i], route=c.routes[i],
                     predicted_s=float(total[i]), bound_s=float(bound[i]),
                     device_s=float(c.device_s[i] * cond.device_speed), transfer_s=float(transfer[i]),
                     edge_s=float(c.edge_s[i] * cond.edge_speed + c.uses_edge[i] * cond.edge_queue_s),
