@@ -50,9 +50,17 @@ async def test_an_exported_model_is_packaged_planned_and_served(tmp_path: Path, 
     assert main(["bundle", str(onnx_path), "--out", str(tmp_path / "b2"), "--labels", str(tmp_path / "bad.npz")]) == 2
     assert "the model takes N x [1, 28, 28] inputs" in capsys.readouterr().err
     assert main(["plan", str(out), "--policy", "mincut", "--bandwidth", "1Mbps", "--deadline", "1s"]) in (0, 1)
+    # encodings measured on the user's own labelled set: every exit's input and cuts, each with accuracy and bytes
+    assert main(["encodings", str(out), "--labels", str(labels), "--json"]) == 0
+    measured = load_bundle(out)
+    assert all({e.name for e in ex.input_encodings} == {"float16", "int8", "float32+zstd", "float16+zstd",
+                                                         "int8+zstd"} and all(c.encodings for c in ex.cuts)
+               for ex in measured.exits)
+    assert "the labelled set given" in measured.manifest["encodings"]["measured_on"]
 
     outcomes = await serve_and_infer(broker, prefix, out, x[:4], deadline=2.0, device_id="pi-own",
-                                     initial_bandwidth="10Mbps", planner={"policy": "mincut"})
+                                     initial_bandwidth="10Mbps", planner={"policy": "mincut"},
+                                     encodings=())  # float32 across: the answers are the whole model's
     runner = StageRunner(bundle)
     assert any(o.where in ("edge", "split") for o in outcomes), [o.where for o in outcomes]
     for o, xi in zip(outcomes, x, strict=False):
