@@ -238,14 +238,14 @@ def encoding_breakeven(exits: Sequence[ExitInfo], device: LatencyModel, edge: La
     """Per exit and encoding: the highest bandwidth at which that exit's fastest plan in the encoding beats its
     fastest float32 plan (predicted, no deadline), and the accuracy it costs there."""
     c = edgent.compile_candidates(exits, device, edge)
+    totals = [edgent.latencies(c, Conditions(bandwidth_bps=float(bw), deadline_s=1.0))[0] for bw in bandwidths]
     rows = []
     for ex in exits:
         mine = c.exit == ex.index
         for name in sorted({c.encoding[i] for i in np.flatnonzero(mine & ~c.plain)}):
             enc = mine & np.array([e == name for e in c.encoding])
             pays, at = 0.0, None
-            for bw in bandwidths:
-                total, _ = edgent.latencies(c, Conditions(bandwidth_bps=float(bw), deadline_s=1.0))
+            for bw, total in zip(bandwidths, totals, strict=True):
                 best = int(np.flatnonzero(enc)[np.argmin(total[enc])])
                 if total[best] < total[mine & c.plain].min():
                     pays, at = float(bw), best

@@ -14,7 +14,7 @@ from planner.errors import PlannerError
 from planner.units import parse_bandwidth, parse_duration
 from protocol.config import load_daemon
 from protocol.session import BrokerConfig
-from protocol.tensors import ENCODINGS, PLAIN
+from protocol.tensors import ENCODED
 from protocol.topics import DEFAULT_PREFIX, check_id
 
 DEPLOYED_CONFIG = Path("/etc/coinfer/deviced.toml")  # where deploy/install.sh puts it
@@ -46,7 +46,7 @@ class DevicedConfig:
     compute_knob: str = "auto"
     # how a cut's tensors may cross besides float32, when the bundle measured that encoding's accuracy there
     # (``protocol.tensors.ENCODINGS``); [] = always float32
-    encodings: tuple[str, ...] = tuple(e for e in ENCODINGS if e != PLAIN)
+    encodings: tuple[str, ...] = ENCODED
     # Emulation for single-machine runs, stated in every output that uses it (0 / 1: off).
     emulate_uplink: str = ""  # e.g. "500kbps": delay each upload as if sent at this rate
     emulate_slowdown: float = 1.0  # stretch local compute by this factor (a Pi-class device)
@@ -69,9 +69,9 @@ class DevicedConfig:
             raise ValueError("plan_quantile must be within [0, 1]")
         if self.compute_knob not in ("auto", "cpufreq", "cgroup", "none"):
             raise ValueError("compute_knob must be one of auto, cpufreq, cgroup, none")
-        unknown = sorted(set(self.encodings) - set(ENCODINGS) | ({PLAIN} & set(self.encodings)))
+        unknown = sorted(set(self.encodings) - set(ENCODED))
         if unknown:
-            raise ValueError(f"encodings: unknown {unknown}; choose from {[e for e in ENCODINGS if e != PLAIN]}")
+            raise ValueError(f"encodings: unknown {unknown}; choose from {list(ENCODED)}")
         if len(set(self.probe_sizes)) < 2:
             raise ValueError("probe_sizes needs two different sizes")
         self.make_policy()  # an unknown policy or bad parameters fail at start-up

@@ -102,22 +102,23 @@ def load_bundle(path: Path | str = DEFAULT_BUNDLE) -> Bundle:
                   model=model, layers=layers, exits=exits)
 
 
-def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose inputs and outputs take any batch size (their first dimension), for measuring."""
+def batch_session(model: onnx.ModelProto) -> Any:
+    """An onnxruntime session of ``model`` whose inputs and outputs take any batch size (their first dimension),
+    for measuring on a whole labelled set."""
+    from models.ort import onnxruntime as ort
+
     dynamic = onnx.ModelProto()
     dynamic.CopyFrom(model)
     for vi in [*dynamic.graph.input, *dynamic.graph.output]:
         vi.type.tensor_type.shape.dim[0].dim_param = "batch"
     del dynamic.graph.value_info[:]
-    return dynamic
+    return ort.InferenceSession(dynamic.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def exit_accuracies(model: onnx.ModelProto, outputs: Sequence[str], x: npt.NDArray[np.float32],
                     y: npt.NDArray[np.int64], batch: int = 500) -> list[float]:
     """Top-1 accuracy of each output of ``model`` on (x, y), run with onnxruntime at batch size ``batch``."""
-    from models.ort import onnxruntime as ort
-
-    session = ort.InferenceSession(dynamic_batch(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    session = batch_session(model)
     input_name = session.get_inputs()[0].name
     correct = np.zeros(len(outputs))
     for i in range(0, len(x), batch):

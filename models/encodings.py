@@ -21,11 +21,11 @@ import onnx
 from tqdm import tqdm
 
 from models import graph
-from models.bundle import MANIFEST, Bundle, dynamic_batch, load_bundle
+from models.bundle import MANIFEST, Bundle, batch_session, load_bundle
 from models.data import load_fashion_mnist
-from protocol.tensors import ENCODINGS, PLAIN, encode_tensor, roundtrip
+from protocol.tensors import ENCODED, encode_tensor, roundtrip
 
-MEASURED = tuple(e for e in ENCODINGS if e != PLAIN)
+MEASURED = ENCODED
 PRECISIONS = ("float32", "float16", "int8")  # float32 too: the accuracy zstd keeps, on the same inputs
 BYTES_SAMPLE = 250  # zstd sizes vary little between images; compressing every one of 10,000 dominates the run
 BATCH = 250
@@ -82,8 +82,9 @@ def _measure_cut(model: onnx.ModelProto, bundle: Bundle, tensors: frozenset[str]
                  ) -> tuple[list[dict[str, float]], dict[str, float]]:
     """(per output: accuracy per lossy precision, mean bytes per encoding) with ``tensors`` crossing encoded."""
     names = sorted(tensors)
-    head = None if tensors == {bundle.input_name} else _session(graph.segment(model, [bundle.input_name], names))
-    tail = _session(graph.segment(model, names, outputs))
+    head = None if tensors == {bundle.input_name} else batch_session(graph.segment(model, [bundle.input_name],
+                                                                                    names))
+    tail = batch_session(graph.segment(model, names, outputs))
     correct = {p: np.zeros(len(outputs)) for p in PRECISIONS}
     sizes = {enc: 0.0 for enc in MEASURED}
     seen = 0
@@ -104,9 +105,3 @@ def _measure_cut(model: onnx.ModelProto, bundle: Bundle, tensors: frozenset[str]
 def _batches(x: npt.NDArray[np.float32]) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
     for start in range(0, len(x), BATCH):
         yield start, x[start:start + BATCH]
-
-
-def _session(model: onnx.ModelProto) -> Any:
-    from models.ort import onnxruntime as ort
-
-    return ort.InferenceSession(dynamic_batch(model).SerializeToString(), providers=["CPUExecutionProvider"])

@@ -137,24 +137,25 @@ class Candidates:
     encoding: tuple[str, ...]  # how it crosses (``PLAIN`` where nothing does)
     plain: npt.NDArray[np.bool_]  # encoding == PLAIN
     level: npt.NDArray[np.int64]  # accuracy order, 0 = most accurate
-    # (up_bytes, down_bytes, uses_edge, device_s, edge_s) as the columns of one matrix: a request's costs are
-    # one matrix-vector product (``edgent.latencies``)
+    # (up_bytes, down_bytes, uses_edge, device_s, edge_s) as the columns of one matrix (those arrays are views of
+    # its columns): a request's costs are one matrix-vector product (``edgent.latencies``)
     parts: npt.NDArray[np.float64]
     routes: tuple[tuple[Step, ...], ...]  # each candidate's device / edge steps (``route``), built once
+    positions: Mapping[tuple[int, frozenset[str], str], int]  # (exit, tensors, encoding) -> its first candidate
     rank: tuple[tuple[int, int, int], ...]  # (exit, first, stop) spans of the plain candidates, most accurate first
 
     def index(self, exit_index: int, cut: int | frozenset[str], encoding: str = PLAIN) -> int:
         """The candidate of exit ``exit_index`` cut at ``cut`` (a tensor set, or, for chains, a layer count) whose
         tensors cross in ``encoding``."""
-        hits = np.flatnonzero(self.exit == exit_index)
         if isinstance(cut, int):
-            hits = hits[self.cut[hits] == cut]
-        hits = hits[[(isinstance(cut, int) or self.tensors[i] == cut) and self.encoding[i] == encoding
-                     for i in hits]] if hits.size else hits
-        if hits.size == 0:
+            hits = np.flatnonzero((self.exit == exit_index) & (self.cut == cut))
+            found = next((int(i) for i in hits if self.encoding[i] == encoding), None)
+        else:
+            found = self.positions.get((exit_index, cut, encoding))
+        if found is None:
             what = f"after {cut} layers" if isinstance(cut, int) else f"at {sorted(cut)}"
             raise PlannerError(f"exit {exit_index} has no cut {what} in {encoding}")
-        return int(hits[0])
+        return found
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -77,16 +77,17 @@ def compile_candidates(exits: Sequence[ExitInfo], device: LatencyModel, edge: La
     order = sorted({(-a, -e) for a, e in zip(acc.tolist(), exit_arr.tolist(), strict=True)})
     level = {key: i for i, key in enumerate(order)}
     top = {ex.index: ex.accuracy for ex in exits}
+    # one matrix; the named arrays are its columns (column-major: each one contiguous)
+    parts = np.asfortranarray(np.column_stack([cols["up"], cols["down"], uses_edge, cols["dev"], cols["edge"]]),
+                              dtype=np.float64)
     return Candidates(exits=tuple(exits), exit=exit_arr, cut=np.array(cols["cut"], dtype=np.int64),
                       n_layers=np.array(cols["n"], dtype=np.int64), accuracy=acc,
-                      device_s=np.array(cols["dev"]), edge_s=np.array(cols["edge"]),
-                      up_bytes=np.array(cols["up"], dtype=np.float64),
-                      down_bytes=np.array(cols["down"], dtype=np.float64),
-                      uses_edge=uses_edge,
-                      parts=np.column_stack([cols["up"], cols["down"], uses_edge, cols["dev"], cols["edge"]]).astype(
-                          np.float64),
+                      device_s=parts[:, 3], edge_s=parts[:, 4], up_bytes=parts[:, 0], down_bytes=parts[:, 1],
+                      uses_edge=uses_edge, parts=parts,
                       tensors=tuple(cols["t"]), encoding=tuple(cols["enc"]),
                       routes=tuple(route(exits[e - 1], t) for e, t in zip(cols["exit"], cols["t"], strict=True)),
+                      positions={k: i for i, k in reversed(list(enumerate(zip(cols["exit"], cols["t"], cols["enc"],
+                                                                               strict=True))))},
                       plain=np.array([e == PLAIN for e in cols["enc"]], dtype=np.bool_),
                       level=np.array([level[(-a, -e)] for a, e in zip(acc.tolist(), exit_arr.tolist(), strict=True)],
                                      dtype=np.int64),

@@ -25,6 +25,7 @@ MAX_DIMS = 8
 PLAIN = "float32"
 # the precision a float32 tensor crosses at, optionally followed by "+zstd" (lossless, on those bytes)
 ENCODINGS = ("float32", "float16", "int8", "float32+zstd", "float16+zstd", "int8+zstd")
+ENCODED = ENCODINGS[1:]  # every encoding but plain float32
 _STORED: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1")}
 _KEYS = frozenset({"dtype", "shape", "data"})
 _ZSTD_LEVEL = 1
@@ -107,7 +108,7 @@ def decode_tensor(obj: Any, *, shape: Sequence[int] | None = None, dtype: str | 
         raise TensorError("a tensor is a map with 'dtype', 'shape' and 'data'")
     encoding = obj.get("enc", PLAIN)
     if encoding not in ENCODINGS or ("enc" in obj and encoding == PLAIN):
-        raise TensorError(f"unknown encoding {encoding!r}; known: {', '.join(ENCODINGS[1:])}")
+        raise TensorError(f"unknown encoding {encoding!r}; known: {', '.join(ENCODED)}")
     precision, _, codec = encoding.partition("+")
     extra = {"enc", "scale", "zero"} if precision == "int8" else {"enc"} if "enc" in obj else set()
     if set(obj) != _KEYS | extra:
