@@ -192,10 +192,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--requests", type=int, default=20000)
     s.add_argument("--soak", type=float, default=180.0, help="load: soak length in seconds (0: none)")
     s.add_argument("--step", type=float, default=4.0, help="load: seconds per offered rate")
-    s.add_argument("--sim", action="store_true", help="pipeline: plan and simulate (the only mode so far)")
+    s.add_argument("--sim", action="store_true",
+                   help="pipeline: plan and simulate (no root); without it, streams through deviced on the fleet "
+                        "testbed (root)")
     s.add_argument("--testbed", action="store_true",
                    help="energy: the controller in deviced on the namespace testbed, against its simulation (root)")
-    s.add_argument("--frames", type=int, default=1000, help="pipeline: simulated frames per plan")
+    s.add_argument("--frames", type=int, default=None,
+                   help="pipeline: frames per plan (default: 1000 simulated, 100 streamed on the testbed)")
     s.set_defaults(func=cmd_bench)
     return p
 
@@ -568,8 +571,9 @@ def _install_hint(entry: Any) -> str:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from coinfer import pipeline
+    from deviced.stream import load_fleet
 
-    fleet = pipeline.load_fleet(args.workers)
+    fleet = load_fleet(args.workers)
     chain = pipeline.load_chain(Path(args.model), args.exit)
     bound = units.parse_duration(args.latency_bound) if args.latency_bound else None
     method = args.method or ("exact" if len(fleet.workers) <= pipeline_planner.EXACT_MAX else "pso")
@@ -599,12 +603,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.what == "pipeline":
         if not args.sim:
-            print("coinfer: error: bench pipeline runs the simulation only (--sim); running streams through the "
-                  "daemons is the pipelined-streams issue", file=sys.stderr)
-            return 2
+            from coinfer import pipebed, testbed
+
+            try:
+                pipebed.run(args.out, frames=args.frames or 100, log=lambda text: print(text, flush=True))
+            except testbed.TestbedError as exc:
+                print(f"coinfer: error: {exc}", file=sys.stderr)
+                return 2
+            print(f"-> {args.out / 'testbed.json'}, {args.out / 'testbed.png'}")
+            return 0
         from coinfer import pipeline
 
-        pipeline.bench_sim(args.out, frames=args.frames, log=lambda text: print(text, flush=True))
+        pipeline.bench_sim(args.out, frames=args.frames or 1000, log=lambda text: print(text, flush=True))
         print(f"-> {args.out / 'pipeline.json'}, {args.out / 'scaling.png'}")
         return 0
     if args.what == "dag":

@@ -1,14 +1,14 @@
 """Pipelines over several workers: ``coinfer pipeline plan`` and ``coinfer bench pipeline --sim``.
 
-A fleet file (TOML, ``*.workers.toml``) names the workers; ``latency_model`` is ``pi3`` or ``desktop`` (the
-Edgent reference models shipped with the planner) or a path to a latency-model JSON, relative to the file.
+A fleet file (TOML, ``*.workers.toml``, read by ``deviced.stream.load_fleet``) names the workers;
+``latency_model`` is ``pi3`` or ``desktop`` (the Edgent reference models shipped with the planner) or a path to
+a latency-model JSON, relative to the file.
 """
 
 from __future__ import annotations
 
 import json
 import time
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,34 +16,14 @@ from typing import Any
 import numpy as np
 
 from coinfer import resources
+from deviced.stream import load_fleet
 from models import graph
 from models.bundle import DEFAULT_BUNDLE, MANIFEST, describe, load_bundle
 from planner import pipeline
 from planner.core import exits_from_manifest
-from planner.fleet import Chain, Fleet, PipelineError, Worker, chain_from_exit, fleet_from_doc
-from planner.latency import LatencyModel
+from planner.fleet import Chain, Fleet, PipelineError, Worker, chain_from_exit
 
-REFERENCE_MODELS = {"pi3": resources.PI3_MODEL, "desktop": resources.DESKTOP_MODEL}
 EXAMPLE_FLEET = Path(__file__).resolve().parent / "fleets" / "pi-lab.workers.toml"
-
-
-def load_fleet(path: Path) -> Fleet:
-    """A fleet file; every problem (unreadable, unknown field, bad unit, unknown model) is a ``PipelineError``."""
-    try:
-        doc = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise PipelineError(f"cannot read fleet {path}: {exc}") from exc
-    models: dict[str, LatencyModel] = {}
-    for w in doc.get("workers", []) if isinstance(doc.get("workers"), list) else []:
-        name = str(w.get("latency_model", "")) if isinstance(w, dict) else ""
-        if name and name not in models:
-            ref = REFERENCE_MODELS.get(name) or (Path(path).parent / name)
-            if ref.exists():
-                models[name] = resources.load_latency_model(ref)
-    try:
-        return fleet_from_doc(doc, models)
-    except PipelineError as exc:
-        raise PipelineError(f"{path}: {exc}") from exc
 
 
 def load_chain(model: Path, exit_index: int | None = None) -> Chain:

@@ -1,10 +1,14 @@
-"""The emulated testbed: a device and an edge server on one Linux machine.
+"""The emulated testbeds: a device and an edge server, or a fleet of devices, on one Linux machine.
 
-Two network namespaces (device, edge) joined by a veth pair; the device's uplink shaped with ``tc tbf``
-(changeable while running); the device's processes in a cgroup with a CPU quota (v1 ``cpu.cfs_quota_us``
-or v2 ``cpu.max``) so that its compute is Pi-class. Needs root. Without it, ``Testbed(loopback=True)``
-runs everything on 127.0.0.1 with the uplink and the device's slowness emulated inside deviced, and
-every output says so (``describe()``).
+``Testbed``: two network namespaces (device, edge) joined by a veth pair; the device's uplink shaped with
+``tc tbf`` (changeable while running); the device's processes in a cgroup with a CPU quota (v1
+``cpu.cfs_quota_us`` or v2 ``cpu.max``) so that its compute is Pi-class. Needs root. Without it,
+``Testbed(loopback=True)`` runs everything on 127.0.0.1 with the uplink and the device's slowness emulated
+inside deviced, and every output says so (``describe()``).
+
+``Fleetbed``: N device namespaces, each with its own CPU quota (cgroup) and its own shaped uplink and downlink
+(``tc tbf`` on both ends of its veth), all bridged to a hub namespace where the broker and the edge run
+unconstrained: heterogeneous Pi-class workers of a pipeline. Also needs root.
 """
 
 from __future__ import annotations
@@ -160,13 +164,17 @@ def check_privileges() -> None:
 
 def down() -> None:
     """Remove the testbed's namespaces, veth pair and cgroup, killing what runs in them (idempotent)."""
-    for ns in (NS_DEVICE, NS_EDGE):
+    _remove([NS_DEVICE, NS_EDGE], [CGROUP_NAME])
+
+
+def _remove(namespaces: Sequence[str], cgroups: Sequence[str]) -> None:
+    for ns in namespaces:
         pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-    for cgroup in (CGROUP_ROOT / "cpu" / CGROUP_NAME, CGROUP_ROOT / CGROUP_NAME):
+    for cgroup in [base / name for name in cgroups for base in (CGROUP_ROOT / "cpu", CGROUP_ROOT)]:
         for _ in range(50):
             try:
                 procs = (cgroup / "cgroup.procs").read_text().split()
@@ -181,11 +189,11 @@ def down() -> None:
             time.sleep(0.1)
 
 
-def _make_cgroup(e: Emulation) -> tuple[Path, Path]:
+def _make_cgroup(e: Emulation, name: str = CGROUP_NAME) -> tuple[Path, Path]:
     v1 = CGROUP_ROOT / "cpu"
     quota = int(e.cpu_quota * e.cpu_period_us)
     if (v1 / "cpu.cfs_quota_us").exists():
-        cg = v1 / CGROUP_NAME
+        cg = v1 / name
         cg.mkdir(exist_ok=True)
         (cg / "cpu.cfs_period_us").write_text(str(e.cpu_period_us))
         (cg / "cpu.cfs_quota_us").write_text(str(quota))
@@ -193,11 +201,119 @@ def _make_cgroup(e: Emulation) -> tuple[Path, Path]:
     if (CGROUP_ROOT / "cgroup.controllers").exists():
         if "cpu" not in (CGROUP_ROOT / "cgroup.subtree_control").read_text().split():
             (CGROUP_ROOT / "cgroup.subtree_control").write_text("+cpu")
-        cg = CGROUP_ROOT / CGROUP_NAME
+        cg = CGROUP_ROOT / name
         cg.mkdir(exist_ok=True)
         (cg / "cpu.max").write_text(f"{quota} {e.cpu_period_us}")
         return cg, cg / "cgroup.procs"
     raise TestbedError("no cgroup cpu controller found under /sys/fs/cgroup (v1 cpu/ or v2 cpu.max)")
+
+
+# ---- the fleet testbed ---------------------------------------------------------------------------------------------
+NS_HUB, BRIDGE, HUB_IP, HUB_MAC = "coinfer-hub", "cfbr0", "10.78.0.1", "02:78:00:00:00:01"
+FLEET_MAX = 16
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Member:
+    """One emulated worker: its CPU share of one core and its links to the hub (where the broker runs)."""
+
+    name: str
+    cpu_quota: float
+    uplink_bps: float
+    downlink_bps: float
+
+
+class Fleetbed:
+    """``with Fleetbed(members) as bed:``: member ``i`` in namespace ``coinfer-w<i>`` (10.78.0.<10+i>), its cgroup
+    ``coinfer-w<i>``; the hub (``bed.hub_argv``) holds the bridge, the broker and the edge. Torn down on exit."""
+
+    def __init__(self, members: Sequence[Member], *, cpu_period_us: int = 10_000) -> None:
+        if not 1 <= len(members) <= FLEET_MAX:
+            raise TestbedError(f"a fleet testbed has 1..{FLEET_MAX} members")
+        for m in members:
+            Emulation(uplink_bps=m.uplink_bps, cpu_quota=m.cpu_quota, cpu_period_us=cpu_period_us)  # validates
+        self.members = list(members)
+        self.cpu_period_us = cpu_period_us
+        self._procs: dict[str, Path] = {}
+
+    @property
+    def hub_host(self) -> str:
+        return HUB_IP
+
+    def _ns(self, i: int) -> str:
+        return f"coinfer-w{i}"
+
+    def argv(self, name: str, argv: Sequence[str]) -> list[str]:
+        """``argv`` as a process of member ``name``: in its cgroup, then in its namespace."""
+        i = [m.name for m in self.members].index(name)
+        return ["sh", "-c", 'echo $$ > "$0" && exec ip netns exec ' + self._ns(i) + ' "$@"', str(self._procs[name]),
+                *argv]
+
+    def hub_argv(self, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", NS_HUB, *argv]
+
+    def set_quota(self, name: str, cpu_quota: float) -> None:
+        """Throttle (or release) member ``name``'s CPU while it runs."""
+        e = Emulation(cpu_quota=cpu_quota, cpu_period_us=self.cpu_period_us)
+        i = [m.name for m in self.members].index(name)
+        _make_cgroup(e, self._ns(i))
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": "fleet netns testbed", "hub": f"{NS_HUB} ({HUB_IP}, bridge {BRIDGE}): broker and edge, "
+                "this host unconstrained",
+                "members": [{"name": m.name, "namespace": self._ns(i), "ip": f"10.78.0.{10 + i}",
+                             "cpu": f"{m.cpu_quota:.0%} of one core (cgroup, period {self.cpu_period_us} us)",
+                             "uplink_bps": m.uplink_bps, "downlink_bps": m.downlink_bps}
+                            for i, m in enumerate(self.members)],
+                "links": "tc tbf on each end of the member's veth (GSO off), no delay added (netem unavailable)"}
+
+    def __enter__(self) -> Fleetbed:
+        self._previous_sigterm = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+        signal.signal(signal.SIGTERM, self._previous_sigterm)
+
+    def up(self) -> None:
+        check_privileges()
+        self.down()
+        _sh("ip", "netns", "add", NS_HUB)
+        # a fixed address: a bridge otherwise takes its lowest port's, and the members' static neighbours go stale
+        _sh("ip", "-n", NS_HUB, "link", "add", BRIDGE, "address", HUB_MAC, "type", "bridge")
+        _sh("ip", "-n", NS_HUB, "addr", "add", f"{HUB_IP}/24", "dev", BRIDGE)
+        _sh("ip", "-n", NS_HUB, "link", "set", BRIDGE, "up")
+        _sh("ip", "-n", NS_HUB, "link", "set", "lo", "up")
+        for i, m in enumerate(self.members):
+            ns, dev, peer, ip = self._ns(i), f"cfw{i}", f"cfw{i}h", f"10.78.0.{10 + i}"
+            _, procs = _make_cgroup(Emulation(cpu_quota=m.cpu_quota, cpu_period_us=self.cpu_period_us), ns)
+            self._procs[m.name] = procs
+            _sh("ip", "netns", "add", ns)
+            _sh("ip", "link", "add", dev, "type", "veth", "peer", "name", peer)
+            _sh("ip", "link", "set", dev, "netns", ns)
+            _sh("ip", "link", "set", peer, "netns", NS_HUB)
+            _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            for where, link in ((ns, dev), (ns, "lo"), (NS_HUB, peer)):
+                _sh("ip", "-n", where, "link", "set", link, "up")
+            _sh("ip", "-n", NS_HUB, "link", "set", peer, "master", BRIDGE)
+            # static neighbours both ways (a saturated queue would drop ARP), one segment per packet (see Testbed)
+            _sh("ip", "-n", ns, "neigh", "replace", HUB_IP, "lladdr", HUB_MAC, "dev", dev, "nud", "permanent")
+            _sh("ip", "-n", NS_HUB, "neigh", "replace", ip, "lladdr", _mac(ns, dev), "dev", BRIDGE, "nud",
+                "permanent")
+            for where, link, bps in ((ns, dev, m.uplink_bps), (NS_HUB, peer, m.downlink_bps)):
+                _sh("ip", "-n", where, "link", "set", "dev", link, "gso_max_segs", "1")
+                _sh("ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", link, "root", *tbf_args(bps))
+
+    def down(self) -> None:
+        names = [self._ns(i) for i in range(FLEET_MAX)]
+        _remove([*names, NS_HUB], names)
 
 
 def _sh(*argv: str) -> None:

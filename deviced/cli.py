@@ -1,4 +1,5 @@
-"""``deviced run`` (the daemon) and ``deviced infer FILE --deadline 300ms`` (co-infer images from a shell)."""
+"""``deviced run`` (the daemon), ``deviced infer FILE --deadline 300ms`` (co-infer images from a shell) and
+``deviced stream FILE --fleet F.workers.toml`` (stream images through a pipeline over several devices)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,12 @@ from deviced import config
 from deviced.config import DEPLOYED_CONFIG
 from deviced.errors import BrokerLost
 from deviced.service import Client, RemoteClient, RemoteError, build_device, run
+from deviced.stream import Stream, StreamError, load_fleet
 from models.bundle import load_bundle
 from models.data import CLASSES, read_idx
 from models.errors import ModelError
 from planner.errors import PlannerError
+from planner.fleet import Fleet
 from planner.units import parse_duration
 from protocol import session
 from protocol.config import ConfigError
@@ -44,6 +48,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="with --via-daemon: as this application (`coinfer broker add-app DEVICE.APP`), with its "
                         "password from /etc/coinfer/apps/APP.password or $COINFER_MQTT_PASSWORD")
     s.add_argument("--log-level", default="warning")
+    t = sub.add_parser("stream", help="stream images through a pipeline over several devices' deviceds (this "
+                                      "process is the stream's owner, the fleet's source)")
+    t.add_argument("file", type=Path, help="an IDX file (optionally .gz) or a .npy array of uint8 28x28")
+    t.add_argument("--fleet", type=Path, required=True,
+                   help="the workers (a *.workers.toml file; its source must be this device's id)")
+    t.add_argument("--workers", default="", help="use only these fleet workers, comma-separated (the source always)")
+    t.add_argument("--config", type=Path, help="TOML file with [deviced] and [broker] tables")
+    t.add_argument("--count", type=int, default=100, help="first N images of the file")
+    t.add_argument("--exit", type=int, default=None, help="the exit to serve (default: the deepest)")
+    t.add_argument("--method", default=None, help="pipeline planner method (default: exact up to 8 workers)")
+    t.add_argument("--json", action="store_true", help="one JSON record per frame, then a summary record")
+    t.add_argument("--log-level", default="warning")
     r = sub.add_parser("run", help="the long-running daemon: serves applications on the local MQTT request topic")
     r.add_argument("--config", type=Path, help="TOML file with [deviced] and [broker] tables")
     r.add_argument("--log-level", default="info")
@@ -55,6 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             asyncio.run(_run(cfg))
             return 0
+        if args.command == "stream":
+            fleet = load_fleet(args.fleet)
+            if args.workers:
+                fleet = fleet.subset([fleet.source, *args.workers.split(",")])
+            return asyncio.run(_stream(cfg, fleet, _read_images(args.file)[: args.count], args))
         deadline = parse_duration(args.deadline or cfg.default_deadline)
         images = _read_images(args.file)[: args.count]
         if args.via_daemon:  # the daemon has the model; the input tensors are made here
@@ -64,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              as_json=args.json))
         return asyncio.run(_infer(cfg, images, deadline, as_json=args.json))
     except (ConfigError, ModelError, PlannerError, ValueError, OSError, RemoteError, TimeoutError,
-            session.BrokerRefused, BrokerLost) as exc:
+            session.BrokerRefused, BrokerLost, StreamError) as exc:
         print(f"deviced: error: {exc or type(exc).__name__}", file=sys.stderr)
         return 2
 
@@ -109,6 +130,45 @@ async def _infer_remote(client: RemoteClient, x: np.ndarray, deadline: float, *,
                                             "latency_s": round(r.latency_s, 6), "deadline_s": r.deadline_s,
                                             "met": r.latency_s <= r.deadline_s}, as_json=as_json)
     return 0
+
+
+async def _stream(cfg: config.DevicedConfig, fleet: Fleet, images: np.ndarray, args: argparse.Namespace) -> int:
+    """Stream the images; one line (or JSON record) per frame in order, then a summary (stderr unless --json)."""
+    async with Client(cfg) as client:  # the device's own session: it serves its own stage too
+        started: list[Stream] = []
+        start = time.monotonic()
+        results = []
+        async for r in client.stream(client.device.bundle.preprocess(images), fleet, exit_index=args.exit,
+                                     method=args.method, on_start=started.append):
+            results.append(r)
+            record = r.record()
+            if args.json:
+                print(json.dumps(record), flush=True)
+            elif r.ok:
+                print(f"{r.index:>5} {CLASSES[record['class']]:<12} {r.latency_s * 1e3:8.1f} ms  from {r.worker} "
+                      f"(epoch {r.epoch}, sent {r.attempts}x)", flush=True)
+            else:
+                print(f"{r.index:>5} ERROR {r.code}: {r.error}", flush=True)
+        took = time.monotonic() - start
+    stream = started[0]
+    ok = [r for r in results if r.ok]
+    summary: dict[str, Any] = {"frames": len(results), "results": len(ok), "errors": len(results) - len(ok),
+               "duplicates_suppressed": stream.duplicates, "max_queued": stream.max_queued,
+               "seconds": round(took, 3),
+               "frames_per_s": round(len(results) / took, 3) if took > 0 else None,
+               "latency_p50_s": round(float(np.median([r.latency_s for r in ok])), 4) if ok else None,
+               "plans": stream.replans}
+    if args.json:
+        print(json.dumps({"summary": summary}))
+    else:
+        print(f"{summary['results']}/{summary['frames']} frames answered ({summary['errors']} errors) in "
+              f"{took:.1f} s: {summary['frames_per_s']} frames/s, p50 latency "
+              f"{(summary['latency_p50_s'] or 0) * 1e3:.1f} ms", file=sys.stderr)
+        for p in stream.replans:
+            stages = " | ".join(f"{'+'.join(w)}: {a}..{b}" for w, a, b in p["stages"])
+            print(f"  epoch {p['epoch']} ({p['reason']}): {stages}; planned {p['frames_per_s']:.2f} frames/s",
+                  file=sys.stderr)
+    return 0 if len(ok) == len(results) else 1
 
 
 def _print(i: int, logits: np.ndarray, record: dict[str, Any], *, as_json: bool) -> None:

@@ -115,6 +115,10 @@ class Dispatch:
             await asyncio.wait_for(answer, timeout=PROBE_TIMEOUT_S)
         return len(payload)
 
+    async def publish(self, topic: str, payload: bytes) -> None:
+        """Publish one message (a pipeline stage's plan, frame, result or heartbeat); BrokerLost without a session."""
+        await self._publish(topic, payload, None)
+
     def uplink_backlog(self) -> int:
         """Bytes of our earlier messages not yet across the uplink (measured on the connection, not modelled): a
         new upload queues behind them."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,6 +27,8 @@ from deviced.errors import BrokerLost
 from deviced.learning import Calibration
 from deviced.link import LinkEstimator
 from deviced.metrics import DeviceMetrics
+from deviced.stages import StageWorker
+from deviced.stream import Stream, StreamResult
 from models.bundle import Bundle
 from models.runtime import Stage, StageRunner
 from planner import bandwidth, edgent
@@ -44,9 +46,22 @@ from planner.core import (
     Where,
     allow_encodings,
 )
+from planner.fleet import Fleet, chain_from_exit
 from planner.latency import LatencyModel
 from planner.units import parse_bandwidth
-from protocol.messages import ErrorReply, InferRequest, InferResult, encode
+from protocol.errors import ProtocolError
+from protocol.messages import (
+    STREAM_INBOX,
+    ErrorReply,
+    InferRequest,
+    InferResult,
+    StageAck,
+    StageError,
+    StageResult,
+    Status,
+    decode,
+    encode,
+)
 from protocol.topics import Topics
 
 log = structlog.get_logger()
@@ -123,6 +138,55 @@ class Device:
         # one device stage at a time, in arrival order (asyncio.Lock is FIFO): concurrent stages would share the
         # CPU and all finish late, and every latency model (Edgent's, the Lyapunov controller's) assumes a queue
         self._cpu = asyncio.Lock()
+        # pipelined streams: this device as a worker of anyone's stream, and as the owner of its own
+        self.stages = StageWorker(worker_id=cfg.device_id, topics=self.topics, digest=bundle.digest, runner=runner,
+                                  run_stage=self.run_stage, publish=self.dispatch.publish, metrics=self.metrics)
+        self.streams: dict[str, Stream] = {}
+
+    # ---- pipelined streams ----------------------------------------------------------------------
+    async def stream(self, frames: Any, fleet: Fleet, *, exit_index: int | None = None, method: str | None = None,
+                     on_start: Any = None) -> AsyncIterator[StreamResult]:
+        """Stream ``frames`` (model inputs) through a pipeline over ``fleet`` (this device its source): one
+        ``StreamResult`` per frame, in order (``deviced/stream.py``). ``on_start`` gets the ``Stream``."""
+        info = self.bundle.exit(exit_index or len(self.bundle.exits))
+        stream = Stream(stream_id=self.dispatch.new_id("s"), owner=self.cfg.device_id, topics=self.topics,
+                        digest=self.bundle.digest, chain=chain_from_exit(info), exit_index=info.index,
+                        input_name=self.bundle.input_name, output_name=info.output,
+                        input_shape=tuple(self.bundle.input_shape), fleet=fleet, publish=self.dispatch.publish,
+                        metrics=self.metrics, method=method)
+        self.streams[stream.stream_id] = stream
+        if on_start is not None:
+            on_start(stream)
+        try:
+            async for result in stream.run(frames):
+                yield result
+        finally:
+            del self.streams[stream.stream_id]
+
+    def on_stream_message(self, sender: str, payload: bytes) -> None:
+        """A worker's ack, result or error for one of this device's streams."""
+        try:
+            msg = decode(payload, expect=STREAM_INBOX)
+        except ProtocolError as exc:
+            log.warning("stream_message_rejected", sender=sender, error=str(exc))
+            return
+        assert isinstance(msg, StageResult | StageAck | StageError)
+        stream = self.streams.get(msg.stream_id)
+        if stream is None:
+            log.info("stream_message_unclaimed", sender=sender, stream_id=msg.stream_id, kind=msg.kind)
+            return
+        stream.on_message(sender, msg)
+
+    def on_device_status(self, device_id: str, payload: bytes) -> None:
+        """Another device's retained status: a stream's owner watches its workers."""
+        try:
+            status = decode(payload, expect=Status)
+        except ProtocolError as exc:
+            log.warning("status_rejected", device_id=device_id, error=str(exc))
+            return
+        assert isinstance(status, Status)
+        for stream in self.streams.values():
+            stream.on_status(device_id, status)
 
     # ---- requests -------------------------------------------------------------------------------
     async def infer(self, x: npt.NDArray[np.float32], deadline_s: float, *,

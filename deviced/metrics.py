@@ -40,5 +40,23 @@ class DeviceMetrics:
                                "CPU share the policy set (1: full; the compute_knob applies it)", registry=r)
         self.tx_rate = Gauge("coinfer_device_tx_rate_bps", "Transmit rate the policy paced the uplink to", registry=r)
 
+        # pipelined streams: this device as a worker (stage) and as a stream's owner (stream)
+        self.stage_queued = Gauge("coinfer_stage_queued_frames", "Frames waiting on this worker's stages", registry=r)
+        self.stage_frames = Counter("coinfer_stage_frames_total", "Frames this worker's stages handled, by outcome",
+                                    ["outcome"], registry=r)
+        self.stage_seconds = Histogram("coinfer_stage_compute_seconds", "Compute time of one frame in one stage",
+                                       buckets=BUCKETS, registry=r)
+        self.stream_latency = Histogram("coinfer_stream_frame_latency_seconds",
+                                        "A stream frame's latency, sent to result", buckets=BUCKETS, registry=r)
+        self.stream_frames = Counter("coinfer_stream_frames_total",
+                                     "Stream frames ended, by outcome (result, error; duplicate: a second result "
+                                     "suppressed)", ["outcome"], registry=r)
+        self.stream_fps = Gauge("coinfer_stream_frames_per_second", "Results per second over the last 5 s",
+                                registry=r)
+        self.stream_in_flight = Gauge("coinfer_stream_in_flight_frames", "Frames sent and not yet delivered",
+                                      registry=r)
+        self.stream_replans = Counter("coinfer_stream_replans_total", "Pipeline re-plans, by reason", ["reason"],
+                                      registry=r)
+
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)

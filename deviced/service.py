@@ -7,9 +7,11 @@ import contextlib
 import itertools
 import json
 import os
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import aiomqtt
 import numpy as np
@@ -21,9 +23,11 @@ from deviced.config import DEPLOYED_CONFIG, DevicedConfig, app_user
 from deviced.config import load as load_config
 from deviced.engine import Device, Outcome
 from deviced.errors import BrokerLost
+from deviced.stream import Stream, StreamResult
 from models.bundle import load_bundle
 from models.runtime import StageRunner
 from planner.errors import LatencyModelError
+from planner.fleet import Fleet
 from planner.latency import LatencyModel
 from planner.units import parse_duration
 from protocol import session
@@ -63,8 +67,9 @@ async def run(device: Device, *, shutdown: asyncio.Event, connected: asyncio.Eve
     backoff = session.Backoff()
     identifier = f"deviced-{cfg.device_id}" if daemon else f"deviced-{cfg.device_id}-cli-{os.getpid()}"
     subscriptions = [topics.all_edge_status(), topics.all_edge_adverts(), topics.device_responses(cfg.device_id)]
-    if daemon:
-        subscriptions.append(topics.device_infer(cfg.device_id))
+    if daemon:  # the device's own: its applications' requests, and its part in pipelined streams
+        subscriptions += [topics.device_infer(cfg.device_id), topics.stage_inboxes(cfg.device_id),
+                          topics.stream_inboxes(cfg.device_id), topics.all_device_status()]
     while not shutdown.is_set():
         try:
             async with session.client(cfg.broker, identifier=identifier,
@@ -86,6 +91,7 @@ async def run(device: Device, *, shutdown: asyncio.Event, connected: asyncio.Eve
                     tasks = [tg.create_task(_receive(client, device), name="receive"),
                              tg.create_task(_probe_loop(device), name="probe")]
                     await shutdown.wait()
+                    await device.stages.close()  # no heartbeat or frame publishes into a closing session
                     if daemon:
                         await client.publish(topics.device_status(cfg.device_id),
                                              encode(Status(state="offline", sender=cfg.device_id)), qos=1,
@@ -121,11 +127,33 @@ async def _receive(client: aiomqtt.Client, device: Device) -> None:
                 payload = message.payload if isinstance(message.payload, bytes) else b""
                 if message.topic.matches(apps_topic):
                     tg.create_task(_serve_app(client, device, message, payload))
-                elif payload:
+                elif payload and not _pipeline_message(device, str(message.topic), payload):
                     device.dispatch.handle(str(message.topic), payload)
         except session.MQTT_ERRORS as exc:  # the session is gone: every waiter learns it now, not at its timeout
             device.dispatch.detach(exc)
             raise
+
+
+def _pipeline_message(device: Device, topic: str, payload: bytes) -> bool:
+    """Route a stage inbox, stream inbox or device status message; False for anything else."""
+    where = device.topics.dev_topic(topic)
+    if where is None:
+        return False
+    device_id, what = where
+    own = device_id == device.cfg.device_id
+    try:
+        if own and what == "stage":
+            device.stages.handle(device.topics.device_id_of(topic), payload)
+        elif own and what == "stream":
+            device.on_stream_message(device.topics.device_id_of(topic), payload)
+        elif what == "status":
+            if not own:
+                device.on_device_status(check_id(device_id, "device id"), payload)
+        else:
+            return False
+    except ProtocolError as exc:  # a sender id no ACL would allow; nothing to answer
+        log.warning("message_rejected", topic=topic, error=str(exc))
+    return True
 
 
 async def _serve_app(client: aiomqtt.Client, device: Device, message: aiomqtt.Message, payload: bytes) -> None:
@@ -213,6 +241,18 @@ class Client:
         """One request; ``deadline`` in seconds (default: the config's ``default_deadline``)."""
         return await self.device.infer(x, deadline if deadline is not None else
                                        parse_duration(self.cfg.default_deadline))
+
+    async def stream(self, frames: AsyncIterable[npt.NDArray[Any]] | Iterable[npt.NDArray[Any]], fleet: Fleet, *,
+                     exit_index: int | None = None, method: str | None = None,
+                     on_start: Callable[[Stream], None] | None = None) -> AsyncIterator[StreamResult]:
+        """Stream model inputs through a pipeline over ``fleet`` (its ``source``: this device; the workers: running
+        deviceds of those ids on the same broker); one ``StreamResult`` per frame, in input order. The producer
+        is read only as fast as the pipeline has room (``deviced/stream.py``)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), 10.0)
+        async for result in self.device.stream(frames, fleet, exit_index=exit_index, method=method,
+                                               on_start=on_start):
+            yield result
 
 
 class RemoteError(Exception):

@@ -17,6 +17,8 @@ class ErrorCode(StrEnum):
     BUSY = "busy"  # admission control: cannot finish before the deadline
     EXPIRED = "expired"  # the deadline had passed on arrival
     INTERNAL = "internal"  # the runtime failed
+    STALE = "stale"  # a pipeline frame or plan of an epoch its stream has left (re-planned since)
+    NO_PLAN = "no_plan"  # a pipeline frame for a stream this worker holds no plan for
 
 
 class ProtocolError(Exception):

@@ -216,10 +216,167 @@ class AppResult:
             check_id(self.edge_id, "edge id")
 
 
+# ---- pipelined streams (deviced/stages.py runs a stage; deviced/stream.py owns a stream) ----------------------
+MAX_NEXT = 16  # members of the next stage a worker may send to (round-robin replicas)
+MAX_CREDITS = 1024
+STAGE_STATES = ("ready", "running", "stopped")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StagePlan:
+    """Owner -> worker: from epoch ``epoch`` on, run exit ``exit`` from ``inputs`` to ``outputs`` for stream
+    ``stream_id``, and send frame ``f``'s outputs to ``next[f % len(next)]`` (empty: back to the owner as a
+    ``StageResult``). It takes frames only from ``previous`` (the previous stage's workers; the owner for stage 0)
+    and holds at most ``credits`` waiting; the owner keeps no more than that in flight. Accepted only from
+    ``owner`` itself (the topic's sender)."""
+
+    kind: ClassVar[str] = "stage_plan"
+    stream_id: str
+    owner: str
+    epoch: int
+    bundle: str
+    exit: int
+    stage: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    next: tuple[str, ...]
+    previous: tuple[str, ...]
+    credits: int
+
+    def __post_init__(self) -> None:
+        check_id(self.stream_id, "stream id")
+        check_id(self.owner, "owner")
+        _check_int(self.epoch, "epoch", 1)
+        _check_digest(self.bundle)
+        _check_int(self.exit, "exit", 1)
+        _check_int(self.stage, "stage", 0)
+        for name in ("input_names", "output_names"):
+            value = _str_tuple(getattr(self, name), name, 1, MAX_TENSORS, 256)
+            object.__setattr__(self, name, value)
+        for name, least in (("next", 0), ("previous", 1)):
+            workers = _str_tuple(getattr(self, name), name, least, MAX_NEXT, 64)
+            for worker in workers:
+                check_id(worker, f"{name} worker")
+            object.__setattr__(self, name, workers)
+        _check_int(self.credits, "credits", 1)
+        if self.credits > MAX_CREDITS:
+            raise MalformedMessage(f"credits must be at most {MAX_CREDITS}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageFrame:
+    """Owner or previous stage -> worker: frame ``frame``'s tensors entering stage ``stage``."""
+
+    kind: ClassVar[str] = "stage_frame"
+    stream_id: str
+    owner: str
+    epoch: int
+    frame: int
+    stage: int
+    tensors: Tensors
+
+    def __post_init__(self) -> None:
+        check_id(self.stream_id, "stream id")
+        check_id(self.owner, "owner")
+        _check_int(self.epoch, "epoch", 1)
+        _check_int(self.frame, "frame", 0)
+        _check_int(self.stage, "stage", 0)
+        _check_tensors(self.tensors)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageResult:
+    """Last stage -> owner: frame ``frame``'s outputs (``compute_s``: the last stage's own compute time)."""
+
+    kind: ClassVar[str] = "stage_result"
+    stream_id: str
+    epoch: int
+    frame: int
+    sender: str
+    outputs: Tensors
+    compute_s: float
+
+    def __post_init__(self) -> None:
+        check_id(self.stream_id, "stream id")
+        _check_int(self.epoch, "epoch", 1)
+        _check_int(self.frame, "frame", 0)
+        check_id(self.sender, "sender")
+        _check_tensors(self.outputs)
+        _check_float(self.compute_s, "compute_s")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageAck:
+    """Worker -> owner: a plan taken (``ready``), then a heartbeat while it runs (``running``) or its end
+    (``stopped``): frames waiting, frames done, and the recent mean compute time per frame."""
+
+    kind: ClassVar[str] = "stage_ack"
+    stream_id: str
+    epoch: int
+    stage: int
+    sender: str
+    state: str
+    queued: int
+    done: int
+    compute_s: float
+
+    def __post_init__(self) -> None:
+        check_id(self.stream_id, "stream id")
+        _check_int(self.epoch, "epoch", 1)
+        _check_int(self.stage, "stage", 0)
+        check_id(self.sender, "sender")
+        if self.state not in STAGE_STATES:
+            raise MalformedMessage(f"bad stage state {self.state!r}")
+        _check_int(self.queued, "queued", 0)
+        _check_int(self.done, "done", 0)
+        _check_float(self.compute_s, "compute_s")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageStop:
+    """Owner -> worker: the stream is over (or moved off this worker): drop its plan and frames."""
+
+    kind: ClassVar[str] = "stage_stop"
+    stream_id: str
+    owner: str
+
+    def __post_init__(self) -> None:
+        check_id(self.stream_id, "stream id")
+        check_id(self.owner, "owner")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageError:
+    """Worker -> owner: a plan or a frame it could not take (``frame`` -1: not about one frame; ``epoch`` 0:
+    the message was unreadable)."""
+
+    kind: ClassVar[str] = "stage_error"
+    stream_id: str
+    epoch: int
+    frame: int
+    code: ErrorCode
+    message: str
+    sender: str
+
+    def __post_init__(self) -> None:
+        if self.stream_id:
+            check_id(self.stream_id, "stream id")
+        _check_int(self.epoch, "epoch", 0)
+        _check_int(self.frame, "frame", -1)
+        if not isinstance(self.code, ErrorCode):
+            object.__setattr__(self, "code", _enum(self.code))
+        _check_str(self.message, "message", 2000)
+        check_id(self.sender, "sender")
+
+
+STAGE_INBOX = (StagePlan, StageFrame, StageStop)  # what a worker's stage inbox takes
+STREAM_INBOX = (StageResult, StageAck, StageError)  # what an owner's stream inbox takes
 Message = (InferRequest | InferResult | ErrorReply | Probe | ProbeReply | Advert | Status | AppRequest
-           | AppResult)
+           | AppResult | StagePlan | StageFrame | StageResult | StageAck | StageStop | StageError)
 KINDS: dict[str, type[Message]] = {c.kind: c for c in (InferRequest, InferResult, ErrorReply, Probe,
-                                                        ProbeReply, Advert, Status, AppRequest, AppResult)}
+                                                        ProbeReply, Advert, Status, AppRequest, AppResult,
+                                                        StagePlan, StageFrame, StageResult, StageAck, StageStop,
+                                                        StageError)}
 _TENSOR_FIELDS = ("tensors", "outputs")
 
 
@@ -235,6 +392,8 @@ def encode(msg: Message) -> bytes:
             value = value.value
         elif isinstance(value, Mapping):
             value = dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
         body[f.name] = value
     raw: bytes = msgpack.packb(body, use_bin_type=True)
     if len(raw) > MAX_MESSAGE_BYTES:
@@ -316,6 +475,18 @@ def _check_tensors(tensors: Any) -> None:
         _check_str(name, "tensor name", 256)
         if not isinstance(value, np.ndarray):
             raise MalformedMessage(f"tensor {name!r} is not an array")
+
+
+def _str_tuple(value: Any, name: str, least: int, most: int, length: int) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not least <= len(value) <= most:
+        raise MalformedMessage(f"{name} must be a list of {least}..{most} names")
+    for item in value:
+        _check_str(item, name, length)
+        if not item:
+            raise MalformedMessage(f"{name}: empty name")
+    if len(set(value)) != len(value):
+        raise MalformedMessage(f"{name}: names repeat")
+    return tuple(value)
 
 
 def _enum(code: Any) -> ErrorCode:

@@ -72,6 +72,24 @@ class Topics:
     def device_status(self, device_id: str) -> str:
         return f"{self.prefix}/dev/{check_id(device_id)}/status"
 
+    def stage_inbox(self, worker_id: str, sender_id: str) -> str:
+        """Where a pipeline worker receives plans, stops and frames; the last level is the sender (as the
+        broker's ACL enforces): a stream's owner for plans, the previous stage (or the owner) for frames."""
+        return f"{self.prefix}/dev/{check_id(worker_id)}/stage/{check_id(sender_id)}"
+
+    def stage_inboxes(self, worker_id: str) -> str:
+        return f"{self.prefix}/dev/{check_id(worker_id)}/stage/+"
+
+    def stream_inbox(self, owner_id: str, sender_id: str) -> str:
+        """Where a stream's owner receives its workers' acks, results and errors (the last level: the sender)."""
+        return f"{self.prefix}/dev/{check_id(owner_id)}/stream/{check_id(sender_id)}"
+
+    def stream_inboxes(self, owner_id: str) -> str:
+        return f"{self.prefix}/dev/{check_id(owner_id)}/stream/+"
+
+    def all_device_status(self) -> str:
+        return f"{self.prefix}/dev/+/status"
+
     def app_responses(self, device_id: str, client_id: str) -> str:
         """Response topic of one application client of a device."""
         return f"{self.prefix}/dev/{check_id(device_id)}/app/{check_id(client_id)}"
@@ -84,9 +102,13 @@ class Topics:
     # broker access control: what each role may touch, as (access, topic filter) for mosquitto's acl_file
     def device_acl(self, device_id: str) -> list[tuple[str, str]]:
         """A device reads and writes only under its own ``dev/<id>/``, sends requests and probes only as itself,
-        and reads the edges' status and adverts."""
+        reads the edges' status and adverts, and, as a pipeline worker or a stream's owner, writes to other
+        devices' stage and stream inboxes only as itself and reads the devices' status."""
         d = check_id(device_id, "device id")
         return [("readwrite", f"{self.prefix}/dev/{d}/#"),
+                ("write", f"{self.prefix}/dev/+/stage/{d}"),
+                ("write", f"{self.prefix}/dev/+/stream/{d}"),
+                ("read", self.all_device_status()),
                 ("write", f"{self.prefix}/edge/+/req/{d}"),
                 ("write", f"{self.prefix}/edge/+/probe/{d}"),
                 ("write", self.pool_request(d)),
@@ -106,6 +128,14 @@ class Topics:
         else (it cannot act as the device, read other applications' answers or reach an edge)."""
         return [("write", self.device_infer(device_id)), ("read", self.app_responses(device_id, app))]
 
+    def dev_topic(self, topic: str) -> tuple[str, str] | None:
+        """(device id, what) of a ``.../dev/<id>/<what>/...`` topic, else None."""
+        parts = topic.split("/")
+        base = self.prefix.count("/") + 1
+        if len(parts) < base + 3 or parts[base] != "dev":
+            return None
+        return parts[base + 1], parts[base + 2]
+
     def edge_id_of(self, topic: str) -> str:
         """The edge id in an ``.../edge/<id>/...`` topic."""
         parts = topic.split("/")
@@ -115,5 +145,5 @@ class Topics:
         return check_id(parts[base + 1], "edge id")
 
     def device_id_of(self, topic: str) -> str:
-        """The last level of a request or probe topic: the sending device's id."""
+        """The last level of a request, probe, stage or stream topic: the sender's id."""
         return check_id(topic.rsplit("/", 1)[-1], "device id")

@@ -7,6 +7,7 @@ import pytest
 
 from coinfer import pipeline, pipesim
 from coinfer.cli import main
+from deviced.stream import load_fleet
 from models.bundle import BUNDLES_DIR
 from planner import pipeline as planner_pipeline
 from planner.core import LayerInfo
@@ -49,17 +50,17 @@ def test_a_fleet_file_names_latency_models_relative_to_itself(tmp_path: Path) ->
     fleet_file = tmp_path / "lab.workers.toml"
     fleet_file.write_text('[[workers]]\nname = "cam"\nlatency_model = "models/mine.json"\nmemory = "1GB"\n'
                           'uplink = "10Mbps"\ndownlink = "10Mbps"\n')
-    fleet = pipeline.load_fleet(fleet_file)
+    fleet = load_fleet(fleet_file)
     assert fleet.source == "cam" and fleet.workers[0].latency.name
     fleet_file.write_text(fleet_file.read_text().replace("mine.json", "missing.json"))
     with pytest.raises(PipelineError, match=r"unknown latency model 'models/missing\.json'"):
-        pipeline.load_fleet(fleet_file)
+        load_fleet(fleet_file)
 
 
 @pytest.mark.parametrize("names", [("cam", "pi3b-2", "pi3bplus", "pi4-a", "edge"),  # replicas, splits, the edge
                                    ("cam", "pi3b-2", "pi3bplus", "zero2w")])
 def test_the_simulation_matches_the_planned_throughput(names: tuple[str, ...]) -> None:
-    fleet = pipeline.load_fleet(FLEET).subset(list(names))
+    fleet = load_fleet(FLEET).subset(list(names))
     chain = pipeline.load_chain(BUNDLES_DIR / "fmnist-branchy-alexnet")
     p = planner_pipeline.plan(chain, fleet)
     sim = pipesim.simulate(p, frames=400, cv=0.05, seed=1)
@@ -86,7 +87,7 @@ def test_the_simulation_joins_split_slices_and_runs_embedded_plans() -> None:
     assert [s.mode for s in split.stages] == ["single", "split", "single"]
     speeds = [{w.name: w.speed for w in workers}[n] for n in split.stages[1].workers]
     assert split.stages[1].fractions == pytest.approx(tuple(v / sum(speeds) for v in speeds))  # shares by speed
-    fleet = pipeline.load_fleet(FLEET)
+    fleet = load_fleet(FLEET)
     one = Fleet(workers=(fleet.workers[3],), source=fleet.workers[3].name)
     embedded = planner_pipeline.plan(pipeline.load_chain(BUNDLES_DIR / "fmnist-branchy-alexnet"), one,
                                      method="embedded")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,35 @@ def test_namespace_testbed_shapes_the_uplink_and_quota_and_cleans_up(tmp_path: P
 def _netns() -> list[str]:
     return [line.split()[0] for line in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                                         text=True).stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the namespace testbed needs root (CI runs as root)")
+def test_fleet_testbed_gives_each_member_its_quota_and_links_and_cleans_up() -> None:
+    members = [testbed.Member(name="cam", cpu_quota=0.1, uplink_bps=2e6, downlink_bps=4e6),
+               testbed.Member(name="w1", cpu_quota=0.2, uplink_bps=8e6, downlink_bps=16e6)]
+    with testbed.Fleetbed(members) as bed:
+        assert {testbed.NS_HUB, "coinfer-w0", "coinfer-w1"} <= set(_netns())
+        for i, (up, down) in enumerate((("2Mbit", "4Mbit"), ("8Mbit", "16Mbit"))):
+            mine = subprocess.run(["ip", "netns", "exec", f"coinfer-w{i}", "tc", "qdisc", "show", "dev", f"cfw{i}"],
+                                  capture_output=True, text=True).stdout
+            hub = subprocess.run(["ip", "netns", "exec", testbed.NS_HUB, "tc", "qdisc", "show", "dev", f"cfw{i}h"],
+                                 capture_output=True, text=True).stdout
+            assert up in mine and down in hub
+        # a member's process runs in its cgroup and namespace, and reaches the hub (where the broker runs)
+        server = subprocess.Popen(bed.hub_argv([sys.executable, "-c", "import socket; s = socket.socket(); "
+                                                f"s.bind(('{bed.hub_host}', 18999)); s.listen(); "
+                                                "c, _ = s.accept(); c.sendall(b'hub')"]))
+        try:
+            client = (f"import socket, time; time.sleep(0.5); c = socket.create_connection(('{bed.hub_host}', 18999), "
+                      "timeout=5); print(open('/proc/self/cgroup').read(), c.recv(3).decode())")
+            out = subprocess.run(bed.argv("w1", [sys.executable, "-c", client]), capture_output=True, text=True,
+                                 timeout=20).stdout
+        finally:
+            server.wait(timeout=10)
+        assert "coinfer-w1" in out and "hub" in out
+        bed.set_quota("w1", 0.1)
+        cg = next(p for p in (testbed.CGROUP_ROOT / "coinfer-w1", testbed.CGROUP_ROOT / "cpu" / "coinfer-w1")
+                  if p.exists())
+        quota = (cg / "cpu.max").read_text() if (cg / "cpu.max").exists() else (cg / "cpu.cfs_quota_us").read_text()
+        assert quota.split()[0] == "1000"
+    assert not {testbed.NS_HUB, "coinfer-w0", "coinfer-w1"} & set(_netns())
