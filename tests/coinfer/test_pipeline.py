@@ -7,7 +7,7 @@ import pytest
 
 from coinfer import pipeline, pipesim
 from coinfer.cli import main
-from deviced.stream import load_fleet
+from deviced.stream import REFERENCE_MODELS, load_fleet
 from models.bundle import BUNDLES_DIR
 from planner import pipeline as planner_pipeline
 from planner.core import LayerInfo
@@ -46,7 +46,7 @@ def test_bad_fleets_and_bounds_are_clear_errors(tmp_path: Path, capsys: pytest.C
 
 def test_a_fleet_file_names_latency_models_relative_to_itself(tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "mine.json").write_text((pipeline.REFERENCE_MODELS["pi3"]).read_text())
+    (tmp_path / "models" / "mine.json").write_text(REFERENCE_MODELS["pi3"].read_text())
     fleet_file = tmp_path / "lab.workers.toml"
     fleet_file.write_text('[[workers]]\nname = "cam"\nlatency_model = "models/mine.json"\nmemory = "1GB"\n'
                           'uplink = "10Mbps"\ndownlink = "10Mbps"\n')
