@@ -39,6 +39,7 @@ from coinfer.testbed import Fleetbed, Member, process
 REPO = Path(__file__).resolve().parents[1]
 CALIBRATED = REPO / "docs" / "results" / "edgent"
 BROKER_PORT = 18830
+BUNDLE = REPO / "models" / "bundles" / "fmnist56-branchy-alexnet"  # the bundle the device model was calibrated on
 MEMBERS = (Member(name="cam", cpu_quota=0.10, uplink_bps=20e6, downlink_bps=20e6),
            Member(name="w1", cpu_quota=0.10, uplink_bps=10e6, downlink_bps=20e6),
            Member(name="w2", cpu_quota=0.20, uplink_bps=20e6, downlink_bps=40e6),
@@ -63,7 +64,7 @@ def run(out: Path, *, frames: int = 100, fault_frames: int = 300, log: Callable[
         with contextlib.ExitStack() as stack:
             workers = {m.name: stack.enter_context(_worker(bed, tmp, m.name)) for m in MEMBERS[1:]}
             workers[EDGE] = stack.enter_context(_worker(bed, tmp, EDGE))
-            time.sleep(3.0)  # the daemons connect and subscribe
+            _wait_online(bed, [m.name for m in MEMBERS[1:]] + [EDGE])
             log("calibration: the camera alone, 40 frames ...")
             fleet = _fleet_file(tmp, 1.0)
             cal = _stream(bed, tmp, fleet, images, ["cam"], 40)
@@ -108,7 +109,8 @@ def _broker(bed: Fleetbed, tmp: Path) -> Iterator[None]:
 
 def _config(bed: Fleetbed, tmp: Path, name: str) -> Path:
     conf = tmp / f"{name}.toml"
-    conf.write_text(f'[deviced]\ndevice_id = "{name}"\nprobe_interval_s = 0\ncompute_knob = "none"\n\n'
+    conf.write_text(f'[deviced]\ndevice_id = "{name}"\nprobe_interval_s = 0\ncompute_knob = "none"\n'
+                    f'bundle = "{BUNDLE}"\n\n'
                     f'[broker]\nhost = "{bed.hub_host}"\nport = {BROKER_PORT}\n')
     return conf
 
@@ -120,6 +122,21 @@ def _worker(bed: Fleetbed, tmp: Path, name: str) -> Iterator[subprocess.Popen[st
     with process(bed.hub_argv(argv) if name == EDGE else bed.argv(name, argv), cwd=REPO,
                  stdout=subprocess.DEVNULL) as proc:
         yield proc
+
+
+def _wait_online(bed: Fleetbed, names: Sequence[str], timeout_s: float = 180.0) -> None:
+    """Until every daemon's retained status says online (a worker under a 10% quota takes ~20 s to start)."""
+    code = ("import sys, paho.mqtt.client as m\n"
+            "want, seen = set(sys.argv[1].split(',')), set()\n"
+            "def on(c, u, msg):\n"
+            "    if b'online' in msg.payload: seen.add(msg.topic.split('/')[-2])\n"
+            "    if seen >= want: c.disconnect()\n"
+            "c = m.Client(m.CallbackAPIVersion.VERSION2)\n"
+            "c.on_message = on\n"
+            f"c.connect('{bed.hub_host}', {BROKER_PORT})\n"
+            "c.subscribe('coinfer/dev/+/status')\n"
+            "c.loop_forever()\n")
+    subprocess.run(bed.hub_argv([sys.executable, "-c", code, ",".join(names)]), check=True, timeout=timeout_s)
 
 
 def _fleet_file(tmp: Path, factor: float) -> Path:
@@ -179,11 +196,10 @@ def _baselines(fleet: Path, names: Sequence[str]) -> dict[str, Any]:
     """The planner's best single device, for the record beside the measured camera-alone and camera+edge runs."""
     from coinfer.pipeline import load_chain
     from deviced.stream import load_fleet
-    from models.bundle import DEFAULT_BUNDLE
     from planner import pipeline
 
     f = load_fleet(fleet)
-    chain = load_chain(DEFAULT_BUNDLE)
+    chain = load_chain(BUNDLE)
     costs = pipeline.Costs(chain, f.subset(list(names)))
     single = {w.name: 1.0 / float(costs.period[i, 0, chain.n]) for i, w in enumerate(costs.fleet.workers)}
     best = max(single, key=lambda n: single[n])
