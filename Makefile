@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench bench-pipeline bench-edgent bench-load deploy-check system-deps clean
+.PHONY: run test lint typecheck unit bench bench-pipeline bench-pipeline-testbed bench-edgent bench-load deploy-check system-deps clean
 
 run: $(STAMP) system-deps
 	@echo "== co-inference: mosquitto + edged + deviced on this machine, real Fashion-MNIST images =="
@@ -38,6 +38,10 @@ bench: $(STAMP) system-deps
 # The pipeline planner on the example fleet, checked by simulation (~2 minutes). Results: docs/results/pipeline.
 bench-pipeline: $(STAMP)
 	$(VENV)/bin/coinfer bench pipeline --sim --out docs/results/pipeline
+
+# Streams through deviced on the fleet testbed (root; ~10 minutes). Results: docs/results/pipeline/testbed.*.
+bench-pipeline-testbed: $(STAMP) system-deps
+	$(SUDO) $(VENV)/bin/coinfer bench pipeline --out docs/results/pipeline
 
 # The Edgent experiments on the namespace testbed (root; ~16 minutes). Results: docs/results/edgent.
 bench-edgent: $(STAMP) system-deps

@@ -66,12 +66,14 @@ def run(out: Path, *, frames: int = 100, fault_frames: int = 300, log: Callable[
             workers[EDGE] = stack.enter_context(_worker(bed, tmp, EDGE))
             _wait_online(bed, [m.name for m in MEMBERS[1:]] + [EDGE])
             log("calibration: the camera alone, 40 frames ...")
-            fleet = _fleet_file(tmp, 1.0)
+            edge_speed = _edge_speed()
+            fleet = _fleet_file(tmp, 1.0, edge_speed)
             cal = _stream(bed, tmp, fleet, images, ["cam"], 40)
             factor = cal["measured_fps"] / cal["planned_fps"]
-            doc["calibration"] = {"speed_factor": factor, **cal}
-            log(f"  measured {cal['measured_fps']:.2f} f/s vs planned {cal['planned_fps']:.2f}: speeds x{factor:.2f}")
-            fleet = _fleet_file(tmp, factor)
+            doc["calibration"] = {"device_speed": factor, "edge_speed": edge_speed, **cal}
+            log(f"  measured {cal['measured_fps']:.2f} f/s vs planned {cal['planned_fps']:.2f}: device speeds "
+                f"x{factor:.2f}; the edge (the whole exit timed on this host): x{edge_speed:.2f}")
+            fleet = _fleet_file(tmp, factor, edge_speed)
             doc["scaling"] = {"devices": [], "devices+edge": []}
             names = [m.name for m in MEMBERS]
             for k in range(1, len(MEMBERS) + 1):
@@ -139,7 +141,32 @@ def _wait_online(bed: Fleetbed, names: Sequence[str], timeout_s: float = 180.0) 
     subprocess.run(bed.hub_argv([sys.executable, "-c", code, ",".join(names)]), check=True, timeout=timeout_s)
 
 
-def _fleet_file(tmp: Path, factor: float) -> Path:
+def _edge_speed(runs: int = 50) -> float:
+    """The host's per-layer model's prediction of the whole exit over its median time on this host today."""
+    from coinfer.pipeline import load_chain
+    from models.bundle import load_bundle
+    from models.runtime import StageRunner
+    from planner import pipeline
+    from planner.fleet import Fleet, Worker
+    from planner.latency import LatencyModel
+
+    bundle = load_bundle(BUNDLE)
+    runner = StageRunner(bundle)
+    stage = runner.stage(runner.whole(len(bundle.exits)))
+    feed = {bundle.input_name: np.zeros(bundle.input_shape, np.float32)}
+    times = []
+    for _ in range(runs + 5):
+        start = time.perf_counter()
+        stage.run(feed)
+        times.append(time.perf_counter() - start)
+    model = LatencyModel.from_json(json.loads((CALIBRATED / "edge-latency-model.json").read_text()))
+    chain = load_chain(BUNDLE)
+    one = Fleet(workers=(Worker(name=EDGE, latency=model, memory_bytes=4e9, uplink_bps=1e9, downlink_bps=1e9),),
+                source=EDGE)
+    return float(pipeline.Costs(chain, one).compute[0, 0, chain.n]) / float(np.median(times[5:]))
+
+
+def _fleet_file(tmp: Path, factor: float, edge_speed: float) -> Path:
     """The fleet: the calibrated device model at each member's quota, the host model for the edge."""
     device = json.loads((CALIBRATED / "device-latency-model.json").read_text())
     lines = ['source = "cam"', "max_group = 1", ""]
@@ -152,7 +179,7 @@ def _fleet_file(tmp: Path, factor: float) -> Path:
                   'memory = "384MB"', f'uplink = "{int(m.uplink_bps)}bps"', f'downlink = "{int(m.downlink_bps)}bps"',
                   ""]
     shutil.copy(CALIBRATED / "edge-latency-model.json", tmp / "edge-model.json")
-    lines += ["[[workers]]", f'name = "{EDGE}"', 'latency_model = "edge-model.json"', f"speed = {factor}",
+    lines += ["[[workers]]", f'name = "{EDGE}"', 'latency_model = "edge-model.json"', f"speed = {edge_speed}",
               'memory = "4GB"', 'uplink = "1Gbps"', 'downlink = "1Gbps"', "edge = true", ""]
     path = tmp / "fleet.workers.toml"
     path.write_text("\n".join(lines))
@@ -162,7 +189,7 @@ def _fleet_file(tmp: Path, factor: float) -> Path:
 def _stream_argv(bed: Fleetbed, tmp: Path, fleet: Path, images: Path, workers: Sequence[str], count: int
                  ) -> list[str]:
     return bed.argv("cam", [sys.executable, "-m", "deviced.cli", "stream", str(images), "--fleet", str(fleet),
-                            "--workers", ",".join(w for w in workers if w != "cam"), "--count", str(count),
+                            "--workers", ",".join(workers), "--count", str(count),
                             "--config", str(_config(bed, tmp, "cam")), "--json"])
 
 

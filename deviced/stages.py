@@ -5,7 +5,7 @@ segment of the model to run, the epoch it belongs to, where to send each frame n
 worker may hold waiting (its credits). Frames then arrive on the same inbox from the owner or the previous stage;
 the worker runs its segment on each, one stage at a time on the device's CPU (``Device.run_stage``), and sends
 the outputs on to the next stage, or the result back to the owner's stream inbox. While it holds a plan it sends
-the owner a heartbeat (``StageAck``: frames waiting, done, mean compute time).
+the owner a heartbeat (``StageAck``: frames waiting, done, the median compute time of the last few).
 
 Every message is validated first; whatever a worker cannot take (unreadable, a plan not from its stream's owner,
 an unknown bundle or cut, a frame of another epoch, of no plan, or over the credits, a tensor that does not fit)
@@ -15,11 +15,14 @@ is answered with a ``StageError`` to the sender's stream inbox, and the worker k
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import statistics
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import structlog
 
 from models.errors import ModelError
@@ -41,7 +44,7 @@ from protocol.topics import Topics
 
 log = structlog.get_logger()
 HEARTBEAT_S = 0.5  # a worker's StageAck interval while it holds a plan
-EWMA = 0.3  # weight of the newest frame in the heartbeat's mean compute time
+RECENT = 8  # frames whose median compute time the heartbeat reports
 
 Publish = Callable[[str, bytes], Coroutine[Any, Any, None]]
 RunStage = Callable[[Stage, Any], Awaitable[tuple[dict[str, Any], float]]]
@@ -56,7 +59,7 @@ class _Held:
     inbox: asyncio.Queue[StageFrame]
     outbox: asyncio.Queue[tuple[StageFrame, dict[str, Any], float]]
     done: int = 0
-    compute_s: float = 0.0
+    recent: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=RECENT))
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -145,6 +148,8 @@ class StageWorker:
         segment = Segment(plan.exit, frozenset(plan.input_names), frozenset(plan.output_names))
         try:
             stage = await asyncio.to_thread(self.runner.stage, segment)
+            # one run now: a session's first run is many times slower, and is no frame's business
+            await self._run_stage(stage, {k: np.zeros(v, np.float32) for k, v in stage.inputs.items()})
         except ModelError as exc:
             self._refuse(sender, plan.stream_id, plan.epoch, -1, ErrorCode.BAD_PLAN, str(exc))
             return
@@ -190,7 +195,7 @@ class StageWorker:
                 self._refuse(plan.owner, plan.stream_id, plan.epoch, frame.frame, ErrorCode.INTERNAL,
                              f"stage failed: {type(exc).__name__}")
                 continue
-            held.compute_s = seconds if held.done == 0 else (1 - EWMA) * held.compute_s + EWMA * seconds
+            held.recent.append(seconds)
             held.done += 1
             self.metrics.stage_seconds.observe(seconds)
             await held.outbox.put((frame, outputs, seconds))
@@ -227,7 +232,7 @@ class StageWorker:
         plan = held.plan
         ack = StageAck(stream_id=plan.stream_id, epoch=plan.epoch, stage=plan.stage, sender=self.worker_id,
                        state=state, queued=held.inbox.qsize() + held.outbox.qsize(), done=held.done,
-                       compute_s=held.compute_s)
+                       compute_s=statistics.median(held.recent) if held.recent else 0.0)
         await self._publish(self.topics.stream_inbox(plan.owner, self.worker_id), encode(ack))
 
     # ---- errors -------------------------------------------------------------------------------------------------

@@ -171,7 +171,9 @@ class Costs:
         self.layer_s = np.array([w.latency.predict_many(feats) / w.speed for w in fleet.workers])  # k x n
         cum = np.concatenate([np.zeros((self.k, 1)), np.cumsum(self.layer_s, axis=1)], axis=1)
         overhead = np.array([w.latency.stage_overhead_s / w.speed for w in fleet.workers])
-        self.compute = cum[:, None, :] - cum[:, :, None] + overhead[:, None, None]  # [w, a, b]
+        # [w, a, b]: wall seconds of a stage of blocks a..b-1 on worker w (its CPU quota, if it has one, applied
+        # to the stage as a whole: a busy stage resumes at a refill, as ``LatencyModel.stage_s`` models)
+        self.compute = self.wall(cum[:, None, :] - cum[:, :, None] + overhead[:, None, None])
         self.whole_s = self.compute[:, 0, n]
         self.bits = np.asarray(chain.boundary_bytes) * 8.0
         weights = np.concatenate([[0.0], np.cumsum(chain.weight_bytes)])
@@ -215,6 +217,16 @@ class Costs:
             latency[:, self.n] += self.result_hop_s
         return np.where(ok, period, INF), np.where(ok, latency, INF)
 
+    def wall(self, busy: Matrix, workers: Sequence[int] | npt.NDArray[np.int64] | None = None) -> Matrix:
+        """Each row's CPU seconds as wall seconds on its worker (row i: ``workers[i]``, default worker i)."""
+        rows = range(self.k) if workers is None else [int(w) for w in workers]
+        out = np.array(busy, dtype=np.float64)
+        for i, w in enumerate(rows):
+            quota = self.fleet.workers[w].latency.cpu_quota
+            if quota is not None:
+                out[i] = quota.wall_s(np.maximum(out[i], 0.0))
+        return out
+
     def split(self, group: Sequence[int]) -> tuple[Matrix, Matrix, Matrix]:
         """(period, latency, shares) of one conv/fc layer split across ``group``; ``shares[m, i]`` is member m's
         share of the output channels of the i-th splittable layer (``split_at[i]``)."""
@@ -225,7 +237,7 @@ class Costs:
         g = np.asarray(group)
         layer_s = np.maximum(self.layer_s[g][:, at], 1e-12)  # members x splittable layers
         f = (1.0 / layer_s) / (1.0 / layer_s).sum(axis=0)  # shares that equalise the members' compute
-        comp = self.overhead_s[g][:, None] + f * layer_s
+        comp = self.wall(self.overhead_s[g][:, None] + f * layer_s, g)
         recv = self.bits[at][None, :] / self.downlink[g][:, None]
         send = f * self.bits[at + 1][None, :] / self.uplink[g][:, None]
         mem = (f * np.asarray(self.chain.weight_bytes)[at] + np.asarray(self.chain.work_bytes)[at]
@@ -475,7 +487,8 @@ def _plan(costs: Costs, path: list[tuple[int, int, _Option]], method: str) -> Pi
 def _compute(costs: Costs, w: int, a: int, b: int, share: float, threads: int, method: str) -> float:
     worker = costs.fleet.workers[w]
     if share != 1.0:
-        return worker.latency.stage_overhead_s / worker.speed + share * float(costs.layer_s[w, a])
+        busy = worker.latency.stage_overhead_s / worker.speed + share * float(costs.layer_s[w, a])
+        return float(costs.wall(np.array([[busy]]), [w])[0, 0])
     base = float(costs.compute[w, a, b])
     return base * worker.amdahl(threads) if method == "embedded" else base
 

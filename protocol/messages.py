@@ -308,7 +308,7 @@ class StageResult:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StageAck:
     """Worker -> owner: a plan taken (``ready``), then a heartbeat while it runs (``running``) or its end
-    (``stopped``): frames waiting, frames done, and the recent mean compute time per frame."""
+    (``stopped``): frames waiting, frames done, and the median compute time of the last few frames."""
 
     kind: ClassVar[str] = "stage_ack"
     stream_id: str

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from planner import pipeline
 from planner.core import LayerInfo
 from planner.fleet import Chain, Fleet, PipelineError, Worker, fleet_from_doc
-from planner.latency import LatencyModel, TypeModel
+from planner.latency import CpuQuota, LatencyModel, TypeModel
 
 MS_PER_FLOP = LatencyModel(name="flops", unit="ms", types={"other": TypeModel(variables=("flops",), coef=(1.0,),
                                                                                 intercept=0.0)})
@@ -125,6 +125,20 @@ def test_two_workers_halve_the_period_of_one() -> None:
     assert p.frames_per_s == pytest.approx(10.0, rel=1e-3)
     # two 100 ms stages, 8 kbit up and down between them, the 320-bit result up and down to the source
     assert p.latency_s == pytest.approx(0.2 + 2 * 8e3 / 1e9 + 2 * 320 / 1e9, rel=1e-9)
+
+
+def test_a_worker_under_a_cpu_quota_runs_a_stage_in_the_quotas_wall_time() -> None:
+    """A stage's CPU time under a CFS quota is throttled as a whole (``LatencyModel.stage_s``): 100 ms of CPU at a
+    quota of 1 ms per 10 ms take about 1 s, and the planner moves work to the unthrottled worker."""
+    quota = CpuQuota(quota_s=1e-3, period_s=10e-3)
+    throttled = LatencyModel(name="q", unit="ms", types=MS_PER_FLOP.types, cpu_quota=quota)
+    ch = chain([50.0, 50.0], [1e3, 1e3, 40.0])
+    cam = Worker(name="cam", latency=throttled, uplink_bps=1e9, downlink_bps=1e9, memory_bytes=1e9)
+    costs = pipeline.Costs(ch, Fleet(workers=(cam, worker("helper")), source="cam"))
+    assert costs.compute[0, 0, 2] == pytest.approx(float(throttled.stage_s(0.1)))
+    assert costs.compute[0, 0, 2] > 9 * costs.compute[1, 0, 2]
+    p = pipeline.plan(ch, Fleet(workers=(cam, worker("helper")), source="cam", per_message_s=0.0))
+    assert [s.workers for s in p.stages] == [("helper",)]
 
 
 def test_a_slow_link_keeps_the_model_on_the_source() -> None:
