@@ -12,7 +12,8 @@ its stream inbox. What it guarantees to the application:
   order; a second result for a frame (the old path's, after a re-send) is counted and dropped;
 - **fault tolerant** (the controller, ``_watch``): a worker whose status goes offline, or that is silent (no
   heartbeat) for ``STALL_S``, is left out and the stream re-planned with the others; a worker whose measured
-  compute drifts from its plan by more than ``DRIFT`` has its speed corrected and the stream re-planned; a frame
+  compute drifts from its plan by more than ``DRIFT`` has its blocks' costs corrected and the stream re-planned (if
+  the corrected plan differs); a frame
   with no answer for its timeout triggers a re-plan over the same workers. A re-plan is a new *epoch*: workers
   drop frames of other epochs, and the owner re-sends every frame still in flight (at most ``MAX_ATTEMPTS``
   sends a frame; then it ends with an error).
@@ -110,6 +111,7 @@ class _Watch:
     """What the owner knows of one worker of the current plan."""
 
     planned_s: float  # its stage's compute per frame, as planned
+    blocks: tuple[int, int]  # the block range it runs
     heard: float  # the last message from it
     drift: int = 0  # heartbeats in a row off the plan by more than DRIFT
     ratio: float = 1.0  # the last heartbeat's measured / planned
@@ -158,7 +160,9 @@ class Stream:
         self.duplicates = 0
         self.max_queued: dict[str, int] = {}  # the most frames each worker reported waiting (its heartbeats)
         self._started = time.monotonic()
-        self._speed = {w.name: 1.0 for w in fleet.workers}  # measured corrections of the fleet's speeds
+        # measured corrections of the fleet's latency models, per worker and block (a model's error depends on the
+        # layers, and on the owner its own work shares the CPU: one factor per worker would swing between ranges)
+        self._scale = {w.name: np.ones(chain.n) for w in fleet.workers}
         self._lost: set[str] = set()
         self._trouble: dict[str, str] = {}  # worker -> why it must go (set by handlers, acted on by the watchdog)
         self._watch: dict[str, _Watch] = {}
@@ -337,7 +341,8 @@ class Stream:
             drifted = {n: w.ratio for n, w in self._watch.items() if w.drift >= DRIFT_BEATS}
             if drifted:
                 for name, ratio in drifted.items():
-                    self._speed[name] /= ratio
+                    first, stop = self._watch[name].blocks
+                    self._scale[name][first:stop] *= ratio
                 await self._replan("drift", drift=drifted)
                 continue
             assert self.plan is not None
@@ -372,6 +377,9 @@ class Stream:
             started = time.monotonic()
             while True:
                 plan = self._plan()
+                if reason == "drift" and self.plan is not None and _layout(plan) == _layout(self.plan):
+                    self._corrected(plan, drift or {})  # the same stages are still best: no new epoch
+                    return
                 self.epoch += 1
                 refused = await self._hand_out(plan)
                 if not refused:
@@ -384,7 +392,7 @@ class Stream:
             self.window = pipeline.QUEUE_SLOTS * len(plan.stages)
             now = time.monotonic()
             members = self._members()
-            self._watch = {name: _Watch(planned_s=s.compute_s[i], heard=now)
+            self._watch = {name: _Watch(planned_s=s.compute_s[i], blocks=(s.first, s.stop), heard=now)
                            for s in plan.stages for i, name in enumerate(s.workers)}
             await self._stop_workers(previous - members - self._lost)
             resent = 0
@@ -402,8 +410,19 @@ class Stream:
             self.metrics.stream_replans.labels(reason).inc()
             log.info("stream_plan", stream_id=self.stream_id, **{k: v for k, v in entry.items() if k != "at"})
 
+    def _corrected(self, plan: pipeline.PipelinePlan, drift: dict[str, float]) -> None:
+        """Keep the running stages; only expect what the corrected speeds predict."""
+        self.plan = plan
+        for stage in plan.stages:
+            for i, name in enumerate(stage.workers):
+                if name in self._watch:
+                    self._watch[name].planned_s, self._watch[name].drift = stage.compute_s[i], 0
+        self.metrics.stream_replans.labels("corrected").inc()
+        log.info("stream_speeds_corrected", stream_id=self.stream_id, epoch=self.epoch,
+                 drift={k: round(v, 3) for k, v in drift.items()}, frames_per_s=plan.frames_per_s)
+
     def _plan(self) -> pipeline.PipelinePlan:
-        workers = tuple(replace(w, speed=w.speed * self._speed[w.name]) for w in self.fleet.workers
+        workers = tuple(replace(w, block_scale=tuple(self._scale[w.name])) for w in self.fleet.workers
                         if w.name not in self._lost)
         fleet = Fleet(workers=workers, source=self.owner, per_message_s=self.fleet.per_message_s,
                       max_group=self.fleet.max_group)
@@ -456,6 +475,10 @@ class Stream:
         assert self.plan is not None
         return [Segment(self.exit_index, self.chain.boundary_tensors[s.first], self.chain.boundary_tensors[s.stop])
                 for s in self.plan.stages]
+
+
+def _layout(plan: pipeline.PipelinePlan) -> list[tuple[tuple[str, ...], int, int]]:
+    return [(s.workers, s.first, s.stop) for s in plan.stages]
 
 
 async def _aiter(frames: AsyncIterable[npt.NDArray[Any]] | Iterable[npt.NDArray[Any]]

@@ -51,6 +51,9 @@ class Worker:
     parallel_fraction: float = PARALLEL_FRACTION
     loopback_bps: float = LOOPBACK_BPS
     edge: bool = False  # an edge server (baselines compare against "the source + the edge")
+    # measured corrections per block of the model being planned (1: as the latency model / speed predicts); a
+    # stream's controller learns them from the stage times it sees, block range by block range
+    block_scale: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -62,6 +65,8 @@ class Worker:
             raise PipelineError(f"worker {self.name}: cores must be at least 1")
         if not 0 <= self.parallel_fraction <= 1:
             raise PipelineError(f"worker {self.name}: parallel_fraction must lie in [0, 1]")
+        if not all(f > 0 for f in self.block_scale):
+            raise PipelineError(f"worker {self.name}: block_scale factors must be positive")
 
     def amdahl(self, threads: int) -> float:
         """Compute time on ``threads`` of its cores relative to all of them."""

@@ -168,7 +168,7 @@ class Costs:
         self.k, n = len(fleet.workers), chain.n
         self.n = n
         feats = [(b.kind, b.features) for b in chain.blocks]
-        self.layer_s = np.array([w.latency.predict_many(feats) / w.speed for w in fleet.workers])  # k x n
+        self.layer_s = np.array([w.latency.predict_many(feats) / w.speed * _scale(w, n) for w in fleet.workers])
         cum = np.concatenate([np.zeros((self.k, 1)), np.cumsum(self.layer_s, axis=1)], axis=1)
         overhead = np.array([w.latency.stage_overhead_s / w.speed for w in fleet.workers])
         # [w, a, b]: wall seconds of a stage of blocks a..b-1 on worker w (its CPU quota, if it has one, applied
@@ -482,6 +482,14 @@ def _plan(costs: Costs, path: list[tuple[int, int, _Option]], method: str) -> Pi
                         period_s=period, latency_s=sum(s.latency_s for s in stages), source_send_s=source_send,
                         result_receive_s=result, per_message_s=fleet.per_message_s,
                         bottleneck=_bottleneck(stages, source_send, period))
+
+
+def _scale(worker: Worker, n: int) -> npt.NDArray[np.float64] | float:
+    if not worker.block_scale:
+        return 1.0
+    if len(worker.block_scale) != n:
+        raise PipelineError(f"worker {worker.name}: block_scale has {len(worker.block_scale)} factors for {n} blocks")
+    return np.asarray(worker.block_scale, dtype=np.float64)
 
 
 def _compute(costs: Costs, w: int, a: int, b: int, share: float, threads: int, method: str) -> float:
