@@ -77,6 +77,7 @@ class StageWorker:
         self.metrics = metrics
         self._held: dict[tuple[str, str], _Held] = {}
         self._pending: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     @property
     def queued(self) -> int:
@@ -85,6 +86,8 @@ class StageWorker:
 
     def handle(self, sender: str, payload: bytes) -> None:
         """One message from the stage inbox (``sender``: the topic's last level, which the broker's ACL vouches for)."""
+        if self._closed:
+            return  # the session is ending: nothing new starts
         try:
             msg = decode(payload, expect=STAGE_INBOX)
         except ProtocolError as exc:
@@ -102,6 +105,7 @@ class StageWorker:
 
     async def close(self) -> None:
         """Drop every plan (the session ends)."""
+        self._closed = True
         for owner, stream_id in list(self._held):
             await self._stop(owner, stream_id, announce=False)
         for task in list(self._pending):

@@ -2,6 +2,7 @@
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -247,3 +248,18 @@ def test_a_split_members_memory_is_its_own_share() -> None:
         p = pipeline.plan(ch, fleet, method=method)
         _check_plan(p, ch, fleet)
         assert p.stages[1].mode == "split" and p.stages[1].memory_bytes[1] > 2e6 > p.stages[1].memory_bytes[0]
+
+
+def test_measured_block_corrections_move_work_off_the_blocks_that_ran_slow() -> None:
+    ch = chain([100.0, 100.0], [1e3, 1e3, 40.0])
+    fleet = Fleet(workers=(worker("cam"), worker("helper")), source="cam", per_message_s=0.0)
+    assert pipeline.Costs(ch, fleet).compute[1, 0, 2] == pytest.approx(0.2)
+    slow_first = Fleet(workers=(worker("cam"), replace(worker("helper"), block_scale=(3.0, 1.0))), source="cam",
+                       per_message_s=0.0)
+    assert pipeline.Costs(ch, slow_first).compute[1, 0, 2] == pytest.approx(0.4)  # 300 ms + 100 ms
+    p = pipeline.plan(ch, slow_first)
+    assert [(s.workers, s.first, s.stop) for s in p.stages] == [(("cam",), 0, 1), (("helper",), 1, 2)]
+    with pytest.raises(PipelineError, match="block_scale has 1 factors for 2 blocks"):
+        pipeline.Costs(ch, Fleet(workers=(replace(worker("cam"), block_scale=(2.0,)),), source="cam"))
+    with pytest.raises(PipelineError, match="positive"):
+        replace(worker("cam"), block_scale=(0.0, 1.0))
