@@ -14,8 +14,9 @@ runs ``deviced stream`` over real Fashion-MNIST frames. What it measures:
 The workers' latency models are the testbed device's, calibrated on this host for a 10% quota
 (``docs/results/edgent/device-latency-model.json``: the host's per-layer model x a fitted slowdown + a per-stage
 overhead, under the quota), its quota set to each worker's; the edge's is the host's per-layer model. A short
-calibration stream on the camera alone first scales every speed by today's measured/predicted ratio (the host's
-speed drifts between days); the scaling runs' predictions are then out of sample.
+calibration before each group of runs (the camera alone streaming 30 frames; the whole exit timed on the host
+for the edge) scales the devices' and the edge's speeds to this host's speed at that moment (it drifts by tens
+of percent within minutes); every multi-device prediction is then out of sample.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ MEMBERS = (Member(name="cam", cpu_quota=0.10, uplink_bps=20e6, downlink_bps=20e6
 EDGE = "edge"
 WARMUP_FRAMES = 5  # results of a plan before its steady state
 STEADY_MIN = 20  # results a steady-state rate is measured over
+CALIBRATION_FRAMES = 30
 
 
 def run(out: Path, *, frames: int = 100, fault_frames: int = 300, log: Callable[[str], None] = print
@@ -67,18 +69,10 @@ def run(out: Path, *, frames: int = 100, fault_frames: int = 300, log: Callable[
             workers = {m.name: stack.enter_context(_worker(bed, tmp, m.name)) for m in MEMBERS[1:]}
             workers[EDGE] = stack.enter_context(_worker(bed, tmp, EDGE))
             _wait_online(bed, [m.name for m in MEMBERS[1:]] + [EDGE])
-            log("calibration: the camera alone, 40 frames ...")
-            edge_speed = _edge_speed()
-            fleet = _fleet_file(tmp, 1.0, edge_speed)
-            cal = _stream(bed, tmp, fleet, images, ["cam"], 40)
-            factor = cal["measured_fps"] / cal["planned_fps"]
-            doc["calibration"] = {"device_speed": factor, "edge_speed": edge_speed, **cal}
-            log(f"  measured {cal['measured_fps']:.2f} f/s vs planned {cal['planned_fps']:.2f}: device speeds "
-                f"x{factor:.2f}; the edge (the whole exit timed on this host): x{edge_speed:.2f}")
-            fleet = _fleet_file(tmp, factor, edge_speed)
-            doc["scaling"] = {"devices": [], "devices+edge": []}
+            doc["calibrations"], doc["scaling"] = [], {"devices": [], "devices+edge": []}
             names = [m.name for m in MEMBERS]
             for k in range(1, len(MEMBERS) + 1):
+                fleet = _calibrate(bed, tmp, images, doc, log)  # this host's speed drifts within minutes
                 for series, extra in (("devices", []), ("devices+edge", [EDGE])):
                     row = {"k": k, **_stream(bed, tmp, fleet, images, names[:k] + extra, frames)}
                     doc["scaling"][series].append(row)
@@ -90,6 +84,7 @@ def run(out: Path, *, frames: int = 100, fault_frames: int = 300, log: Callable[
                         f"{row['replans']} re-plan(s)")
             doc["baselines"] = _baselines(fleet, names)
             log("faults: four devices, one killed, then another throttled ...")
+            fleet = _calibrate(bed, tmp, images, doc, log)
             doc["faults"] = _faults(bed, tmp, fleet, images, names, fault_frames, workers, log)
     (out / "testbed.json").write_text(json.dumps(doc, indent=1) + "\n")
     _plot(doc, out)
@@ -143,6 +138,18 @@ def _wait_online(bed: Fleetbed, names: Sequence[str], timeout_s: float = 180.0) 
             "c.subscribe('coinfer/dev/+/status')\n"
             "c.loop_forever()\n")
     subprocess.run(bed.hub_argv([sys.executable, "-c", code, ",".join(names)]), check=True, timeout=timeout_s)
+
+
+def _calibrate(bed: Fleetbed, tmp: Path, images: Path, doc: dict[str, Any], log: Callable[[str], None]) -> Path:
+    """The fleet file at this host's speed now: the edge's from the whole exit timed here, the devices' from
+    the camera alone streaming ``CALIBRATION_FRAMES`` frames (measured / planned)."""
+    edge_speed = _edge_speed()
+    cal = _stream(bed, tmp, _fleet_file(tmp, 1.0, edge_speed), images, ["cam"], CALIBRATION_FRAMES)
+    factor = cal["measured_fps"] / cal["planned_fps"]
+    doc["calibrations"].append({"device_speed": factor, "edge_speed": edge_speed, **cal})
+    log(f"calibration: the camera alone {cal['measured_fps']:.2f} f/s vs planned {cal['planned_fps']:.2f}: device "
+        f"speeds x{factor:.2f}; the edge (the whole exit timed on this host) x{edge_speed:.2f}")
+    return _fleet_file(tmp, factor, edge_speed)
 
 
 def _edge_speed(runs: int = 50) -> float:

@@ -38,7 +38,6 @@ import structlog
 
 from deviced.errors import DevicedError
 from planner import REFERENCE_DIR, pipeline
-from planner.core import Segment
 from planner.errors import LatencyModelError
 from planner.fleet import Chain, Fleet, PipelineError, fleet_from_doc
 from planner.latency import LatencyModel
@@ -470,11 +469,6 @@ class Stream:
     def _members(self) -> set[str]:
         return {w for s in self.plan.stages for w in s.workers} if self.plan is not None else set()
 
-    def segments(self) -> list[Segment]:
-        """The current plan's stages as segments of the exit."""
-        assert self.plan is not None
-        return [Segment(self.exit_index, self.chain.boundary_tensors[s.first], self.chain.boundary_tensors[s.stop])
-                for s in self.plan.stages]
 
 
 def _layout(plan: pipeline.PipelinePlan) -> list[tuple[tuple[str, ...], int, int]]:
