@@ -14,9 +14,9 @@ runs ``deviced stream`` over real Fashion-MNIST frames. What it measures:
 The workers' latency models are the testbed device's, calibrated on this host for a 10% quota
 (``docs/results/edgent/device-latency-model.json``: the host's per-layer model x a fitted slowdown + a per-stage
 overhead, under the quota), its quota set to each worker's; the edge's is the host's per-layer model. A short
-calibration before each group of runs (the camera alone streaming 30 frames; the whole exit timed on the host
-for the edge) scales the devices' and the edge's speeds to this host's speed at that moment (it drifts by tens
-of percent within minutes); every multi-device prediction is then out of sample.
+calibration before each group of runs (the camera alone, then the camera and the edge, each streaming 30 frames)
+scales the devices' and the edge's speeds to this host's speed at that moment (it drifts by tens of percent
+within minutes); every multi-device prediction is then out of sample.
 """
 
 from __future__ import annotations
@@ -141,40 +141,17 @@ def _wait_online(bed: Fleetbed, names: Sequence[str], timeout_s: float = 180.0) 
 
 
 def _calibrate(bed: Fleetbed, tmp: Path, images: Path, doc: dict[str, Any], log: Callable[[str], None]) -> Path:
-    """The fleet file at this host's speed now: the edge's from the whole exit timed here, the devices' from
-    the camera alone streaming ``CALIBRATION_FRAMES`` frames (measured / planned)."""
-    edge_speed = _edge_speed()
-    cal = _stream(bed, tmp, _fleet_file(tmp, 1.0, edge_speed), images, ["cam"], CALIBRATION_FRAMES)
-    factor = cal["measured_fps"] / cal["planned_fps"]
-    doc["calibrations"].append({"device_speed": factor, "edge_speed": edge_speed, **cal})
-    log(f"calibration: the camera alone {cal['measured_fps']:.2f} f/s vs planned {cal['planned_fps']:.2f}: device "
-        f"speeds x{factor:.2f}; the edge (the whole exit timed on this host) x{edge_speed:.2f}")
-    return _fleet_file(tmp, factor, edge_speed)
-
-
-def _edge_speed(runs: int = 50) -> float:
-    """The host's per-layer model's prediction of the whole exit over its median time on this host today."""
-    from coinfer.pipeline import load_chain
-    from models.bundle import load_bundle
-    from models.runtime import StageRunner
-    from planner import pipeline
-    from planner.fleet import Fleet, Worker
-    from planner.latency import LatencyModel
-
-    bundle = load_bundle(BUNDLE)
-    runner = StageRunner(bundle)
-    stage = runner.stage(runner.whole(len(bundle.exits)))
-    feed = {bundle.input_name: np.zeros(bundle.input_shape, np.float32)}
-    times = []
-    for _ in range(runs + 5):
-        start = time.perf_counter()
-        stage.run(feed)
-        times.append(time.perf_counter() - start)
-    model = LatencyModel.from_json(json.loads((CALIBRATED / "edge-latency-model.json").read_text()))
-    chain = load_chain(BUNDLE)
-    one = Fleet(workers=(Worker(name=EDGE, latency=model, memory_bytes=4e9, uplink_bps=1e9, downlink_bps=1e9),),
-                source=EDGE)
-    return float(pipeline.Costs(chain, one).compute[0, 0, chain.n]) / float(np.median(times[5:]))
+    """The fleet file at this host's speed now: the devices' speed from the camera alone streaming
+    ``CALIBRATION_FRAMES`` frames, the edge's from the camera and the edge (measured / planned frames/s)."""
+    cal = _stream(bed, tmp, _fleet_file(tmp, 1.0, 1.0), images, ["cam"], CALIBRATION_FRAMES)
+    device = cal["measured_fps"] / cal["planned_fps"]
+    edge_cal = _stream(bed, tmp, _fleet_file(tmp, device, 1.0), images, ["cam", EDGE], CALIBRATION_FRAMES)
+    edge = edge_cal["measured_fps"] / edge_cal["planned_fps"]
+    doc["calibrations"].append({"device_speed": device, "edge_speed": edge, "camera": cal, "edge": edge_cal})
+    log(f"calibration: the camera alone {cal['measured_fps']:.2f} f/s vs planned {cal['planned_fps']:.2f}, with the "
+        f"edge {edge_cal['measured_fps']:.2f} vs {edge_cal['planned_fps']:.2f}: speeds x{device:.2f} (devices), "
+        f"x{edge:.2f} (edge)")
+    return _fleet_file(tmp, device, edge)
 
 
 def _fleet_file(tmp: Path, factor: float, edge_speed: float) -> Path:
@@ -255,6 +232,7 @@ def _faults(bed: Fleetbed, tmp: Path, fleet: Path, images: Path, names: Sequence
             workers: dict[str, subprocess.Popen[str]], log: Callable[[str], None]) -> dict[str, Any]:
     kill_at, throttle_at = count // 4, count // 2
     events: dict[str, float] = {}
+    killed, throttled = "", ""
     rss: dict[str, list[int]] = {}
     stop = threading.Event()
     pids = {n: p.pid for n, p in workers.items() if n != EDGE}
@@ -264,30 +242,31 @@ def _faults(bed: Fleetbed, tmp: Path, fleet: Path, images: Path, names: Sequence
         sampler = threading.Thread(target=_sample_rss, args=(pids, rss, stop), daemon=True)
         sampler.start()
         assert owner.stdout is not None
-        start = time.monotonic()
         lines = []
         for line in owner.stdout:
             if not line.startswith("{"):
                 continue
             lines.append(json.loads(line))
             results = sum(1 for r in lines if "frame" in r)
-            if results == kill_at and "killed" not in events:
-                workers["w1"].kill()
-                events["killed"] = time.monotonic() - start
-                log(f"  frame {kill_at}: w1 killed (SIGKILL)")
-            if results == throttle_at and "throttled" not in events:
-                bed.set_quota("w2", 0.10)
-                events["throttled"] = time.monotonic() - start
-                log(f"  frame {throttle_at}: w2 throttled from 20% to 10% of a core")
+            last, at = lines[-1].get("worker", ""), lines[-1].get("finished_s", 0.0)  # the stream's clock
+            if results >= kill_at and not killed and last in workers and last != EDGE:
+                workers[last].kill()  # the last stage's worker: one the plan uses now
+                killed, events["killed"] = last, at
+                log(f"  frame {results}: {last} killed (SIGKILL)")
+            if results >= throttle_at and not throttled and last in workers and last not in (EDGE, killed):
+                quota = next(m.cpu_quota for m in MEMBERS if m.name == last)
+                bed.set_quota(last, quota / 2)
+                throttled, events["throttled"] = last, at
+                log(f"  frame {results}: {last} throttled from {quota:.0%} to {quota / 2:.0%} of a core")
         owner.wait(timeout=60)
         stop.set()
     records = [r for r in lines if "frame" in r]
     summary = lines[-1]["summary"]
     indices = [r["frame"] for r in records]
     ok = [r for r in records if "class" in r]
-    # the stream's clock starts a moment after ours; its results' times are on its clock: align on the first plan
-    offset = events["killed"] - next(r["finished_s"] for r in records if r["frame"] == kill_at - 1)
-    kill_s, throttle_s = events["killed"] - offset, events["throttled"] - offset
+    if not killed or not throttled:
+        raise RuntimeError(f"the fault run found no worker to kill or throttle: {events}")
+    kill_s, throttle_s = events["killed"], events["throttled"]
 
     def fps(a: float, b: float) -> float:
         times = [r["finished_s"] for r in ok if a <= r["finished_s"] < b]
@@ -300,7 +279,7 @@ def _faults(bed: Fleetbed, tmp: Path, fleet: Path, images: Path, names: Sequence
            "out_of_order": sum(1 for a, b in itertools.pairwise(indices) if b < a),
            "duplicates_suppressed": summary["duplicates_suppressed"],
            "max_attempts": max(r["attempts"] for r in records),
-           "killed_at_s": kill_s, "throttled_at_s": throttle_s,
+           "killed": killed, "killed_at_s": kill_s, "throttled": throttled, "throttled_at_s": throttle_s,
            "first_result_after_kill_s": (after_kill[0] - kill_s) if after_kill else None,
            "fps_before_kill": fps(ok[WARMUP_FRAMES]["finished_s"], kill_s),
            "fps_between": fps(kill_s + 2.0, throttle_s), "fps_after_throttle": fps(throttle_s + 4.0, 1e9),
@@ -347,8 +326,8 @@ def _plot(doc: dict[str, Any], out: Path) -> None:
     t = np.array([r["finished_s"] for r in ok])
     centres = np.arange(2.0, t[-1], 1.0)
     b.plot(centres, [np.sum((t > c - 2) & (t <= c)) / 2.0 for c in centres], "-", color="tab:blue")
-    b.axvline(f["killed_at_s"], color="tab:red", ls="--", label="w1 killed")
-    b.axvline(f["throttled_at_s"], color="tab:purple", ls=":", label="w2 throttled")
+    b.axvline(f["killed_at_s"], color="tab:red", ls="--", label=f"{f['killed']} killed")
+    b.axvline(f["throttled_at_s"], color="tab:purple", ls=":", label=f"{f['throttled']} throttled to half")
     b.set_xlabel("s")
     b.set_ylabel("results/s (2 s window)")
     b.set_title(f"faults: {f['results']}/{f['frames']} results, {f['duplicates_delivered']} duplicates, "

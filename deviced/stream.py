@@ -219,9 +219,17 @@ class Stream:
             self._on_error(sender, msg)
 
     def on_status(self, worker: str, status: Status) -> None:
-        if status.state == "offline" and worker in self._members() and worker != self.owner:
+        """A fleet worker's retained status: offline leaves it out (now, if the plan uses it; else from the next
+        plan on); online again (a reboot) makes it plannable at the next re-plan."""
+        if worker == self.owner or worker not in self._scale:
+            return
+        if status.state == "online":
+            self._lost.discard(worker)
+        elif worker in self._members():
             self._trouble[worker] = "offline"
             self._wake.set()
+        else:
+            self._lost.add(worker)
 
     def _on_ack(self, sender: str, ack: StageAck) -> None:
         if ack.epoch != self.epoch:
