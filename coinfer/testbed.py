@@ -25,6 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import numpy as np
+
 NS_DEVICE, NS_EDGE = "coinfer-dev", "coinfer-edge"
 VETH_DEVICE, VETH_EDGE = "cfdev0", "cfedge0"
 DEVICE_IP, EDGE_IP = "10.77.0.2", "10.77.0.1"
@@ -253,8 +255,9 @@ class Fleetbed:
         return ["ip", "netns", "exec", NS_HUB, *argv]
 
     def set_quota(self, name: str, cpu_quota: float) -> None:
-        """Throttle (or release) member ``name``'s CPU while it runs."""
-        e = Emulation(cpu_quota=cpu_quota, cpu_period_us=self.cpu_period_us)
+        """Throttle (or release) member ``name``'s CPU while it runs (a share below 1 ms per period lengthens the
+        period: the kernel's smallest quota is 1 ms)."""
+        e = Emulation(cpu_quota=cpu_quota, cpu_period_us=max(self.cpu_period_us, int(np.ceil(1000 / cpu_quota))))
         i = [m.name for m in self.members].index(name)
         _make_cgroup(e, self._ns(i))
 
