@@ -39,7 +39,7 @@ bench: $(STAMP) system-deps
 bench-pipeline: $(STAMP)
 	$(VENV)/bin/coinfer bench pipeline --sim --out docs/results/pipeline
 
-# Streams through deviced on the fleet testbed (root; ~10 minutes). Results: docs/results/pipeline/testbed.*.
+# Streams through deviced on the fleet testbed (root; ~30 minutes). Results: docs/results/pipeline/testbed.*.
 bench-pipeline-testbed: $(STAMP) system-deps
 	$(SUDO) $(VENV)/bin/coinfer bench pipeline --out docs/results/pipeline
 
