@@ -224,3 +224,30 @@ def test_stage_plans_are_validated(field: str, value: Any) -> None:
     assert decode(encode(StagePlan(**doc))) == StagePlan(**doc)
     with pytest.raises(MalformedMessage):
         StagePlan(**{**doc, field: value})
+
+
+def test_a_worker_offline_outside_the_plan_is_left_out_until_it_is_online_again() -> None:
+    from deviced.metrics import DeviceMetrics
+    from planner.fleet import chain_from_exit
+    from protocol.messages import Status
+
+    bundle = load_bundle()
+    info = bundle.exit(len(bundle.exits))
+
+    async def publish(topic: str, payload: bytes) -> None:
+        raise AssertionError("nothing is sent here")
+
+    stream = Stream(stream_id="s1", owner="cam", topics=Topics("t"), digest=bundle.digest,
+                    chain=chain_from_exit(info), exit_index=info.index, input_name=bundle.input_name,
+                    output_name=info.output, input_shape=tuple(bundle.input_shape),
+                    fleet=_fleet(["cam", "w1", "w2"]), publish=publish, metrics=DeviceMetrics())
+
+    def used() -> set[str]:
+        return {w for s in stream._plan().stages for w in s.workers}
+
+    assert used() == {"cam", "w1", "w2"}
+    stream.on_status("w1", Status(state="offline", sender="w1"))
+    assert used() == {"cam", "w2"}
+    stream.on_status("intruder", Status(state="offline", sender="intruder"))  # not of the fleet: ignored
+    stream.on_status("w1", Status(state="online", sender="w1"))
+    assert used() == {"cam", "w1", "w2"}
