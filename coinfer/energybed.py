@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from coinfer import energy, resources
-from coinfer.experiments import BROKER_PORT, REPO, Agent, _broker, _edged, run_agent
-from coinfer.testbed import Emulation, Testbed
+from coinfer.experiments import REPO, Agent, _edged, run_agent
+from coinfer.testbed import BROKER_PORT, Emulation, Testbed, broker
 from models.bundle import BUNDLES_DIR, load_bundle
 from planner import edgent, lyapunov
 from planner.core import Candidates, Conditions, Decision, Observation, View, Where
@@ -53,7 +53,7 @@ def run(out: Path, *, duration_s: float = 300.0, rate: float = 0.7, v: float = 1
     with tempfile.TemporaryDirectory() as tmpdir, ExitStack() as stack:
         tmp = Path(tmpdir)
         stack.enter_context(bed)
-        stack.enter_context(_broker(bed, tmp))
+        stack.enter_context(broker(tmp, bed.edge_host, bed.edge_argv))
         stack.enter_context(_edged(bed, tmp, edge_model, BUNDLE))
         agent = stack.enter_context(_agent(bed, device_model, params))
         stop = threading.Event()

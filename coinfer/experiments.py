@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from coinfer import resources
-from coinfer.testbed import Emulation, Testbed, process
+from coinfer.testbed import BROKER_PORT, Emulation, Testbed, broker, process
 from models.bundle import BUNDLES_DIR, load_bundle
 from planner import edgent
 from planner.core import Conditions, ExitInfo
@@ -34,7 +34,6 @@ from planner.latency import QUOTA_STARTS, CpuQuota, LatencyModel, calibrate_stag
 from planner.units import format_bandwidth
 
 REPO = Path(__file__).resolve().parent.parent
-BROKER_PORT = 18830
 # The model: its 12.5 KB input is the size of Edgent's CIFAR-10 input, and its stages take tens of ms on
 # the host, so they span many periods of the device's CPU quota (design.md).
 BUNDLE = BUNDLES_DIR / "fmnist56-branchy-alexnet"
@@ -89,7 +88,7 @@ def run(out: Path, settings: Settings, log: Callable[[str], None] = print) -> di
         log(f"model: {bundle.name} ({settings.bundle})")
         exits = bundle.exits  # the bundle agent and edged serve
         calib = _calibrate(bed, settings, tmp, out, log)
-        stack.enter_context(_broker(bed, tmp))
+        stack.enter_context(broker(tmp, bed.edge_host, bed.edge_argv))
         stack.enter_context(_edged(bed, tmp, calib["edge_model_path"], settings.bundle))
         with _agent(bed, tmp, calib["naive_device_model_path"], settings) as agent:
             _calibrate_stages(agent, exits, calib, settings, tmp, out, log)
@@ -217,17 +216,6 @@ def _check_run(argv: Sequence[str]) -> str:
 
 
 # ---- processes -------------------------------------------------------------------------------------
-
-@contextmanager
-def _broker(bed: Testbed, tmp: Path) -> Iterator[None]:
-    conf = tmp / "mosquitto.conf"
-    conf.write_text((REPO / "mosquitto.conf").read_text().replace(f"listener {BROKER_PORT} 127.0.0.1",
-                                                                   f"listener {BROKER_PORT} {bed.edge_host}"))
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    with process(bed.edge_argv([binary, "-c", str(conf)]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
-        time.sleep(0.5)
-        yield
-
 
 @contextmanager
 def _edged(bed: Testbed, tmp: Path, model: Path, bundle: Path) -> Iterator[None]:

@@ -28,19 +28,17 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from coinfer.testbed import Fleetbed, Member, process
+from coinfer.testbed import BROKER_PORT, Fleetbed, Member, broker, process
 from planner.pipeline import QUEUE_SLOTS
 
 REPO = Path(__file__).resolve().parents[1]
 CALIBRATED = REPO / "docs" / "results" / "edgent"
-BROKER_PORT = 18830
 BUNDLE = REPO / "models" / "bundles" / "fmnist56-branchy-alexnet"  # the bundle the device model was calibrated on
 MEMBERS = (Member(name="cam", cpu_quota=0.10, uplink_bps=20e6, downlink_bps=20e6),
            Member(name="w1", cpu_quota=0.10, uplink_bps=10e6, downlink_bps=20e6),
@@ -63,7 +61,7 @@ def run(out: Path, *, frames: int = 100, fault_frames: int = 300, log: Callable[
 
     np.save(images, load_fashion_mnist("test")[0][: max(frames, fault_frames)])
     doc: dict[str, Any] = {"frames": frames, "members": [_member(m) for m in MEMBERS]}
-    with Fleetbed(MEMBERS) as bed, _broker(bed, tmp):
+    with Fleetbed(MEMBERS) as bed, broker(tmp, bed.hub_host, bed.hub_argv):
         doc["emulation"] = bed.describe()
         with contextlib.ExitStack() as stack:
             workers = {m.name: stack.enter_context(_worker(bed, tmp, m.name)) for m in MEMBERS[1:]}
@@ -97,17 +95,6 @@ def _member(m: Member) -> dict[str, Any]:
 
 
 # ---- processes ----------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _broker(bed: Fleetbed, tmp: Path) -> Iterator[None]:
-    conf = tmp / "mosquitto.conf"
-    conf.write_text((REPO / "mosquitto.conf").read_text().replace(f"listener {BROKER_PORT} 127.0.0.1",
-                                                                   f"listener {BROKER_PORT} {bed.hub_host}"))
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    with process(bed.hub_argv([binary, "-c", str(conf)]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
-        time.sleep(0.5)
-        yield
-
-
 def _config(bed: Fleetbed, tmp: Path, name: str) -> Path:
     conf = tmp / f"{name}.toml"
     conf.write_text(f'[deviced]\ndevice_id = "{name}"\nprobe_interval_s = 0\ncompute_knob = "none"\n'

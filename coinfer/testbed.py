@@ -16,14 +16,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -32,6 +33,8 @@ VETH_DEVICE, VETH_EDGE = "cfdev0", "cfedge0"
 DEVICE_IP, EDGE_IP = "10.77.0.2", "10.77.0.1"
 CGROUP_NAME = "coinfer-device"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+REPO = Path(__file__).resolve().parents[1]
+BROKER_PORT = 18830  # mosquitto.conf's port, which the testbeds' broker keeps
 
 
 class TestbedError(RuntimeError):
@@ -60,7 +63,35 @@ def tbf_args(bps: float) -> list[str]:
     return ["tbf", "rate", f"{int(bps)}bit", "burst", str(burst), "limit", str(limit)]
 
 
-class Testbed:
+class _Bed:
+    """``with bed:`` runs ``up``, and always ``down`` at the end (also on SIGTERM, and when ``up`` fails)."""
+
+    def up(self) -> None:
+        raise NotImplementedError
+
+    def down(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _B) -> _B:
+        self._previous_sigterm = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+        signal.signal(signal.SIGTERM, self._previous_sigterm)
+
+
+_B = TypeVar("_B", bound=_Bed)
+
+
+class Testbed(_Bed):
     """``with Testbed(Emulation(...)) as bed:`` sets it up, and always tears it down (also on SIGTERM)."""
 
     def __init__(self, emulation: Emulation, *, loopback: bool = False) -> None:
@@ -101,22 +132,6 @@ class Testbed:
                 "edge_cpu": "this host, unconstrained", "delay": "none added (netem unavailable)"}
 
     # ---- lifecycle -------------------------------------------------------------------------------
-    def __enter__(self) -> Testbed:
-        previous = signal.getsignal(signal.SIGTERM)
-        self._previous_sigterm = previous
-        signal.signal(signal.SIGTERM, _raise_interrupt)
-        try:
-            self.up()
-        except BaseException:
-            self.down()
-            signal.signal(signal.SIGTERM, previous)
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.down()
-        signal.signal(signal.SIGTERM, self._previous_sigterm)
-
     def up(self) -> None:
         if self.loopback:
             return
@@ -225,7 +240,7 @@ class Member:
     downlink_bps: float
 
 
-class Fleetbed:
+class Fleetbed(_Bed):
     """``with Fleetbed(members) as bed:``: member ``i`` in namespace ``coinfer-w<i>`` (10.78.0.<10+i>), its cgroup
     ``coinfer-w<i>``; the hub (``bed.hub_argv``) holds the bridge, the broker and the edge. Torn down on exit."""
 
@@ -270,21 +285,6 @@ class Fleetbed:
                             for i, m in enumerate(self.members)],
                 "links": "tc tbf on each end of the member's veth (GSO off), no delay added (netem unavailable)"}
 
-    def __enter__(self) -> Fleetbed:
-        self._previous_sigterm = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, _raise_interrupt)
-        try:
-            self.up()
-        except BaseException:
-            self.down()
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.down()
-        signal.signal(signal.SIGTERM, self._previous_sigterm)
-
     def up(self) -> None:
         check_privileges()
         self.down()
@@ -317,6 +317,19 @@ class Fleetbed:
     def down(self) -> None:
         names = [self._ns(i) for i in range(FLEET_MAX)]
         _remove([*names, NS_HUB], names)
+
+
+@contextlib.contextmanager
+def broker(tmp: Path, host: str, wrap: Callable[[list[str]], list[str]]) -> Iterator[None]:
+    """mosquitto from the repository's ``mosquitto.conf`` on ``BROKER_PORT``, listening on ``host``, run as
+    ``wrap`` makes it (in the edge's or the hub's namespace)."""
+    conf = tmp / "mosquitto.conf"
+    conf.write_text((REPO / "mosquitto.conf").read_text().replace(f"listener {BROKER_PORT} 127.0.0.1",
+                                                                   f"listener {BROKER_PORT} {host}"))
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    with process(wrap([binary, "-c", str(conf)]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+        time.sleep(0.5)
+        yield
 
 
 def _sh(*argv: str) -> None:

@@ -154,7 +154,6 @@ class Stream:
         self._publish = publish
         self.epoch = 0
         self.plan: pipeline.PipelinePlan | None = None
-        self.window = 1
         self.replans: list[dict[str, Any]] = []  # every plan: when, why, what (for reports)
         self.duplicates = 0
         self.max_queued: dict[str, int] = {}  # the most frames each worker reported waiting (its heartbeats)
@@ -175,6 +174,11 @@ class Stream:
         self._room = asyncio.Condition()  # the producer waits here while the window is full
         self._wake = asyncio.Event()
         self._delivered: collections.deque[float] = collections.deque()
+
+    @property
+    def window(self) -> int:
+        """Frames the stream may have between its input and the application (``QUEUE_SLOTS`` per stage)."""
+        return _window(self.plan) if self.plan is not None else 1
 
     # ---- the application's side ---------------------------------------------------------------------------------
     async def run(self, frames: AsyncIterable[npt.NDArray[Any]] | Iterable[npt.NDArray[Any]]
@@ -396,7 +400,6 @@ class Stream:
                 log.warning("stream_workers_refused", stream_id=self.stream_id, refused=refused)
                 self._lost |= set(refused)
             self.plan = plan
-            self.window = pipeline.QUEUE_SLOTS * len(plan.stages)
             now = time.monotonic()
             members = self._members()
             self._watch = {name: _Watch(planned_s=s.compute_s[i], blocks=(s.first, s.stop), heard=now)
@@ -443,7 +446,7 @@ class Stream:
         loop = asyncio.get_running_loop()
         self._acks = {}
         # the frames the owner may have out: the new window, or more while a larger earlier window drains
-        credits = max(pipeline.QUEUE_SLOTS * len(plan.stages), len(self._in_flight) + len(self._done))
+        credits = max(_window(plan), len(self._in_flight) + len(self._done))
         for index, stage in enumerate(plan.stages):
             after = plan.stages[index + 1].workers if index + 1 < len(plan.stages) else ()
             before = plan.stages[index - 1].workers if index else (self.owner,)
@@ -477,6 +480,10 @@ class Stream:
     def _members(self) -> set[str]:
         return {w for s in self.plan.stages for w in s.workers} if self.plan is not None else set()
 
+
+
+def _window(plan: pipeline.PipelinePlan) -> int:
+    return pipeline.QUEUE_SLOTS * len(plan.stages)
 
 
 def _layout(plan: pipeline.PipelinePlan) -> list[tuple[tuple[str, ...], int, int]]:
