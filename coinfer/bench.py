@@ -116,6 +116,24 @@ def solve_times(g: mincut.LayerGraph, solves: int = 200, seed: int = 0) -> dict[
             "tensors": len(g.tensors), "candidates": len(parts), "prepare_s": time.perf_counter() - prepared}
 
 
+def brute_force_times(g: mincut.LayerGraph, solves: int = 3, seed: int = 0) -> dict[str, Any]:
+    """Brute force over every closed head (graphs of at most ``mincut.MAX_BRUTE_FORCE_NODES`` nodes) at random
+    conditions, each checked against the min-cut's cost; larger graphs: why it was not run."""
+    if g.n > mincut.MAX_BRUTE_FORCE_NODES:
+        return {"nodes": g.n, "skipped": f"{g.n} nodes > {mincut.MAX_BRUTE_FORCE_NODES}: 2^{g.n - 1} heads"}
+    rng = np.random.default_rng(seed)
+    times, worst = [], 0.0
+    for bps, ratio in zip(10 ** rng.uniform(4.7, 8, solves), 10 ** rng.uniform(-1, 1, solves), strict=True):
+        began = time.perf_counter_ns()
+        best = mincut.brute_force(g, float(ratio), 8.0 / float(bps))
+        times.append((time.perf_counter_ns() - began) * 1e-9)
+        cut = mincut.min_cut(g, float(ratio), 8.0 / float(bps))
+        want = best.cost(float(ratio), 8.0 / float(bps))
+        worst = max(worst, abs(cut.cost(float(ratio), 8.0 / float(bps)) - want) / want)
+    return {"nodes": g.n, "p50_s": float(np.percentile(times, 50)), "max_s": max(times), "solves": solves,
+            "heads": sum(1 for _ in mincut.closed_heads(g)), "min_cut_rel_diff": worst}
+
+
 TRANSPORT_SIZES = (4096, 65536, 1 << 20)
 
 

@@ -25,7 +25,7 @@ from planner.errors import PlannerError
 from planner.latency import FIT_VARIABLES, TABLE_I_VARIABLES, Sample, fit
 
 NO_DEADLINE_S = 1e6  # `plan` without --deadline: the fastest plan of the most accurate exit
-RESNET = "fmnist-branchy-resnet"  # models.resnet.NAME, named here so that the CLI loads torch only to train
+RESNETS = ("fmnist-branchy-resnet", "fmnist56-branchy-resnet")  # models.resnet.ARCHS, named here: torch only to train
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,9 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_encodings)
 
     s = sub.add_parser("train", help="train a branchy network on Fashion-MNIST and write its bundle (needs torch)")
-    s.add_argument("--arch", choices=[*sorted(branchy.ARCHS), RESNET], default=branchy.ALEXNET28.name,
-                   help=f"which architecture (and bundle name); {RESNET}: the residual DAG (--init, --freeze and "
-                        f"--finetune-epochs apply to the AlexNets)")
+    s.add_argument("--arch", choices=[*sorted(branchy.ARCHS), *RESNETS], default=branchy.ALEXNET28.name,
+                   help=f"which architecture (and bundle name); {' and '.join(RESNETS)}: the residual DAGs (--init, "
+                        f"--freeze and --finetune-epochs apply to the AlexNets)")
     s.add_argument("--out", type=Path, default=None, help="bundle directory (default: models/bundles/ARCH)")
     s.add_argument("--epochs", type=float, default=3.0, help="joint training of all exits")
     s.add_argument("--finetune-epochs", type=float, default=1.0, help="then the last segment alone")
@@ -298,11 +298,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"coinfer: error: training needs torch ({exc}); install the extra: pip install 'coinfer[train]'",
               file=sys.stderr)
         return 2
-    if args.arch == RESNET:  # a DAG: not a branchy.Arch chain
+    if args.arch in RESNETS:  # a DAG: not a branchy.Arch chain
         from models import resnet
 
-        net, report = resnet.train(epochs=args.epochs, batch=args.batch, subset=args.subset, seed=args.seed)
-        out = resnet.export_bundle(net, args.out or BUNDLES_DIR / RESNET, report)
+        net, report = resnet.train(resnet.ARCHS[args.arch], epochs=args.epochs, batch=args.batch,
+                                   subset=args.subset, seed=args.seed)
+        out = resnet.export_bundle(net, args.out or BUNDLES_DIR / args.arch, report)
         for e in load_bundle(out).exits:
             print(f"exit {e.index}: {len(e.layers):>2} layers, test accuracy {e.accuracy:.4f}")
         print(f"bundle written to {out}")

@@ -1,6 +1,6 @@
 """``coinfer bench dag``: the min-cut policy on DAG models against the best single-tensor cut.
 
-For each model (the synthetic residual, inception and reduction DAGs; the shipped branchy ResNet;
+For each model (the synthetic residual, inception and reduction DAGs; the shipped branchy ResNets;
 torchvision's ResNet-18, MobileNetV2, GoogLeNet and DenseNet-121 with random weights at 224x224 when
 torchvision is importable) and each device (Edgent's Raspberry Pi 3 model; the desktop model 10x slower, a
 faster device) against the desktop edge: the min-cut plan's predicted latency over a bandwidth sweep beside
@@ -11,6 +11,7 @@ what the whole exit does.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from planner.core import Conditions, Decision, View, allow_encodings, exits_from
 from planner.latency import LatencyModel
 
 BANDWIDTHS = (3e4, 1e5, 3e5, 1e6, 3e6, 1e7, 3e7, 1e8)
+SHIPPED_DAGS = ("fmnist-branchy-resnet", "fmnist56-branchy-resnet")
 TORCHVISION = ("resnet18", "mobilenet_v2", "googlenet", "densenet121")
 
 
@@ -42,9 +44,10 @@ def models() -> tuple[dict[str, Callable[[], onnx.ModelProto]], str]:
         # ResNet-18's real layer shapes at 224x224 (batch norm folded, random weights), built without torchvision
         "resnet18_shapes": synth.resnet18,
     }
-    shipped = BUNDLES_DIR / "fmnist-branchy-resnet"
-    if (shipped / MANIFEST).exists():
-        found["fmnist-branchy-resnet"] = lambda: load_bundle(shipped).model
+    for name in SHIPPED_DAGS:
+        shipped = BUNDLES_DIR / name
+        if (shipped / MANIFEST).exists():
+            found[name] = functools.partial(lambda path: load_bundle(path).model, shipped)
     try:
         import torchvision  # noqa: F401 - optional: only to export real topologies
     except (ImportError, RuntimeError) as exc:  # RuntimeError: a torchvision built for another torch
@@ -109,7 +112,8 @@ def _sweep(exits: Any, device: LatencyModel, edge: LatencyModel, requests: int) 
             "lookup": bench.decision_times(cands, requests, decide=policy.decide),
             "single_cut_search": bench.decision_times(single, requests,
                                                       decide=lambda v: edgent.plan(v.candidates, v.conditions)),
-            "min_cut": bench.solve_times(g, solves=100)}
+            "min_cut": bench.solve_times(g, solves=100),
+            "brute_force": bench.brute_force_times(g)}
 
 
 def _exactness(model: onnx.ModelProto, entry: dict[str, Any]) -> dict[str, Any]:
@@ -158,8 +162,12 @@ def _plot(path: Path, doc: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     names = list(doc["models"])
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
+    cols = min(3, len(names))
+    rows_n = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.6 * rows_n), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names, strict=False):
         rows = doc["models"][name]["devices"]["pi3"]["rows"]
         bw = [r["bandwidth_bps"] / 1e6 for r in rows]
         for key, label, style in (("mincut_s", "min-cut", "o-"), ("single_cut_s", "best single cut", "s--"),
@@ -168,7 +176,7 @@ def _plot(path: Path, doc: dict[str, Any]) -> None:
         ax.set(xscale="log", yscale="log", xlabel="uplink (Mbps)", ylabel="predicted latency (s)",
                title=f"{name} ({doc['models'][name]['nodes']} nodes)")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes.flat[0].legend(fontsize=8)
     fig.suptitle("min-cut vs best single-tensor cut (device: Edgent's Pi 3 model; edge: desktop)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -85,12 +85,13 @@ def test_digest_pins_the_manifest(bundle: Bundle) -> None:
     assert x.shape == (1, 1, 28, 28)
 
 
-def test_the_shipped_dag_bundle_is_a_residual_network_whose_accuracy_rises_with_depth() -> None:
+@pytest.mark.parametrize("name", ["fmnist-branchy-resnet", "fmnist56-branchy-resnet"])
+def test_the_shipped_dag_bundles_are_residual_networks_whose_accuracy_rises_with_depth(name: str) -> None:
     from models import graph
     from planner import core, edgent, policies
     from planner.latency import LatencyModel
 
-    bundle = load_bundle(BUNDLES_DIR / "fmnist-branchy-resnet")
+    bundle = load_bundle(BUNDLES_DIR / name)
     accuracy = [e.accuracy for e in bundle.exits]
     assert len(accuracy) == 3 and accuracy == sorted(accuracy) and accuracy[-1] > 0.85
     assert all(e["test_images"] == 10_000 for e in bundle.manifest["exits"])

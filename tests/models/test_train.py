@@ -65,3 +65,27 @@ def test_the_branchy_resnet_exports_a_dag_bundle_equal_to_torch(tmp_path: object
         got = session.run(["exit1", "exit2", "exit3"], {"input": x[i:i + 1]})
         for e in range(3):
             np.testing.assert_allclose(got[e][0], expected[e][i], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_the_56x56_resnet_has_a_bottleneck_cut_smaller_than_its_input(tmp_path: object) -> None:
+    """The heavy DAG bundle's architecture: its only cuts below the input's size are the bottleneck and later
+    (every activation before it is larger than the 56x56 image), so a split can beat sending the input."""
+    from pathlib import Path
+
+    import onnx
+
+    from models import graph, resnet
+
+    arch = resnet.RESNET56
+    model = resnet.BranchyResNet(arch).eval()
+    path = Path(str(tmp_path)) / "r56.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 1, arch.side, arch.side),), str(path), input_names=["input"],
+                      output_names=["exit1", "exit2", "exit3"], dynamo=False)
+    prepared = graph.prepare(graph.extract_outputs(onnx.load(str(path)), ["exit3"]))
+    input_bytes = 4 * arch.side ** 2
+    small = [c for c in graph.cuts(prepared) if c.bytes < input_bytes]
+    assert small, "no cut smaller than the input"
+    first = small[0]
+    assert first.bytes == 4 * arch.bottleneck * (arch.side // 4) ** 2  # 8 channels at 14x14
+    assert all(c.bytes >= input_bytes for c in graph.cuts(prepared) if c.index < first.index)
