@@ -179,7 +179,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, type=Path, help="a JSON file (edgent, dag: a folder)")
     s.add_argument("--loopback", action="store_true",
                    help="edgent: no namespaces/tc/cgroup (no root): emulate link and device in-app, labelled so")
-    s.add_argument("--cpu-quota", type=float, default=0.1, help="edgent: the device's share of one core")
+    s.add_argument("--cpu-quota", type=float, default=0.1,
+                   help="edgent: the device's share of one core (below 10%%, the 10 ms period lengthens to 1 ms each)")
     s.add_argument("--per-point", type=int, default=20, help="edgent: requests per measured point")
     s.add_argument("--per-method", type=int, default=30,
                    help="edgent: requests per method and deadline in Fig. 9 (the same images for each method)")
@@ -502,8 +503,8 @@ def cmd_testbed(args: argparse.Namespace) -> int:
             testbed.down()
             print("testbed removed")
             return 0
-        bed = testbed.Testbed(testbed.Emulation(uplink_bps=units.parse_bandwidth(args.uplink),
-                                                cpu_quota=args.cpu_quota))
+        bed = testbed.Testbed(testbed.Emulation.with_quota(args.cpu_quota,
+                                                           uplink_bps=units.parse_bandwidth(args.uplink)))
         bed.up()
     except testbed.TestbedError as exc:
         print(f"coinfer: error: {exc}", file=sys.stderr)
@@ -635,7 +636,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         settings = experiments.Settings(requests=args.per_point, method_requests=args.per_method,
                                         loopback=args.loopback,
-                                        emulation=testbed.Emulation(cpu_quota=args.cpu_quota),
+                                        emulation=testbed.Emulation.with_quota(args.cpu_quota),
                                         bundle=args.bundle or experiments.BUNDLE, policy=args.policy,
                                         only=args.only or "")
         try:

@@ -131,7 +131,7 @@ def _calibrate(bed: Testbed, s: Settings, tmp: Path, out: Path, log: Callable[[s
         layer_err, whole = _profile_errors(json.loads(paths[side].read_text()), model)
         result[side] = {"fit": fit_text, "layer_error": layer_err, "bundle_run": whole}
         log(f"  {side} per-layer fit: |pred-meas|/meas median {layer_err['p50']:.0%}, p95 {layer_err['p95']:.0%}; "
-            f"bundle exit5 predicted {whole['predicted_s'] * 1e3:.1f} ms, measured {whole['measured_s'] * 1e3:.1f} ms")
+            f"whole bundle predicted {whole['predicted_s'] * 1e3:.1f} ms, measured {whole['measured_s'] * 1e3:.1f} ms")
         if side == "edge":
             result["edge_model"], result["edge_model_path"] = model, model_path
         else:  # the per-layer fit under the quota: what the device uses until its stages are timed

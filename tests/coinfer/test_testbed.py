@@ -18,6 +18,11 @@ def test_emulation_rejects_what_the_kernel_cannot_do() -> None:
     with pytest.raises(ValueError):
         testbed.Emulation(cpu_quota=0)
     assert testbed.Emulation(cpu_quota=0.05, cpu_period_us=20_000).cpu_quota == 0.05
+    # what the CLI builds: a share under 1 ms per 10 ms gets a longer period, not an error
+    assert testbed.Emulation.with_quota(0.025).cpu_period_us == 40_000
+    assert testbed.Emulation.with_quota(0.1, uplink_bps=5e5).cpu_period_us == 10_000
+    with pytest.raises(ValueError):
+        testbed.Emulation.with_quota(0)
 
 
 def test_tbf_burst_holds_a_packet_and_queue_holds_two_seconds() -> None:
