@@ -28,7 +28,7 @@ import numpy as np
 from coinfer import resources
 from coinfer.testbed import BROKER_PORT, Emulation, Testbed, broker, process
 from models.bundle import BUNDLES_DIR, load_bundle
-from planner import edgent
+from planner import edgent, policies
 from planner.core import Conditions, ExitInfo
 from planner.latency import QUOTA_STARTS, CpuQuota, LatencyModel, calibrate_stages
 from planner.units import format_bandwidth
@@ -281,7 +281,8 @@ class Experiments:
                  s: Settings, out: Path, log: Callable[[str], None]) -> None:
         self.bed, self.agent, self.s, self.out, self.log = bed, agent, s, out, log
         self.exits = exits
-        self.cands = edgent.compile_candidates(self.exits, calib["device_model"], calib["edge_model"])
+        # the plans deviced chooses from: its policy's candidates (the min-cut's prepared cuts for a DAG)
+        self.cands = policies.make(s.policy).compile(self.exits, calib["device_model"], calib["edge_model"])
         self.image = 0
         self.sections: list[str] = []
 
@@ -398,15 +399,16 @@ class Experiments:
             order = np.argsort(edgent.latencies(c, Conditions(bandwidth_bps=bps, deadline_s=1.0))[0])
             best, measured, pruned = float("inf"), [], 0
             for i in order:
-                if c.exit[i] != exit_chosen:
+                if c.exit[i] != exit_chosen or not c.plain[i]:  # the plans as float32 (a fixed plan's encoding)
                     continue
                 if c.up_bytes[i] * 8 / bps > best:  # its upload alone exceeds the best measured: cannot win
                     pruned += 1
                     continue
                 rec = self.runs("fixed", deadline, count=self.s.oracle_repeats, exit=int(c.exit[i]),
-                                cut=int(c.cut[i]))
+                                cut=sorted(c.tensors[i]))  # a DAG's cut is its tensors: an index can be ambiguous
                 m = statistics.median(r["latency_s"] for r in rec)
-                measured.append({"exit": int(c.exit[i]), "cut": int(c.cut[i]), "median_s": m})
+                measured.append({"exit": int(c.exit[i]), "cut": int(c.cut[i]), "tensors": sorted(c.tensors[i]),
+                                 "median_s": m})
                 best = min(best, m)
             # coinfer against the best plan measured again, request by request in turns: the device's speed drifts
             # by about 10% over minutes, and measured minutes apart the same plan read 340 and 380 ms
@@ -414,7 +416,7 @@ class Experiments:
             ours, again = [], []
             for _ in range(self.s.oracle_repeats * 2):
                 ours += self.runs("coinfer", deadline, count=1)
-                again += self.runs("fixed", deadline, count=1, exit=top["exit"], cut=top["cut"])
+                again += self.runs("fixed", deadline, count=1, exit=top["exit"], cut=top["tensors"])
             ours_s, oracle_s = (statistics.median(r["latency_s"] for r in rs) for rs in (ours, again))
             result[bps] = {"exit": exit_chosen, "coinfer_s": ours_s, "oracle_s": oracle_s, "ratio": ours_s / oracle_s,
                            "oracle_plan": f"{top['exit']}/{top['cut']}", "oracle_search_s": best,

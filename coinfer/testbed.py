@@ -135,7 +135,7 @@ class Testbed(_Bed):
         return {"mode": "netns testbed", "link": f"veth {VETH_DEVICE} ({NS_DEVICE}, {DEVICE_IP}) <-> {VETH_EDGE} "
                 f"({NS_EDGE}, {EDGE_IP})",
                 "uplink": f"tc tbf on {VETH_DEVICE} egress (GSO off: one segment per packet); downlink unshaped",
-                "device_cpu": f"cgroup {self._cgroup}: {e.cpu_quota:.0%} of one core "
+                "device_cpu": f"cgroup {self._cgroup}: {e.cpu_quota * 100:g}% of one core "
                 f"(quota {int(e.cpu_quota * e.cpu_period_us)} us per {e.cpu_period_us} us)",
                 "edge_cpu": "this host, unconstrained", "delay": "none added (netem unavailable)"}
 
