@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench bench-pipeline bench-pipeline-testbed bench-edgent bench-load deploy-check system-deps clean
+.PHONY: run test lint typecheck unit bench bench-pipeline bench-pipeline-testbed bench-edgent bench-edgent-dag bench-load deploy-check system-deps clean
 
 run: $(STAMP) system-deps
 	@echo "== co-inference: mosquitto + edged + deviced on this machine, real Fashion-MNIST images =="
@@ -46,6 +46,11 @@ bench-pipeline-testbed: $(STAMP) system-deps
 # The Edgent experiments on the namespace testbed (root; ~16 minutes). Results: docs/results/edgent.
 bench-edgent: $(STAMP) system-deps
 	$(SUDO) $(VENV)/bin/coinfer bench edgent --out docs/results/edgent
+
+# The heavy DAG bundle on the same testbed, planned by the min-cut (root; ~25 minutes). Results: docs/results/edgent-dag56.
+bench-edgent-dag: $(STAMP) system-deps
+	$(SUDO) $(VENV)/bin/coinfer bench edgent --bundle models/bundles/fmnist56-branchy-resnet --policy mincut \
+		--cpu-quota 0.05 --out docs/results/edgent-dag56
 
 # Many devices against 1 and 2 edged, a 3-minute soak, faults under load (loopback; ~6 minutes).
 bench-load: $(STAMP) system-deps

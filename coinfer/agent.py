@@ -6,7 +6,8 @@ on stdout (logs go to stderr). Commands::
     {"op": "probe", "repeats": 5}                          -> {"bandwidth_bps", "rtt_s"}
     {"op": "uplink", "bps": 5e5}                           -> {} (loopback mode: the in-app emulation)
     {"op": "run", "method": "coinfer", "deadline_s": 0.05, "first": 0, "count": 20}
-    {"op": "run", "method": "fixed", "exit": 5, "cut": 0 | ["tensor", ...], ...}      -> {"records": [...]}
+    {"op": "run", "method": "fixed", "exit": 5, "cut": 0 | ["tensor", ...], "encoding": "int8", ...}
+                                                           -> {"records": [...]}
     {"op": "stream", "mode": "coinfer"|"fixed", "deadline_s": 0.05, "duration_s": 30, "probe_every_s": 2}
     {"op": "stages", "repeats": 10}   -> {"stages": [{"exit", "cut", "median_s"}]} (head stages, timed)
     {"op": "arrivals", "offsets": [0.3, 1.1, ...], "deadline_s": 10}  -> {"records": [...]} (requests at those
@@ -178,6 +179,8 @@ def _policy(cmd: dict[str, Any], deadline: float, planner: Mapping[str, Any]) ->
     params: dict[str, Any] = {k: int(cmd[k]) for k in ("exit", "cut") if k in cmd and not isinstance(cmd[k], list)}
     if isinstance(cmd.get("cut"), list):  # a cut by its tensors (unambiguous on a DAG)
         params["cut"] = frozenset(str(t) for t in cmd["cut"])
+    if "encoding" in cmd:
+        params["encoding"] = str(cmd["encoding"])
     return _AtDeadline(policies.make(method, **params), deadline), RUN_TO_COMPLETION_S
 
 

@@ -96,7 +96,15 @@ def run(out: Path, settings: Settings, log: Callable[[str], None] = print) -> di
         exp = Experiments(bed, agent, exits, calib, settings, out, log)
         results = exp.run_all() if not settings.only else {
             "fig9": exp.methods(list(PAPER_DEADLINES_S), 400e3)}
-    summary = {"emulation": emulation, "model": bundle.name, "policy": settings.policy, "exits": len(bundle.exits),
+    try:
+        bundle_arg = settings.bundle.resolve().relative_to(REPO)
+    except ValueError:
+        bundle_arg = settings.bundle
+    regenerate = (f"sudo .venv/bin/coinfer bench edgent --bundle {bundle_arg} --policy {settings.policy} "
+                  f"--cpu-quota {settings.emulation.cpu_quota:g}{' --only ' + settings.only if settings.only else ''}"
+                  f"{' --loopback' if settings.loopback else ''} --out DIR")
+    summary = {"regenerate": regenerate, "emulation": emulation, "model": bundle.name, "policy": settings.policy,
+               "exits": len(bundle.exits),
                "input_bytes": bundle.exits[0].input_bytes,
                "settings": {"requests_per_point": settings.requests, "method_requests": settings.method_requests,
                             "oracle_repeats": settings.oracle_repeats, "stage_repeats": settings.stage_repeats},
@@ -399,16 +407,15 @@ class Experiments:
             order = np.argsort(edgent.latencies(c, Conditions(bandwidth_bps=bps, deadline_s=1.0))[0])
             best, measured, pruned = float("inf"), [], 0
             for i in order:
-                if c.exit[i] != exit_chosen or not c.plain[i]:  # the plans as float32 (a fixed plan's encoding)
+                if c.exit[i] != exit_chosen:
                     continue
                 if c.up_bytes[i] * 8 / bps > best:  # its upload alone exceeds the best measured: cannot win
                     pruned += 1
                     continue
-                rec = self.runs("fixed", deadline, count=self.s.oracle_repeats, exit=int(c.exit[i]),
-                                cut=sorted(c.tensors[i]))  # a DAG's cut is its tensors: an index can be ambiguous
+                plan = {"exit": int(c.exit[i]), "cut": sorted(c.tensors[i]), "encoding": c.encoding[i]}
+                rec = self.runs("fixed", deadline, count=self.s.oracle_repeats, **plan)  # a DAG's cut: its tensors
                 m = statistics.median(r["latency_s"] for r in rec)
-                measured.append({"exit": int(c.exit[i]), "cut": int(c.cut[i]), "tensors": sorted(c.tensors[i]),
-                                 "median_s": m})
+                measured.append({**plan, "index": int(c.cut[i]), "median_s": m})
                 best = min(best, m)
             # coinfer against the best plan measured again, request by request in turns: the device's speed drifts
             # by about 10% over minutes, and measured minutes apart the same plan read 340 and 380 ms
@@ -416,14 +423,16 @@ class Experiments:
             ours, again = [], []
             for _ in range(self.s.oracle_repeats * 2):
                 ours += self.runs("coinfer", deadline, count=1)
-                again += self.runs("fixed", deadline, count=1, exit=top["exit"], cut=top["tensors"])
+                again += self.runs("fixed", deadline, count=1, exit=top["exit"], cut=top["cut"],
+                                   encoding=top["encoding"])
             ours_s, oracle_s = (statistics.median(r["latency_s"] for r in rs) for rs in (ours, again))
             result[bps] = {"exit": exit_chosen, "coinfer_s": ours_s, "oracle_s": oracle_s, "ratio": ours_s / oracle_s,
-                           "oracle_plan": f"{top['exit']}/{top['cut']}", "oracle_search_s": best,
+                           "oracle_plan": f"{top['exit']}/{top['index']}/{top['encoding']}", "oracle_search_s": best,
                            "measured": measured, "pruned": pruned,
                            "coinfer_plans": dict(Counter(f"{r['plan_exit']}/{r['plan_cut']}" for r in ours))}
             self.log(f"  {format_bandwidth(bps):>8}: exit {exit_chosen}: best of {len(measured)} measured "
-                     f"({pruned} pruned) {top['exit']}/{top['cut']}; in turns with it, coinfer {ours_s * 1e3:.1f} ms "
+                     f"({pruned} pruned) e{top['exit']}@{top['index']}/{top['encoding']}; in turns with it, coinfer "
+                     f"{ours_s * 1e3:.1f} ms "
                      f"vs {oracle_s * 1e3:.1f} ms, ratio {ours_s / oracle_s:.2f}")
         doc = {format_bandwidth(b): v for b, v in result.items()}
         (self.out / "oracle.json").write_text(json.dumps({"deadline_s": deadline, "points": doc}, indent=1) + "\n")
@@ -627,7 +636,7 @@ def _plot_trace(path: Path, doc: dict[str, Any], emulation: dict[str, Any]) -> N
 def _write_markdown(out: Path, summary: dict[str, Any], calib: dict[str, Any]) -> None:
     e = summary["emulation"]
     lines = ["# coinfer: the Edgent experiments on the emulated testbed", "",
-             "Regenerate: `sudo .venv/bin/coinfer bench edgent --out bench-results/edgent`", "",
+             f"Regenerate: `{summary.get('regenerate', 'sudo .venv/bin/coinfer bench edgent --out DIR')}`", "",
              "## Emulation", *[f"- {k}: {v}" for k, v in e.items()],
              f"- model: {summary['model']} (policy {summary.get('policy', 'edgent')}); device-only exit "
              f"{summary.get('exits', 5)} measured {summary['device_full_s'] * 1e3:.0f} ms (the paper's Pi 3: over "

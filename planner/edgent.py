@@ -145,9 +145,11 @@ def baselines(c: Candidates, cond: Conditions) -> dict[str, Decision | Infeasibl
             "exit_only": local if local.feasible else Infeasible("no exit meets the deadline on the device")}
 
 
-def fixed_plan(c: Candidates, cond: Conditions, exit_index: int, cut: int | frozenset[str]) -> Decision:
-    """The plan running exit ``exit_index`` cut at ``cut`` (tensors, or a chain's layer count), as predicted now."""
-    return _plan_at(c, c.index(exit_index, cut), *_costs(c, cond), cond)
+def fixed_plan(c: Candidates, cond: Conditions, exit_index: int, cut: int | frozenset[str],
+               encoding: str = PLAIN) -> Decision:
+    """The plan running exit ``exit_index`` cut at ``cut`` (tensors, or a chain's layer count), its tensors crossing
+    in ``encoding``, as predicted now."""
+    return _plan_at(c, c.index(exit_index, cut, encoding), *_costs(c, cond), cond)
 
 
 def local_plan(c: Candidates, cond: Conditions) -> Decision:
@@ -188,13 +190,14 @@ class Baseline(Stateless):
 
 
 class Fixed(Stateless):
-    """Always the same exit and cut (tensor names, or a chain's layer count): forced plans in experiments."""
+    """Always the same exit, cut (tensor names, or a chain's layer count) and encoding of the cut's tensors: forced
+    plans in experiments."""
 
-    def __init__(self, exit: int, cut: int | frozenset[str]) -> None:
-        self.exit, self.cut = exit, cut
+    def __init__(self, exit: int, cut: int | frozenset[str], encoding: str = PLAIN) -> None:
+        self.exit, self.cut, self.encoding = exit, cut, encoding
 
     def decide(self, view: View) -> Decision | Infeasible:
-        return fixed_plan(view.candidates, view.conditions, self.exit, self.cut)
+        return fixed_plan(view.candidates, view.conditions, self.exit, self.cut, self.encoding)
 
 
 _NONE = np.int64(2**62)  # the accuracy level of a candidate that misses the deadline

@@ -31,9 +31,9 @@ async def test_agent_runs_methods_fixed_plans_stages_and_streams(broker: Broker,
         edge_only = (await asyncio.to_thread(ask, op="run", method="fixed", exit=5, cut=0, deadline_s=1.0,
                                              first=0, count=3))["records"]
         assert [r["where"] for r in edge_only] == ["edge"] * 3  # type: ignore[index]
-        by_tensors = (await asyncio.to_thread(ask, op="run", method="fixed", exit=5, cut=["input"], deadline_s=1.0,
-                                              first=0, count=1))["records"]  # a cut named by its tensors
-        assert [r["where"] for r in by_tensors] == ["edge"]  # type: ignore[index]
+        by_tensors = (await asyncio.to_thread(ask, op="run", method="fixed", exit=5, cut=["input"], encoding="int8",
+                                              deadline_s=1.0, first=0, count=1))["records"]  # a cut by its tensors
+        assert [(r["where"], r["encoding"]) for r in by_tensors] == [("edge", "int8")]  # type: ignore[index]
         for method in ("coinfer", "coinfer_point", "device_only", "exit_only"):
             recs = (await asyncio.to_thread(ask, op="run", method=method, deadline_s=1.0, first=3,
                                             count=2))["records"]

@@ -107,6 +107,10 @@ def test_baselines_and_fixed_plans_send_float32(bundle: Bundle, pi3: LatencyMode
     for name, p in edgent.baselines(c, cond).items():
         assert not isinstance(p, core.Decision) or p.encoding == PLAIN, name
     assert edgent.fixed_plan(c, cond, 5, 0).encoding == PLAIN
+    encoded = policies.make("fixed", exit=5, cut=0, encoding="int8").decide(core.View(candidates=c, conditions=cond))
+    assert isinstance(encoded, core.Decision) and encoded.encoding == "int8" and encoded.cut_tensors == {"input"}
+    with pytest.raises(PlannerError, match="no cut"):
+        edgent.fixed_plan(c, cond, 5, 0, "int4")
 
 
 def test_the_manifest_carries_measured_encodings(bundle: Bundle) -> None:
