@@ -244,19 +244,22 @@ async def test_the_device_plans_with_a_margin_for_its_overruns() -> None:
         async with Client(cfg) as client:
             device = client.device
             outcomes = []
-            for i in range(30):  # a jittery device: every other request runs 3x slower (its speed factor: ~2x)
-                device.cfg = replace(cfg, emulate_slowdown=3.0 if i % 2 else 1.0)
+            # a jittery device: every other request runs 8x slower (its speed factor: ~4.5x); a smaller contrast drowns
+            # in scheduling noise on a fast machine, where the whole model takes about a millisecond
+            for i in range(30):
+                device.cfg = replace(cfg, emulate_slowdown=8.0 if i % 2 else 1.0)
                 outcomes.append(await client.infer(x[0], deadline=5.0))
             margin, rest = device.learning.device_margin.value, device.device_rest_s(5, frozenset({"input"}))
             # a deadline the top exit's prediction meets, but not with the margin
             tight = await client.infer(x[0], deadline=rest + margin / 2 if margin else rest)
         used = [o.plan.bound_s - o.plan.predicted_s for o in outcomes if o.plan.bound_s and o.plan.predicted_s]
         if quantile:
-            # the slow half ran ~1.5x its prediction of ~2x the model: a few ms over, in seconds
+            # the slow half ran ~1.8x its prediction of ~4.5x the model: milliseconds over, in seconds
             learned = device.learning.device_margin
             assert len(learned.overruns) == 31 and margin > 0.1 * rest, (learned, rest)
             assert used[:MARGIN_MIN_SAMPLES] == [0.0] * MARGIN_MIN_SAMPLES  # no margin before enough requests
-            assert min(used[-10:]) > 0.0  # planned with it, once the overruns have shown
+            # planned with it, once the overruns have shown
+            assert min(used[-10:]) > 0.0
             assert tight.plan.exit is not None and tight.plan.exit < 5
             gauge = device.metrics.registry.get_sample_value("coinfer_device_plan_margin_seconds")
             assert gauge == device.learning.device_margin.value
