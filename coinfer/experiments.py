@@ -432,8 +432,7 @@ class Experiments:
                            "coinfer_plans": dict(Counter(f"{r['plan_exit']}/{r['plan_cut']}" for r in ours))}
             self.log(f"  {format_bandwidth(bps):>8}: exit {exit_chosen}: best of {len(measured)} measured "
                      f"({pruned} pruned) e{top['exit']}@{top['index']}/{top['encoding']}; in turns with it, coinfer "
-                     f"{ours_s * 1e3:.1f} ms "
-                     f"vs {oracle_s * 1e3:.1f} ms, ratio {ours_s / oracle_s:.2f}")
+                     f"{ours_s * 1e3:.1f} ms vs {oracle_s * 1e3:.1f} ms, ratio {ours_s / oracle_s:.2f}")
         doc = {format_bandwidth(b): v for b, v in result.items()}
         (self.out / "oracle.json").write_text(json.dumps({"deadline_s": deadline, "points": doc}, indent=1) + "\n")
         _plot_oracle(self.out / "oracle.png", result, self.bed.describe())
