@@ -176,9 +176,9 @@ def _policy(cmd: dict[str, Any], deadline: float, planner: Mapping[str, Any]) ->
     if method == "coinfer_float32":  # deviced's policy, its cut tensors never encoded
         own = dict(planner)
         return policies.make(str(own.pop("policy", policies.DEFAULT)), **own, encodings=False), deadline
-    params: dict[str, Any] = {k: int(cmd[k]) for k in ("exit", "cut") if k in cmd and not isinstance(cmd[k], list)}
-    if isinstance(cmd.get("cut"), list):  # a cut by its tensors (unambiguous on a DAG)
-        params["cut"] = frozenset(str(t) for t in cmd["cut"])
+    params: dict[str, Any] = {"exit": int(cmd["exit"])} if "exit" in cmd else {}
+    if "cut" in cmd:  # a chain's layer count, or the tensors that cross (unambiguous on a DAG)
+        params["cut"] = frozenset(map(str, cmd["cut"])) if isinstance(cmd["cut"], list) else int(cmd["cut"])
     if "encoding" in cmd:
         params["encoding"] = str(cmd["encoding"])
     return _AtDeadline(policies.make(method, **params), deadline), RUN_TO_COMPLETION_S

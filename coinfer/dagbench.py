@@ -11,7 +11,6 @@ what the whole exit does.
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from collections.abc import Callable
@@ -47,7 +46,7 @@ def models() -> tuple[dict[str, Callable[[], onnx.ModelProto]], str]:
     for name in SHIPPED_DAGS:
         shipped = BUNDLES_DIR / name
         if (shipped / MANIFEST).exists():
-            found[name] = functools.partial(lambda path: load_bundle(path).model, shipped)
+            found[name] = _bundle_model(shipped)
     try:
         import torchvision  # noqa: F401 - optional: only to export real topologies
     except (ImportError, RuntimeError) as exc:  # RuntimeError: a torchvision built for another torch
@@ -55,6 +54,10 @@ def models() -> tuple[dict[str, Callable[[], onnx.ModelProto]], str]:
     for name in TORCHVISION:
         found[name] = _torchvision_factory(name)
     return found, ""
+
+
+def _bundle_model(path: Path) -> Callable[[], onnx.ModelProto]:
+    return lambda: load_bundle(path).model
 
 
 def run(out_dir: Path, *, requests: int = 2000, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from coinfer import energy, resources
-from coinfer.experiments import REPO, Agent, _edged, run_agent
+from coinfer.experiments import Agent, _edged, run_agent
+from coinfer.procs import REPO
 from coinfer.testbed import BROKER_PORT, Emulation, Testbed, broker
 from models.bundle import BUNDLES_DIR, load_bundle
 from planner import edgent, lyapunov

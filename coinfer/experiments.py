@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from coinfer import resources
+from coinfer.procs import REPO
 from coinfer.testbed import BROKER_PORT, Emulation, Testbed, broker, process
 from models.bundle import BUNDLES_DIR, load_bundle
 from planner import edgent, policies
@@ -33,7 +34,6 @@ from planner.core import Conditions, ExitInfo
 from planner.latency import QUOTA_STARTS, CpuQuota, LatencyModel, calibrate_stages
 from planner.units import format_bandwidth
 
-REPO = Path(__file__).resolve().parent.parent
 # The model: its 12.5 KB input is the size of Edgent's CIFAR-10 input, and its stages take tens of ms on
 # the host, so they span many periods of the device's CPU quota (design.md).
 BUNDLE = BUNDLES_DIR / "fmnist56-branchy-alexnet"

@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from coinfer.procs import REPO
 from coinfer.testbed import BROKER_PORT, Fleetbed, Member, broker, process
 from planner.pipeline import QUEUE_SLOTS
 
-REPO = Path(__file__).resolve().parents[1]
 CALIBRATED = REPO / "docs" / "results" / "edgent"
 BUNDLE = REPO / "models" / "bundles" / "fmnist56-branchy-alexnet"  # the bundle the device model was calibrated on
 MEMBERS = (Member(name="cam", cpu_quota=0.10, uplink_bps=20e6, downlink_bps=20e6),

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -26,15 +26,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
-import numpy as np
+from coinfer.procs import DEFAULT_PORT, REPO, mosquitto_binary
 
 NS_DEVICE, NS_EDGE = "coinfer-dev", "coinfer-edge"
 VETH_DEVICE, VETH_EDGE = "cfdev0", "cfedge0"
 DEVICE_IP, EDGE_IP = "10.77.0.2", "10.77.0.1"
 CGROUP_NAME = "coinfer-device"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-REPO = Path(__file__).resolve().parents[1]
-BROKER_PORT = 18830  # mosquitto.conf's port, which the testbeds' broker keeps
+BROKER_PORT = DEFAULT_PORT  # mosquitto.conf's port, which the testbeds' broker keeps
 
 
 class TestbedError(RuntimeError):
@@ -61,7 +60,7 @@ class Emulation:
         kernel's smallest quota (1 ms per period): 2.5% is 1 ms per 40 ms."""
         if not cpu_quota > 0:
             raise ValueError("cpu_quota must be positive")
-        return cls(cpu_quota=cpu_quota, cpu_period_us=max(period_us, int(np.ceil(1000 / cpu_quota))), **kw)
+        return cls(cpu_quota=cpu_quota, cpu_period_us=max(period_us, math.ceil(1000 / cpu_quota)), **kw)
 
 
 def tbf_args(bps: float) -> list[str]:
@@ -334,8 +333,7 @@ def broker(tmp: Path, host: str, wrap: Callable[[list[str]], list[str]]) -> Iter
     conf = tmp / "mosquitto.conf"
     conf.write_text((REPO / "mosquitto.conf").read_text().replace(f"listener {BROKER_PORT} 127.0.0.1",
                                                                    f"listener {BROKER_PORT} {host}"))
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    with process(wrap([binary, "-c", str(conf)]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+    with process(wrap([mosquitto_binary(), "-c", str(conf)]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
         time.sleep(0.5)
         yield
 
