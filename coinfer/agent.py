@@ -43,7 +43,7 @@ from models.bundle import DEFAULT_BUNDLE
 from models.data import load_fashion_mnist
 from planner import policies
 from planner.bandwidth import LinkEstimate
-from planner.core import Candidates, Decision, ExitInfo, Infeasible, Observation, Planner, Segment, View
+from planner.core import Decision, ExitInfo, Infeasible, Observation, Planner, Prepared, Segment, View
 from planner.latency import LatencyModel
 from protocol.session import BrokerConfig, configure_logging
 from protocol.topics import DEFAULT_PREFIX
@@ -110,6 +110,8 @@ async def _command(client: Client, cmd: dict[str, Any], x: np.ndarray, y: np.nda
     if op == "run":
         deadline = float(cmd["deadline_s"])
         policy, exec_deadline = _policy(cmd, deadline, client.device.cfg.planner)
+        if policy is not None:  # an override prepares for the edge before the timed requests, not in the first
+            await device.prepare(policy)
         records = []
         point = device.learning.suspended() if cmd["method"] == "coinfer_point" else contextlib.nullcontext()
         with point:
@@ -169,19 +171,29 @@ def _nearest(indices: Iterable[int], target: int) -> int:
 def _policy(cmd: dict[str, Any], deadline: float, planner: Mapping[str, Any]) -> tuple[Planner | None, float]:
     """(policy, execution deadline) of a ``run`` command: deviced's own (its ``planner`` table) for coinfer, else
     the registered policy of that name (``fixed`` takes the command's exit and cut) judged at ``deadline`` and run
-    to completion."""
+    to completion. The same command gets the same policy object again, and with it what that prepared."""
     method = cmd["method"]
     if method in ("coinfer", "coinfer_point"):
         return None, deadline
+    key = json.dumps([method, cmd.get("exit"), cmd.get("cut"), cmd.get("encoding"), deadline], sort_keys=True)
+    if key in _POLICIES:
+        return _POLICIES[key]
+    made: tuple[Planner, float]
     if method == "coinfer_float32":  # deviced's policy, its cut tensors never encoded
         own = dict(planner)
-        return policies.make(str(own.pop("policy", policies.DEFAULT)), **own, encodings=False), deadline
-    params: dict[str, Any] = {"exit": int(cmd["exit"])} if "exit" in cmd else {}
-    if "cut" in cmd:  # a chain's layer count, or the tensors that cross (unambiguous on a DAG)
-        params["cut"] = frozenset(map(str, cmd["cut"])) if isinstance(cmd["cut"], list) else int(cmd["cut"])
-    if "encoding" in cmd:
-        params["encoding"] = str(cmd["encoding"])
-    return _AtDeadline(policies.make(method, **params), deadline), RUN_TO_COMPLETION_S
+        made = policies.make(str(own.pop("policy", policies.DEFAULT)), **own, encodings=False), deadline
+    else:
+        params: dict[str, Any] = {"exit": int(cmd["exit"])} if "exit" in cmd else {}
+        if "cut" in cmd:  # a chain's layer count, or the tensors that cross (unambiguous on a DAG)
+            params["cut"] = frozenset(map(str, cmd["cut"])) if isinstance(cmd["cut"], list) else int(cmd["cut"])
+        if "encoding" in cmd:
+            params["encoding"] = str(cmd["encoding"])
+        made = _AtDeadline(policies.make(method, **params), deadline), RUN_TO_COMPLETION_S
+    _POLICIES[key] = made
+    return made
+
+
+_POLICIES: dict[str, tuple[Planner, float]] = {}
 
 
 class _AtDeadline:
@@ -190,7 +202,7 @@ class _AtDeadline:
     def __init__(self, inner: Planner, deadline_s: float) -> None:
         self.inner, self.deadline_s = inner, deadline_s
 
-    def compile(self, exits: Sequence[ExitInfo], device: LatencyModel, edge: LatencyModel) -> Candidates:
+    def compile(self, exits: Sequence[ExitInfo], device: LatencyModel, edge: LatencyModel) -> Prepared:
         return self.inner.compile(exits, device, edge)
 
     def decide(self, view: View) -> Decision | Infeasible:

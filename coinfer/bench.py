@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from coinfer import resources
-from planner import edgent, mincut, policies
-from planner.core import Candidates, Conditions, CutPoint, ExitInfo, LayerInfo, View
+from planner import candidates, edgent, mincut, policies
+from planner.core import Conditions, CutPoint, ExitInfo, LayerInfo, Prepared, View
 from planner.latency import LatencyModel
 
 SYNTHETIC_LAYERS = 500
@@ -40,13 +40,13 @@ def synthetic_chain(n_layers: int = SYNTHETIC_LAYERS, n_exits: int = SYNTHETIC_E
     return exits
 
 
-def decision_times(cands: Candidates, requests: int, seed: int = 0, *,
+def decision_times(prepared: Prepared, requests: int, seed: int = 0, *,
                    decide: Callable[[View], object] | None = None) -> dict[str, float]:
     """Distribution of one decision over random bandwidths (50 kbps-10 Mbps) and deadlines (50 ms-2 s):
     ``decide`` (default: the Edgent policy as deviced calls it, with its plan for an infeasible request)."""
     rng = np.random.default_rng(seed)
     decide = decide or policies.make(policies.DEFAULT).decide
-    views = [View(candidates=cands, conditions=Conditions(bandwidth_bps=float(b), deadline_s=float(d)))
+    views = [View(prepared=prepared, conditions=Conditions(bandwidth_bps=float(b), deadline_s=float(d)))
              for b, d in zip(rng.uniform(5e4, 1e7, requests), rng.uniform(0.05, 2.0, requests), strict=True)]
     for view in views[:200]:
         decide(view)
@@ -57,7 +57,7 @@ def decision_times(cands: Candidates, requests: int, seed: int = 0, *,
         times[i] = time.perf_counter_ns() - start
     times *= 1e-9
     return {"p50_s": float(np.percentile(times, 50)), "p99_s": float(np.percentile(times, 99)),
-            "mean_s": float(times.mean()), "requests": requests, "candidates": int(cands.exit.size)}
+            "mean_s": float(times.mean()), "requests": requests, "candidates": int(prepared.candidates.exit.size)}
 
 
 def planner_bench(requests: int = 20000) -> dict[str, Any]:
@@ -66,8 +66,9 @@ def planner_bench(requests: int = 20000) -> dict[str, Any]:
     device = resources.load_latency_model(resources.PI3_MODEL)
     edge = resources.load_latency_model(resources.DESKTOP_MODEL)
     bundle = resources.default_bundle()
-    ours = edgent.compile_candidates(bundle.exits, device, edge)
-    synth = edgent.compile_candidates(synthetic_chain(), device, edge)
+    edgent_policy = policies.make("edgent")
+    ours = edgent_policy.compile(bundle.exits, device, edge)
+    synth = edgent_policy.compile(synthetic_chain(), device, edge)
 
     def search(view: View) -> object:
         return edgent.plan(view.candidates, view.conditions)
@@ -254,8 +255,8 @@ def encoding_breakeven(exits: Sequence[ExitInfo], device: LatencyModel, edge: La
                        bandwidths: Sequence[float] = tuple(np.geomspace(10e3, 1e9, 401))) -> list[dict[str, Any]]:
     """Per exit and encoding: the highest bandwidth at which that exit's fastest plan in the encoding beats its
     fastest float32 plan (predicted, no deadline), and the accuracy it costs there."""
-    c = edgent.compile_candidates(exits, device, edge)
-    totals = [edgent.latencies(c, Conditions(bandwidth_bps=float(bw), deadline_s=1.0))[0] for bw in bandwidths]
+    c = candidates.compile_candidates(exits, device, edge)
+    totals = [candidates.latencies(c, Conditions(bandwidth_bps=float(bw), deadline_s=1.0))[0] for bw in bandwidths]
     rows = []
     for ex in exits:
         mine = c.exit == ex.index

@@ -18,9 +18,9 @@ from coinfer import bench, resources
 from models import branchy, graph
 from models.bundle import BUNDLES_DIR, DEFAULT_BUNDLE, MANIFEST, describe, exit_accuracies, load_bundle, package
 from models.errors import ModelError
-from planner import edgent, policies, units
+from planner import baselines, candidates, edgent, policies, units
 from planner import pipeline as pipeline_planner
-from planner.core import Candidates, Conditions, Decision, Infeasible, Planner, View, exits_from_manifest
+from planner.core import Candidates, Conditions, Decision, Infeasible, Planner, Prepared, View, exits_from_manifest
 from planner.errors import PlannerError
 from planner.latency import FIT_VARIABLES, TABLE_I_VARIABLES, Sample, fit
 
@@ -395,7 +395,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 class _Setup:
     name: str
     policy: Planner
-    candidates: Candidates  # the policy's
+    prepared: Prepared  # by the policy
     single: Candidates  # every single-tensor cut: what the chain planner searches
     rtt_s: float
 
@@ -413,8 +413,8 @@ def _setup(args: argparse.Namespace) -> _Setup:
     edge = resources.load_latency_model(args.edge_model)
     policy = policies.make(args.policy)
     rtt = units.parse_duration(args.rtt) if args.rtt else 0.0
-    return _Setup(name=name, policy=policy, candidates=policy.compile(exits, device, edge),
-                  single=edgent.compile_candidates(exits, device, edge), rtt_s=rtt)
+    return _Setup(name=name, policy=policy, prepared=policy.compile(exits, device, edge),
+                  single=candidates.compile_candidates(exits, device, edge), rtt_s=rtt)
 
 
 def _plan_row(label: str, p: Decision | Infeasible) -> str:
@@ -437,11 +437,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cond = Conditions(bandwidth_bps=units.parse_bandwidth(args.bandwidth),
                       deadline_s=units.parse_duration(args.deadline) if args.deadline else NO_DEADLINE_S,
                       rtt_s=setup.rtt_s)
-    chosen = setup.policy.decide(View(candidates=setup.candidates, conditions=cond))
-    base, single = edgent.baselines(setup.single, cond), edgent.plan(setup.single, cond)
+    chosen = setup.policy.decide(View(prepared=setup.prepared, conditions=cond))
+    base, single = baselines.baselines(setup.single, cond), edgent.plan(setup.single, cond)
     if args.json:
         shown = chosen if isinstance(chosen, Decision) else chosen.best_effort
-        n_candidates = int((setup.candidates.exit == shown.exit).sum()) if shown else int(setup.candidates.exit.size)
+        c = setup.prepared.candidates
+        n_candidates = int((c.exit == shown.exit).sum()) if shown else int(c.exit.size)
         print(json.dumps({**chosen.to_json(), "policy": args.policy, "n_candidates": n_candidates,
                           "bandwidth_bps": cond.bandwidth_bps, "deadline_s": cond.deadline_s,
                           "best_single_cut": single.to_json(),
@@ -460,14 +461,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     setup = _setup(args)
-    name, cands, rtt = setup.name, setup.candidates, setup.rtt_s
+    name, prepared, rtt = setup.name, setup.prepared, setup.rtt_s
     bws = [units.parse_bandwidth(b) for b in args.bandwidths.split(",")]
     dls = [units.parse_duration(d) for d in args.deadlines.split(",")]
     rows = [(bw, dl) for bw in bws for dl in dls]
     results = []
     policy = setup.policy
     for bw, dl in rows:
-        view = View(candidates=cands, conditions=Conditions(bandwidth_bps=bw, deadline_s=dl, rtt_s=rtt))
+        view = View(prepared=prepared, conditions=Conditions(bandwidth_bps=bw, deadline_s=dl, rtt_s=rtt))
         results.append({"bandwidth_bps": bw, "deadline_s": dl, **policy.decide(view).to_json()})
     if args.json:
         print(json.dumps(results, indent=1))

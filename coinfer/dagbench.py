@@ -25,8 +25,8 @@ from models import graph, synth
 from models.bundle import BUNDLES_DIR, MANIFEST, describe, load_bundle
 from models.ort import onnxruntime as ort
 from models.profile import random_feed
-from planner import edgent, mincut, policies
-from planner.core import Conditions, Decision, View, allow_encodings, exits_from_manifest
+from planner import baselines, candidates, edgent, mincut, policies
+from planner.core import Conditions, Decision, Prepared, View, allow_encodings, exits_from_manifest
 from planner.latency import LatencyModel
 
 BANDWIDTHS = (3e4, 1e5, 3e5, 1e6, 3e6, 1e7, 3e7, 1e8)
@@ -93,14 +93,14 @@ def _sweep(exits: Any, device: LatencyModel, edge: LatencyModel, requests: int) 
     exits = allow_encodings(exits, ())  # cuts against cuts: every tensor crosses as float32 on both sides
     policy = policies.make("mincut")
     start = time.perf_counter()
-    cands = policy.compile(exits, device, edge)
+    prepared = policy.compile(exits, device, edge)
     prepare_s = time.perf_counter() - start
-    single = edgent.compile_candidates(exits, device, edge)
+    single = candidates.compile_candidates(exits, device, edge)
     rows = []
     for bps in BANDWIDTHS:
         cond = Conditions(bandwidth_bps=bps, deadline_s=1e6)
-        ours, theirs = policy.decide(View(candidates=cands, conditions=cond)), edgent.plan(single, cond)
-        base = edgent.baselines(single, cond)
+        ours, theirs = policy.decide(View(prepared=prepared, conditions=cond)), edgent.plan(single, cond)
+        base = baselines.baselines(single, cond)
         assert isinstance(ours, Decision) and isinstance(theirs, Decision)
         device_only, edge_only = base["device_only"], base["edge_only"]
         assert isinstance(device_only, Decision) and isinstance(edge_only, Decision)
@@ -110,10 +110,10 @@ def _sweep(exits: Any, device: LatencyModel, edge: LatencyModel, requests: int) 
                      "crossing": sorted(ours.cut_tensors),
                      "single_crossing": sorted(theirs.cut_tensors)})
     g = mincut.from_exit(exits[0], device, edge)
-    return {"candidates": int(cands.exit.size), "single_cut_candidates": int(single.exit.size),
+    return {"candidates": int(prepared.candidates.exit.size), "single_cut_candidates": int(single.exit.size),
             "prepare_s": prepare_s, "rows": rows,
-            "lookup": bench.decision_times(cands, requests, decide=policy.decide),
-            "single_cut_search": bench.decision_times(single, requests,
+            "lookup": bench.decision_times(prepared, requests, decide=policy.decide),
+            "single_cut_search": bench.decision_times(Prepared(candidates=single), requests,
                                                       decide=lambda v: edgent.plan(v.candidates, v.conditions)),
             "min_cut": bench.solve_times(g, solves=100),
             "brute_force": bench.brute_force_times(g)}

@@ -256,13 +256,13 @@ def bench(out: Path, *, duration_s: float = 1800.0, slot_s: float = 0.25, latenc
     best fixed (cut, setting, rate), on each scenario; JSON, the traces, and PNGs."""
     from coinfer import resources
     from models.bundle import load_bundle
-    from planner import edgent
+    from planner import candidates
     from planner.energy import PROFILES
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "traces").mkdir(exist_ok=True)
     bundle = load_bundle()  # the 28x28 branchy AlexNet, its deepest exit; Edgent's Pi 3 and desktop models
-    cands = edgent.compile_candidates(bundle.exits, resources.load_latency_model(resources.PI3_MODEL),
+    cands = candidates.compile_candidates(bundle.exits, resources.load_latency_model(resources.PI3_MODEL),
                                       resources.load_latency_model(resources.DESKTOP_MODEL))
     acts = Actions.of_exit(cands, len(bundle.exits))
     traces = {"steady": steady(duration_s, seed=seed), "hsdpa": hsdpa(duration_s, seed=seed),

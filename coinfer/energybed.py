@@ -26,8 +26,8 @@ from coinfer.experiments import Agent, _edged, run_agent
 from coinfer.procs import REPO
 from coinfer.testbed import BROKER_PORT, Emulation, Testbed, broker
 from models.bundle import BUNDLES_DIR, load_bundle
-from planner import edgent, lyapunov
-from planner.core import Candidates, Conditions, Decision, Observation, View, Where
+from planner import lyapunov
+from planner.core import Candidates, Conditions, Decision, Observation, Prepared, View, Where
 from planner.energy import PROFILES, EnergyProfile
 
 REPLAY_STEP_S = 0.002  # the per-request simulation's time step
@@ -98,8 +98,11 @@ def _compare(path: Path, records: list[dict[str, Any]], trace: energy.Trace, off
     reference, against the trade-off curves' slotted fluid simulation."""
     profile = PROFILES[profile_name]
     bundle = load_bundle(BUNDLE)
-    cands = edgent.compile_candidates(bundle.exits, resources.load_latency_model(device_model),
-                                      resources.load_latency_model(edge_model))
+    # deviced's own policy object decides the replayed requests, over what it prepares itself
+    policy = lyapunov.Lyapunov(**params)
+    prepared = policy.compile(bundle.exits, resources.load_latency_model(device_model),
+                              resources.load_latency_model(edge_model))
+    cands = prepared.candidates
     # how much slower than its model the device's stages ran at the share they ran at (what deviced's speed factor
     # learns): the simulations serve frames at the same speed, or a few percent at a busy device's load would
     # read as queueing error
@@ -108,7 +111,7 @@ def _compare(path: Path, records: list[dict[str, Any]], trace: energy.Trace, off
         for r in records if r["where"] in ("device", "split")]
     speed = float(np.median(ratios)) if ratios else 1.0
     measured = {**account(records, cands, profile, trace, duration_s, speed), "device_speed": speed}
-    replayed = replay(cands, params, trace, offsets, speed)
+    replayed = replay(policy, prepared, trace, offsets, speed)
     sim = account(replayed, cands, profile, trace, duration_s, speed)
     s = lyapunov.Settings(v=float(params["v"]), slot_s=float(params["slot"]),
                           latency_target_s=float(params["latency_target"]))
@@ -169,14 +172,14 @@ def account(records: list[dict[str, Any]], cands: Candidates, profile: EnergyPro
             "radio_w": radio_j / duration_s}
 
 
-def replay(cands: Candidates, params: dict[str, Any], trace: energy.Trace, offsets: np.ndarray, speed: float,
+def replay(policy: lyapunov.Lyapunov, prepared: Prepared, trace: energy.Trace, offsets: np.ndarray, speed: float, *,
            step_s: float = REPLAY_STEP_S) -> list[dict[str, Any]]:
     """What deviced does with these requests, simulated in steps of ``step_s``: the same ``Lyapunov`` policy decides
     each request as it arrives (its route fixed then, its CPU share and transmit rate applied to the whole device
     from then on, as the actuator does); stages run one at a time, first come first served, at ``speed`` times their
     model over the share in force; sends queue on an uplink at the trace's rate (or the paced one, if lower); the
     edge answers after its modelled time. Returns records shaped like the testbed's."""
-    policy = lyapunov.Lyapunov(**params)
+    cands = prepared.candidates
     share, rate, t, i = 1.0, math.inf, 0.0, 0
     cpu: deque[list[Any]] = deque()  # [request, full-speed seconds left]
     air: deque[list[Any]] = deque()  # [request, bits left]
@@ -186,7 +189,7 @@ def replay(cands: Candidates, params: dict[str, Any], trace: energy.Trace, offse
         while i < len(offsets) and offsets[i] <= t:
             cond = Conditions(bandwidth_bps=trace.at(t), deadline_s=policy.settings.latency_target_s,
                               uplink_backlog_bytes=sum(b for _, b in air) / 8, device_speed=speed, now_s=t)
-            d = policy.decide(View(candidates=cands, conditions=cond))
+            d = policy.decide(View(prepared=prepared, conditions=cond))
             assert isinstance(d, Decision) and d.actuation is not None
             share, rate = d.actuation.cpu_share or 1.0, d.actuation.tx_rate_bps or math.inf
             r = {"t": float(offsets[i]), "decision": d, "where": d.where.value, "plan_exit": d.exit,

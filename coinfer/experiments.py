@@ -29,7 +29,7 @@ from coinfer import resources
 from coinfer.procs import REPO
 from coinfer.testbed import BROKER_PORT, Emulation, Testbed, broker, process
 from models.bundle import BUNDLES_DIR, load_bundle
-from planner import edgent, policies
+from planner import baselines, candidates, policies
 from planner.core import Conditions, ExitInfo
 from planner.latency import QUOTA_STARTS, CpuQuota, LatencyModel, calibrate_stages
 from planner.units import format_bandwidth
@@ -42,7 +42,7 @@ BANDWIDTHS = (50e3, 100e3, 200e3, 400e3, 500e3, 750e3, 1e6, 1.5e6, 2e6)
 ORACLE_BANDWIDTHS = (100e3, 400e3, 1e6, 2e6)
 # coinfer_point: coinfer planning on the point prediction, as Edgent does (deviced's margins off)
 # coinfer_float32: deviced's policy with every cut tensor sent as float32 (no encoded activations)
-METHODS = (*edgent.BASELINES, "coinfer_point", "coinfer_float32", "coinfer")  # coinfer: deviced as configured
+METHODS = (*baselines.BASELINES, "coinfer_point", "coinfer_float32", "coinfer")  # coinfer: deviced as configured
 # (seconds, bps): steps, then a ramp, half of it below 400 kbps where the input upload alone takes 250 ms;
 # the 10 -> 1 Mbps step times how fast the device notices a drop
 TRACE = ((0.0, 10e6), (8.0, 10e6), (8.0, 1e6), (16.0, 1e6), (16.0, 200e3), (28.0, 200e3), (28.0, 2e6),
@@ -159,7 +159,7 @@ def _calibrate_stages(agent: Agent, exits: Sequence[ExitInfo], calib: dict[str, 
     """
     log("calibration: timing whole head stages on the device ...")
     stages = agent.ask(op="stages", repeats=s.stage_repeats)["stages"]
-    host = edgent.compile_candidates(exits, calib["edge_model"], calib["edge_model"])
+    host = candidates.compile_candidates(exits, calib["edge_model"], calib["edge_model"])
     predicted = [float(host.device_s[host.index(r["exit"], r["cut"])]) for r in stages]
     measured = np.array([r["median_s"] for r in stages])
 
@@ -290,7 +290,7 @@ class Experiments:
         self.bed, self.agent, self.s, self.out, self.log = bed, agent, s, out, log
         self.exits = exits
         # the plans deviced chooses from: its policy's candidates (the min-cut's prepared cuts for a DAG)
-        self.cands = policies.make(s.policy).compile(self.exits, calib["device_model"], calib["edge_model"])
+        self.cands = policies.make(s.policy).compile(self.exits, calib["device_model"], calib["edge_model"]).candidates
         self.image = 0
         self.sections: list[str] = []
 
@@ -404,7 +404,7 @@ class Experiments:
             self.settle(bps)
             exit_chosen = Counter(r["exit"] for r in self.runs("coinfer", deadline, count=self.s.oracle_repeats)
                                   ).most_common(1)[0][0]
-            order = np.argsort(edgent.latencies(c, Conditions(bandwidth_bps=bps, deadline_s=1.0))[0])
+            order = np.argsort(candidates.latencies(c, Conditions(bandwidth_bps=bps, deadline_s=1.0))[0])
             best, measured, pruned = float("inf"), [], 0
             for i in order:
                 if c.exit[i] != exit_chosen:

@@ -15,20 +15,11 @@ import structlog
 from deviced.calls import PendingCalls
 from deviced.edges import EdgeDirectory
 from deviced.errors import BrokerLost
+from deviced.inbound import Inbound
 from deviced.link import PROBE_TIMEOUT_S
 from protocol import session
-from protocol.errors import MalformedMessage, ProtocolError
-from protocol.messages import (
-    Advert,
-    ErrorReply,
-    InferResult,
-    Message,
-    Probe,
-    ProbeReply,
-    Status,
-    decode,
-    encode,
-)
+from protocol.errors import MalformedMessage
+from protocol.messages import ErrorReply, InferResult, Message, Probe, ProbeReply, encode
 from protocol.topics import Topics
 
 log = structlog.get_logger()
@@ -42,7 +33,7 @@ class Connection(Enum):
 
 
 class Dispatch:
-    """Sends requests and probes, matches replies to their waiters, and routes edge status and adverts.
+    """Sends requests and probes and matches the replies (``on_reply``, from the router) to their waiters.
 
     ``attach`` and ``detach`` follow the MQTT session; ``detach`` fails every waiter at once with
     ``BrokerLost`` (the real cause), so no request waits out a timeout for a reply that cannot come.
@@ -137,27 +128,18 @@ class Dispatch:
         self._emulated_bps = bps
 
     # ---- incoming ---------------------------------------------------------------------------------
-    def handle(self, topic: str, payload: bytes) -> None:
-        """Dispatch one incoming message: edge status/adverts, or a reply to a pending request or probe."""
-        try:
-            msg = decode(payload)
-            if isinstance(msg, Status) and topic.endswith("/status"):
-                self.edges.on_status(self.topics.edge_id_of(topic), msg)
-            elif isinstance(msg, Advert):
-                self.edges.on_advert(self.topics.edge_id_of(topic), msg)
-            elif isinstance(msg, (InferResult, ErrorReply, ProbeReply)):
-                self.edges.heard_from(msg.sender if isinstance(msg, ErrorReply) else msg.edge_id)
-                key = msg.probe_id if isinstance(msg, ProbeReply) else msg.request_id
-                if isinstance(msg, InferResult):
-                    self.edges.served(msg.edge_id)
-                    if not self._calls.resolve(key, msg):
-                        self._on_late_result(msg)
-                else:
-                    self._calls.resolve(key, msg)
-        except ProtocolError as exc:
-            log.warning("message_rejected", topic=topic, error=str(exc))
-        except Exception:  # a message that validated but still broke its handler: log it, keep serving
-            log.exception("message_failed", topic=topic)
+    def on_reply(self, inbound: Inbound) -> None:
+        """An edge's answer on our response topic: to the waiting request or probe (a late result is evidence for
+        the link estimator)."""
+        msg = inbound.message
+        assert isinstance(msg, InferResult | ErrorReply | ProbeReply)
+        self.edges.heard_from(msg.sender if isinstance(msg, ErrorReply) else msg.edge_id)
+        if isinstance(msg, InferResult):
+            self.edges.served(msg.edge_id)
+            if not self._calls.resolve(msg.request_id, msg):
+                self._on_late_result(msg)
+        else:
+            self._calls.resolve(msg.probe_id if isinstance(msg, ProbeReply) else msg.request_id, msg)
 
     # ---- private ----------------------------------------------------------------------------------
     async def _publish(self, topic: str, payload: bytes, props: Any) -> None:

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
-from planner import edgent
-from planner.core import Candidates, ExitInfo
+from deviced.inbound import Inbound
+from planner.core import ExitInfo, Planner, Prepared
 from planner.errors import PlannerError
 from planner.latency import LatencyModel, SpeedFactor
 from protocol import PROTOCOL_VERSION
 from protocol.messages import Advert, Status
 
 log = structlog.get_logger()
-Compile = Callable[[Sequence[ExitInfo], LatencyModel, LatencyModel], Candidates]
 SUSPECT_S = 5.0
+OVERRIDES_KEPT = 8  # policies other than the configured one (a request's override) whose preparation is kept
 # A short deadline makes the device stop waiting early, so one unanswered request says little about the
 # edge; this many in a row with nothing heard from it in between does.
 SUSPECT_AFTER = 3
@@ -28,7 +28,9 @@ class EdgeView:
     edge_id: str
     online: bool = False
     advert: Advert | None = None
-    candidates: Candidates | None = None  # our exits costed with this edge's latency model
+    model: LatencyModel | None = None  # its advertised latency model
+    prepared: Prepared | None = None  # what the configured policy prepared for it
+    overrides: dict[Planner, Prepared] = field(default_factory=dict)  # what other policies prepared for it
     model_key: str = ""
     suspect_until: float = 0.0  # a request timed out: avoid this edge until then
     unanswered: int = 0  # requests in a row that timed out with nothing heard from the edge
@@ -46,37 +48,55 @@ class EdgeView:
 class EdgeDirectory:
     """Edges by id; ``choose`` returns a usable one (online, right protocol, serves our bundle)."""
 
-    def __init__(self, *, digest: str, exits: Sequence[ExitInfo], device_model: LatencyModel,
-                 compile: Compile = edgent.compile_candidates, wanted: str = "") -> None:
+    def __init__(self, *, digest: str, exits: Sequence[ExitInfo], device_model: LatencyModel, policy: Planner,
+                 wanted: str = "") -> None:
         self.digest = digest
         self.exits = exits
-        self.compile = compile  # the policy's: what it prepares per edge latency model
+        self.policy = policy  # the configured one: it prepares for every edge latency model as it arrives
         self.device_model = device_model
         self.wanted = wanted
         self.edges: dict[str, EdgeView] = {}
 
-    def on_status(self, edge_id: str, status: Status) -> None:
+    def on_status(self, inbound: Inbound) -> None:
+        edge_id, status = inbound.sender, inbound.message
+        assert isinstance(status, Status)
         view = self.edges.setdefault(edge_id, EdgeView(edge_id))
         if view.online != (status.state == "online"):
             log.info("edge_status", edge_id=edge_id, state=status.state)
         view.online = status.state == "online"
         view.suspect_until = 0.0
 
-    def on_advert(self, edge_id: str, advert: Advert) -> None:
+    def on_advert(self, inbound: Inbound) -> None:
+        edge_id, advert = inbound.sender, inbound.message
+        assert isinstance(advert, Advert)
         view = self.edges.setdefault(edge_id, EdgeView(edge_id))
         view.advert, view.queue_depth = advert, advert.queue_depth
         key = json.dumps(advert.latency_model, sort_keys=True)
         if key != view.model_key:
+            view.overrides.clear()
             try:
-                edge_model = LatencyModel.from_json(advert.latency_model)
-                view.candidates = self.compile(self.exits, self.device_model, edge_model)
+                view.model = LatencyModel.from_json(advert.latency_model)
+                view.prepared = self.policy.compile(self.exits, self.device_model, view.model)
                 view.model_key, view.speed = key, SpeedFactor()  # a new model: its own speed is unknown
             except PlannerError as exc:
-                view.candidates = None
+                view.model = view.prepared = None
                 log.warning("edge_advert_unusable", edge_id=edge_id, error=str(exc))
 
+    def prepared(self, view: EdgeView, policy: Planner) -> Prepared | None:
+        """What ``policy`` prepared for ``view``'s latency model (prepared now for a policy other than the
+        configured one, and kept for its next request); None while the edge has no usable model."""
+        if view.model is None or view.prepared is None:
+            return None
+        if policy is self.policy:
+            return view.prepared
+        if policy not in view.overrides:
+            while len(view.overrides) >= OVERRIDES_KEPT:
+                del view.overrides[next(iter(view.overrides))]
+            view.overrides[policy] = policy.compile(self.exits, self.device_model, view.model)
+        return view.overrides[policy]
+
     def usable(self, view: EdgeView, now: float) -> bool:
-        return (view.online and now >= view.suspect_until and view.advert is not None and view.candidates is not None
+        return (view.online and now >= view.suspect_until and view.advert is not None and view.prepared is not None
                 and view.advert.protocol == PROTOCOL_VERSION and self.digest in view.advert.bundles
                 and (not self.wanted or view.edge_id == self.wanted))
 

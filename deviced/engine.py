@@ -24,6 +24,7 @@ from deviced.config import DevicedConfig
 from deviced.dispatch import Dispatch
 from deviced.edges import EdgeDirectory, EdgeView
 from deviced.errors import BrokerLost
+from deviced.inbound import Channel, Inbound, Router
 from deviced.learning import Calibration
 from deviced.link import LinkEstimator
 from deviced.metrics import DeviceMetrics
@@ -31,11 +32,10 @@ from deviced.stages import StageWorker
 from deviced.stream import Stream, StreamResult
 from models.bundle import Bundle
 from models.runtime import Stage, StageRunner
-from planner import bandwidth, edgent
+from planner import bandwidth, candidates
 from planner.core import (
     DEVICE,
     EDGE,
-    Candidates,
     Conditions,
     Decision,
     Infeasible,
@@ -49,17 +49,20 @@ from planner.core import (
 from planner.fleet import Fleet, chain_from_exit
 from planner.latency import LatencyModel
 from planner.units import parse_bandwidth
-from protocol.errors import ProtocolError
 from protocol.messages import (
     STREAM_INBOX,
+    Advert,
     ErrorReply,
     InferRequest,
     InferResult,
+    ProbeReply,
     StageAck,
     StageError,
+    StageFrame,
+    StagePlan,
     StageResult,
+    StageStop,
     Status,
-    decode,
     encode,
 )
 from protocol.topics import Topics
@@ -106,7 +109,7 @@ class _Request:
     deadline_s: float
     link: bandwidth.LinkEstimate
     policy: Planner
-    candidates: Candidates  # the ones the plan comes from: the edge's, or the device's own
+    conditions: Conditions  # what the device knew when it arrived (built once)
 
     def left_s(self) -> float:
         return self.deadline_s - (time.monotonic() - self.start)
@@ -123,17 +126,18 @@ class Device:
         self.topics = Topics(cfg.topic_prefix)
         self.metrics = metrics or DeviceMetrics()
         self.policy = cfg.make_policy()
-        self.local = edgent.compile_candidates(bundle.exits, device_model, device_model)
+        # the device's own plans (no edge, or a local finish): every exit, costed on the device alone
+        self.local = candidates.compile_candidates(bundle.exits, device_model, device_model)
         self.edges = EdgeDirectory(digest=bundle.digest, exits=allow_encodings(bundle.exits, cfg.encodings),
-                                   device_model=device_model,
-                                   compile=self.policy.compile, wanted=cfg.edge_id)
+                                   device_model=device_model, policy=self.policy, wanted=cfg.edge_id)
         self.link = LinkEstimator(parse_bandwidth(cfg.initial_bandwidth), cfg.probe_sizes, self.metrics)
         self.learning = Calibration(cfg.plan_quantile, self.metrics)
         self.dispatch = Dispatch(device_id=cfg.device_id, topics=self.topics, edges=self.edges,
                                  id_prefix=f"{cfg.device_id}-{os.getpid()}-{int(time.time()) % 100000}",
                                  on_late_result=self._late_answer,
                                  emulated_uplink_bps=parse_bandwidth(cfg.emulate_uplink) if cfg.emulate_uplink else 0.0)
-        self._fastest_local_s = self._local_plan(0.0).predicted_s  # the quickest way to any answer, as modelled
+        # the quickest way to any answer, as modelled (at the device model's speed)
+        self._fastest_local_s = float(self.local.device_s[~self.local.uses_edge].min())
         self.actuator = Actuator(mode=cfg.compute_knob)  # applies a decision's CPU share and transmit rate
         # one device stage at a time, in arrival order (asyncio.Lock is FIFO): concurrent stages would share the
         # CPU and all finish late, and every latency model (Edgent's, the Lyapunov controller's) assumes a queue
@@ -142,6 +146,15 @@ class Device:
         self.stages = StageWorker(worker_id=cfg.device_id, topics=self.topics, digest=bundle.digest, runner=runner,
                                   run_stage=self.run_stage, publish=self.dispatch.publish, metrics=self.metrics)
         self.streams: dict[str, Stream] = {}
+        # every inbound message, decoded once and routed by (channel, type); the session adds the applications'
+        self.router = Router(self.topics, cfg.device_id)
+        self.router.on(Channel.EDGE_STATUS, Status, handler=self.edges.on_status)
+        self.router.on(Channel.EDGE_ADVERT, Advert, handler=self.edges.on_advert)
+        self.router.on(Channel.RESPONSES, InferResult, ErrorReply, ProbeReply, handler=self.dispatch.on_reply)
+        self.router.on(Channel.STAGE, StagePlan, StageFrame, StageStop, handler=self.stages.on_message)
+        self.router.on_reject(Channel.STAGE, self.stages.on_rejected)
+        self.router.on(Channel.STREAM, *STREAM_INBOX, handler=self.on_stream_message)
+        self.router.on(Channel.DEVICE_STATUS, Status, handler=self.on_device_status)
 
     # ---- pipelined streams ----------------------------------------------------------------------
     async def stream(self, frames: Any, fleet: Fleet, *, exit_index: int | None = None, method: str | None = None,
@@ -163,30 +176,21 @@ class Device:
         finally:
             del self.streams[stream.stream_id]
 
-    def on_stream_message(self, sender: str, payload: bytes) -> None:
+    def on_stream_message(self, inbound: Inbound) -> None:
         """A worker's ack, result or error for one of this device's streams."""
-        try:
-            msg = decode(payload, expect=STREAM_INBOX)
-        except ProtocolError as exc:
-            log.warning("stream_message_rejected", sender=sender, error=str(exc))
-            return
+        msg = inbound.message
         assert isinstance(msg, StageResult | StageAck | StageError)
         stream = self.streams.get(msg.stream_id)
         if stream is None:
-            log.info("stream_message_unclaimed", sender=sender, stream_id=msg.stream_id, kind=msg.kind)
+            log.info("stream_message_unclaimed", sender=inbound.sender, stream_id=msg.stream_id, kind=msg.kind)
             return
-        stream.on_message(sender, msg)
+        stream.on_message(inbound.sender, msg)
 
-    def on_device_status(self, device_id: str, payload: bytes) -> None:
+    def on_device_status(self, inbound: Inbound) -> None:
         """Another device's retained status: a stream's owner watches its workers."""
-        try:
-            status = decode(payload, expect=Status)
-        except ProtocolError as exc:
-            log.warning("status_rejected", device_id=device_id, error=str(exc))
-            return
-        assert isinstance(status, Status)
+        assert isinstance(inbound.message, Status)
         for stream in self.streams.values():
-            stream.on_status(device_id, status)
+            stream.on_status(inbound.sender, inbound.message)
 
     # ---- requests -------------------------------------------------------------------------------
     async def infer(self, x: npt.NDArray[np.float32], deadline_s: float, *,
@@ -197,21 +201,18 @@ class Device:
         """
         start = time.monotonic()
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(self.bundle.input_shape)
-        req = _Request(request_id=self.dispatch.new_id(), feed={self.bundle.input_name: x}, start=start,
-                       deadline_s=deadline_s, link=self.link.current(start), policy=policy or self.policy,
-                       candidates=self.local)
+        policy = policy or self.policy
         edge = self.edges.choose(start) if self.dispatch.connected else None
-        if edge is None or edge.candidates is None:
-            return await self._finish_local(req, self._local_plan(deadline_s), None, "no_edge")
-        req = replace(req, candidates=edge.candidates)
-        cond = Conditions(bandwidth_bps=req.link.bandwidth_bps, deadline_s=deadline_s, rtt_s=req.link.rtt_s,
-                          edge_queue_s=edge.queue_wait_s, uplink_backlog_bytes=self.dispatch.uplink_backlog(),
-                          device_speed=self.learning.device_speed.value, edge_speed=edge.speed.value,
-                          device_margin_s=self.learning.device_margin.value,
-                          remote_margin=self.learning.remote_margin.value, now_s=start)
-        decision = req.policy.decide(View(candidates=edge.candidates, conditions=cond))
+        link = self.link.current(start)
+        req = _Request(request_id=self.dispatch.new_id(), feed={self.bundle.input_name: x}, start=start,
+                       deadline_s=deadline_s, link=link, policy=policy,
+                       conditions=self._conditions(start, deadline_s, link, edge))
+        prepared = self.edges.prepared(edge, policy) if edge is not None else None
+        if edge is None or prepared is None:
+            return await self._finish_local(req, self._local_plan(req.conditions), None, "no_edge")
+        decision = policy.decide(View(prepared=prepared, conditions=req.conditions))
         if isinstance(decision, Infeasible):  # nothing meets the deadline: what the policy runs anyway
-            decision = decision.best_effort or self._local_plan(deadline_s)
+            decision = decision.best_effort or self._local_plan(req.conditions)
         self._observe_plan(decision)
         if decision.actuation is not None:
             self.actuator.apply(decision.actuation, self.dispatch.socket())
@@ -221,7 +222,7 @@ class Device:
             return await self._finish_local(req, decision, None, None)
         tensors, head_s = req.feed, 0.0
         if (head := decision.step(DEVICE)) is not None:
-            tensors, head_s = await self._timed_stage(head.segment, req.feed, req.candidates)
+            tensors, head_s = await self._timed_stage(head.segment, req.feed, decision)
         try:
             reply, crossing, sent_at = await self._offload(req, edge, decision, tensors)
         except BrokerLost as exc:  # not evidence about the edge or the link: no strike, cap or margin sample
@@ -234,9 +235,17 @@ class Device:
             return await self._fallback(req, tensors, decision, edge.edge_id, reply.code.value, head_s)
         edge_s = reply.queue_s + reply.compute_s
         self.link.transfer(crossing + _nbytes(reply.outputs), time.monotonic() - sent_at - edge_s)
-        self._observe_edge(edge, decision, reply.compute_s)
+        edge.speed = edge.speed.update(reply.compute_s, decision.modelled.tail_s)
+        self.metrics.speed.labels(edge.edge_id).set(edge.speed.value)
         return self._done(req, next(iter(reply.outputs.values())), decision.exit, decision.where.value, decision,
                           edge.edge_id, None, stage_s=head_s, edge_s=edge_s)
+
+    async def prepare(self, policy: Planner) -> None:
+        """Have ``policy`` (an override of the configured one) prepare for the edge a request would use now, off the
+        event loop; otherwise its first request there prepares it."""
+        edge = self.edges.choose(time.monotonic())
+        if edge is not None:
+            await asyncio.to_thread(self.edges.prepared, edge, policy)
 
     async def probe(self, edge_id: str) -> bandwidth.LinkEstimate | None:
         """Probe the uplink to ``edge_id`` (``LinkEstimator.probe``); None when nothing was learned."""
@@ -259,14 +268,6 @@ class Device:
                 await asyncio.sleep((self.cfg.emulate_slowdown - 1.0) * (time.monotonic() - start))
             return out, time.monotonic() - start
 
-    def device_rest_s(self, exit_index: int, cut_tensors: frozenset[str],
-                      candidates: Candidates | None = None) -> float:
-        """Predicted device time of an exit's layers after the cut ``cut_tensors`` (the whole exit when the
-        input crosses), at today's speed; the cut as costed among ``candidates`` (default: the device's own)."""
-        c = candidates or self.local
-        rest = self._model_device_s(exit_index, frozenset(), c) - self._model_device_s(exit_index, cut_tensors, c)
-        return max(rest, 0.0) * self.learning.device_speed.value
-
     # ---- the request path, private --------------------------------------------------------------
     async def _offload(self, req: _Request, edge: EdgeView, decision: Decision,
                        tensors: Mapping[str, npt.NDArray[Any]]) -> tuple[InferResult | ErrorReply, int, float]:
@@ -280,8 +281,7 @@ class Device:
         crossing = self.dispatch.uplink_backlog() + len(payload)
         sent_at = time.monotonic()
         # the quickest local way out: the rest of this exit from the cut, or the fastest exit from scratch
-        finish_local = min(self.device_rest_s(decision.exit, decision.cut_tensors, req.candidates),
-                           self._fastest_local_s * self.learning.device_speed.value)
+        finish_local = min(decision.modelled.rest_s, self._fastest_local_s) * self.learning.device_speed.value
         cutoff = req.deadline_s - finish_local  # after this, no local way meets the deadline
         if cutoff <= decision.predicted_s * ANSWER_SLACK:
             # the answer is due too close to the cut-off to give up on it there: only the edge can meet the
@@ -305,8 +305,8 @@ class Device:
         """Finish locally: the rest of the route from the cut, or an earlier exit from scratch."""
         self.metrics.fallbacks.labels(reason).inc()
         left = req.left_s()
-        rest = self.device_rest_s(decision.exit, decision.cut_tensors, req.candidates)
-        local = self._local_plan(left)
+        rest = decision.modelled.rest_s * self.learning.device_speed.value
+        local = self._local_plan(req.conditions, left)
         if rest <= left or (not local.feasible and rest <= local.predicted_s):
             remote = decision.step(EDGE)
             assert remote is not None
@@ -322,41 +322,36 @@ class Device:
                             reason: str | None) -> Outcome:
         if reason:
             self.metrics.fallbacks.labels(reason).inc()
-        out, stage_s = await self._timed_stage(self.runner.whole(decision.exit), req.feed, self.local)
+        out, stage_s = await self._timed_stage(self.runner.whole(decision.exit), req.feed, decision)
         return self._done(req, next(iter(out.values())), decision.exit, Where.DEVICE.value, decision, edge_id,
                           reason, stage_s=stage_s)
 
-    def _local_plan(self, deadline_s: float) -> Decision:
-        """The most accurate exit that fits on the device alone, else the fastest one (flagged infeasible)."""
-        return edgent.local_plan(self.local, Conditions(bandwidth_bps=1.0, deadline_s=max(deadline_s, 1e-9),
-                                                        device_speed=self.learning.device_speed.value,
-                                                        device_margin_s=self.learning.device_margin.value))
+    def _conditions(self, now: float, deadline_s: float, link: bandwidth.LinkEstimate,
+                    edge: EdgeView | None) -> Conditions:
+        """What the device knows now, for one request (with ``edge``: the edge it would use)."""
+        return Conditions(bandwidth_bps=link.bandwidth_bps, deadline_s=deadline_s, rtt_s=link.rtt_s,
+                          edge_queue_s=edge.queue_wait_s if edge else 0.0,
+                          uplink_backlog_bytes=self.dispatch.uplink_backlog(),
+                          device_speed=self.learning.device_speed.value,
+                          edge_speed=edge.speed.value if edge else 1.0,
+                          device_margin_s=self.learning.device_margin.value,
+                          remote_margin=self.learning.remote_margin.value, now_s=now)
 
-    @staticmethod
-    def _model_device_s(exit_index: int, cut_tensors: frozenset[str], candidates: Candidates) -> float:
-        """The device model's time of an exit's head before ``cut_tensors`` run as one stage (the whole exit for
-        none; not speed-corrected), as costed among ``candidates``."""
-        return float(candidates.device_s[candidates.index(exit_index, cut_tensors)])
+    def _local_plan(self, cond: Conditions, left_s: float | None = None) -> Decision:
+        """The most accurate exit that fits on the device alone (in ``left_s``, default: the whole deadline), else
+        the fastest one (flagged infeasible)."""
+        left = cond.deadline_s if left_s is None else left_s
+        return candidates.local_plan(self.local, replace(cond, deadline_s=max(left, 1e-9)))
 
     async def _timed_stage(self, segment: Segment, feed: Mapping[str, npt.NDArray[Any]],
-                           candidates: Candidates) -> tuple[dict[str, npt.NDArray[Any]], float]:
-        """Run a head (or whole-exit) stage on the device (its session built first, untimed); fold its time into
-        the device's speed factor."""
+                           decision: Decision) -> tuple[dict[str, npt.NDArray[Any]], float]:
+        """Run ``decision``'s device stage (a head, or a whole exit; its session built first, untimed); fold its time
+        into the device's speed factor."""
         out, took = await self.run_stage(self.runner.stage(segment), feed)
-        whole = segment == self.runner.whole(segment.exit)
-        modelled = self._model_device_s(segment.exit, frozenset() if whole else segment.outputs, candidates)
         # the model is of the full CPU: at a policy's share of it the stage is expected to take longer, not the
         # device to have become slower
-        self.learning.device_stage(took, modelled / (self.actuator.share or 1.0))
+        self.learning.device_stage(took, decision.modelled.head_s / (self.actuator.share or 1.0))
         return out, took
-
-    def _observe_edge(self, edge: EdgeView, decision: Decision, compute_s: float) -> None:
-        """The edge computed our tail in ``compute_s``: fold it into that edge's speed factor."""
-        if edge.candidates is not None:
-            c = edge.candidates
-            predicted = float(c.edge_s[c.index(decision.exit, decision.cut_tensors, decision.encoding)])
-            edge.speed = edge.speed.update(compute_s, predicted)
-            self.metrics.speed.labels(edge.edge_id).set(edge.speed.value)
 
     def _done(self, req: _Request, logits: npt.NDArray[Any], exit_index: int, where: str, decision: Decision,
               edge_id: str | None, reason: str | None, *, stage_s: float, edge_s: float | None = None) -> Outcome:

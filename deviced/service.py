@@ -23,6 +23,7 @@ from deviced.config import DEPLOYED_CONFIG, DevicedConfig, app_user
 from deviced.config import load as load_config
 from deviced.engine import Device, Outcome
 from deviced.errors import BrokerLost
+from deviced.inbound import Channel
 from deviced.stream import Stream, StreamResult
 from models.bundle import load_bundle
 from models.runtime import StageRunner
@@ -32,7 +33,7 @@ from planner.latency import LatencyModel
 from planner.units import parse_duration
 from protocol import session
 from protocol.errors import ErrorCode, MalformedMessage, ProtocolError, TensorError
-from protocol.messages import AppRequest, AppResult, ErrorReply, Status, decode, encode
+from protocol.messages import AppRequest, AppResult, ErrorReply, Message, Status, decode, encode
 from protocol.session import BrokerConfig
 from protocol.topics import DEFAULT_PREFIX, Topics, check_id
 
@@ -88,7 +89,7 @@ async def run(device: Device, *, shutdown: asyncio.Event, connected: asyncio.Eve
                 if connected is not None:
                     connected.set()
                 async with asyncio.TaskGroup() as tg:
-                    tasks = [tg.create_task(_receive(client, device), name="receive"),
+                    tasks = [tg.create_task(_receive(client, device, daemon=daemon), name="receive"),
                              tg.create_task(_probe_loop(device), name="probe")]
                     await shutdown.wait()
                     await device.stages.close()  # no heartbeat or frame publishes into a closing session
@@ -119,47 +120,37 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-async def _receive(client: aiomqtt.Client, device: Device) -> None:
-    apps_topic = device.topics.device_infer(device.cfg.device_id)
+async def _receive(client: aiomqtt.Client, device: Device, *, daemon: bool) -> None:
+    """Every inbound message through the device's one router; the applications' requests (the daemon's only) are
+    answered in tasks of their own."""
     async with asyncio.TaskGroup() as tg:
+        if daemon:
+            device.router.on(Channel.APPS, AppRequest,
+                             handler=lambda inbound: _spawn_app(tg, client, device, inbound.message, inbound.reply_to,
+                                                                inbound.correlation))
+            device.router.on_reject(Channel.APPS, lambda rejected: _spawn_app(
+                tg, client, device, rejected.error, rejected.reply_to, rejected.correlation))
         try:
             async for message in client.messages:
-                payload = message.payload if isinstance(message.payload, bytes) else b""
-                if message.topic.matches(apps_topic):
-                    tg.create_task(_serve_app(client, device, message, payload))
-                elif payload and not _pipeline_message(device, str(message.topic), payload):
-                    device.dispatch.handle(str(message.topic), payload)
+                if isinstance(message.payload, bytes):
+                    reply_to, correlation = session.response_of(message)
+                    device.router.handle(str(message.topic), message.payload, reply_to=reply_to,
+                                         correlation=correlation)
         except session.MQTT_ERRORS as exc:  # the session is gone: every waiter learns it now, not at its timeout
             device.dispatch.detach(exc)
             raise
 
 
-def _pipeline_message(device: Device, topic: str, payload: bytes) -> bool:
-    """Route a stage inbox, stream inbox or device status message; False for anything else."""
-    where = device.topics.dev_topic(topic)
-    if where is None:
-        return False
-    device_id, what = where
-    own = device_id == device.cfg.device_id
-    try:
-        if own and what == "stage":
-            device.stages.handle(device.topics.device_id_of(topic), payload)
-        elif own and what == "stream":
-            device.on_stream_message(device.topics.device_id_of(topic), payload)
-        elif what == "status":
-            if not own:
-                device.on_device_status(check_id(device_id, "device id"), payload)
-        else:
-            return False
-    except ProtocolError as exc:  # a sender id no ACL would allow; nothing to answer
-        log.warning("message_rejected", topic=topic, error=str(exc))
-    return True
+def _spawn_app(tg: asyncio.TaskGroup, client: aiomqtt.Client, device: Device, request: Message | ProtocolError,
+               reply_to: str | None, correlation: bytes | None) -> None:
+    tg.create_task(_serve_app(client, device, request, reply_to, correlation))
 
 
-async def _serve_app(client: aiomqtt.Client, device: Device, message: aiomqtt.Message, payload: bytes) -> None:
-    """Answer one application request from the local topic with an ``AppResult`` or an ``ErrorReply``."""
+async def _serve_app(client: aiomqtt.Client, device: Device, request: Message | ProtocolError, reply_to: str | None,
+                     correlation: bytes | None) -> None:
+    """Answer one application request from the local topic with an ``AppResult`` or an ``ErrorReply`` (``request``:
+    the decoded request, or why it failed validation)."""
     cfg = device.cfg
-    reply_to, correlation = session.response_of(message)
     if reply_to is not None and not device.topics.is_app_response(cfg.device_id, reply_to):
         reply_to = None  # deviced answers only under its own app namespace, never where a request points it
     request_id = ""
@@ -167,13 +158,15 @@ async def _serve_app(client: aiomqtt.Client, device: Device, message: aiomqtt.Me
         if reply_to is None:
             raise MalformedMessage(f"an app request needs a response topic under "
                                    f"{device.topics.app_responses(cfg.device_id, '<client>')}")
-        req = decode(payload, expect=AppRequest)
-        assert isinstance(req, AppRequest)
-        request_id = req.request_id
-        x = next(iter(req.tensors.values()))
+        if isinstance(request, ProtocolError):
+            raise request
+        assert isinstance(request, AppRequest)
+        request_id = request.request_id
+        x = next(iter(request.tensors.values()))
         if x.size != int(np.prod(device.bundle.input_shape)):
             raise TensorError(f"input of {x.size} values; the model takes {list(device.bundle.input_shape)}")
-        outcome = await device.infer(x.astype(np.float32), req.deadline_s or parse_duration(cfg.default_deadline))
+        outcome = await device.infer(x.astype(np.float32),
+                                     request.deadline_s or parse_duration(cfg.default_deadline))
         answer: AppResult | ErrorReply = AppResult(
             request_id=request_id, outputs={"logits": outcome.logits}, exit=outcome.exit, where=outcome.where,
             latency_s=outcome.latency_s, deadline_s=outcome.deadline_s, fallback=outcome.fallback or "",

@@ -25,19 +25,18 @@ from typing import Any
 import numpy as np
 import structlog
 
+from deviced.inbound import Inbound, Rejected
 from models.errors import ModelError
 from models.runtime import Stage, StageRunner
 from planner.core import Segment
-from protocol.errors import ErrorCode, ProtocolError
+from protocol.errors import ErrorCode
 from protocol.messages import (
-    STAGE_INBOX,
     StageAck,
     StageError,
     StageFrame,
     StagePlan,
     StageResult,
     StageStop,
-    decode,
     encode,
 )
 from protocol.topics import Topics
@@ -84,15 +83,12 @@ class StageWorker:
         """Frames waiting on this worker, over every stream it serves."""
         return sum(h.inbox.qsize() + h.outbox.qsize() for h in self._held.values())
 
-    def handle(self, sender: str, payload: bytes) -> None:
-        """One message from the stage inbox (``sender``: the topic's last level, which the broker's ACL vouches for)."""
+    def on_message(self, inbound: Inbound) -> None:
+        """One message from the stage inbox (``inbound.sender``: the topic's last level, which the broker's ACL
+        vouches for)."""
         if self._closed:
             return  # the session is ending: nothing new starts
-        try:
-            msg = decode(payload, expect=STAGE_INBOX)
-        except ProtocolError as exc:
-            self._refuse(sender, "", 0, -1, exc.code, str(exc))
-            return
+        sender, msg = inbound.sender, inbound.message
         if isinstance(msg, StageFrame):
             self._frame(sender, msg)
         elif isinstance(msg, StagePlan):
@@ -102,6 +98,11 @@ class StageWorker:
                 self._refuse(sender, msg.stream_id, 0, -1, ErrorCode.MALFORMED, "only a stream's owner stops it")
                 return
             self._spawn(self._stop(msg.owner, msg.stream_id, announce=True))
+
+    def on_rejected(self, rejected: Rejected) -> None:
+        """A stage-inbox message that failed validation: its sender learns why."""
+        if not self._closed:
+            self._refuse(rejected.sender, "", 0, -1, rejected.error.code, str(rejected.error))
 
     async def close(self) -> None:
         """Drop every plan (the session ends)."""

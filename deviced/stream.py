@@ -36,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from deviced.calls import PendingCalls
 from deviced.errors import DevicedError
 from planner import REFERENCE_DIR, pipeline
 from planner.errors import LatencyModelError
@@ -164,7 +165,7 @@ class Stream:
         self._lost: set[str] = set()
         self._trouble: dict[str, str] = {}  # worker -> why it must go (set by handlers, acted on by the watchdog)
         self._watch: dict[str, _Watch] = {}
-        self._acks: dict[str, asyncio.Future[None]] = {}
+        self._acks: PendingCalls[str, None] = PendingCalls()  # workers taking the plan being sent
         self._in_flight: dict[int, _Frame] = {}
         self._done: dict[int, StreamResult] = {}
         self._resend: set[int] = set()
@@ -239,9 +240,7 @@ class Stream:
         if ack.epoch != self.epoch:
             return
         if ack.state == "ready":
-            future = self._acks.get(sender)
-            if future is not None and not future.done():
-                future.set_result(None)
+            self._acks.resolve(sender, None)
             return
         self.max_queued[sender] = max(self.max_queued.get(sender, 0), ack.queued)
         watch = self._watch.get(sender)
@@ -266,9 +265,8 @@ class Stream:
         log.info("stage_error", stream_id=self.stream_id, sender=sender, epoch=msg.epoch, frame=msg.frame,
                  code=msg.code.value, reason=msg.message)
         if msg.frame < 0:
-            future = self._acks.get(sender)
-            if msg.epoch == self.epoch and future is not None and not future.done():
-                future.set_exception(StreamError(f"{sender} refused the plan: {msg.code.value}: {msg.message}"))
+            if msg.epoch == self.epoch:
+                self._acks.fail(sender, StreamError(f"{sender} refused the plan: {msg.code.value}: {msg.message}"))
             return
         frame = self._in_flight.get(msg.frame)
         if frame is None or msg.epoch != self.epoch:
@@ -443,32 +441,31 @@ class Stream:
 
     async def _hand_out(self, plan: pipeline.PipelinePlan) -> dict[str, str]:
         """Send each worker its stage of ``plan``; the workers that refused or did not answer in time, and why."""
-        loop = asyncio.get_running_loop()
-        self._acks = {}
         # the frames the owner may have out: the new window, or more while a larger earlier window drains
         credits = max(_window(plan), len(self._in_flight) + len(self._done))
-        for index, stage in enumerate(plan.stages):
-            after = plan.stages[index + 1].workers if index + 1 < len(plan.stages) else ()
-            before = plan.stages[index - 1].workers if index else (self.owner,)
-            doc = StagePlan(stream_id=self.stream_id, owner=self.owner, epoch=self.epoch, bundle=self.digest,
-                            exit=self.exit_index, stage=index,
-                            input_names=tuple(sorted(self.chain.boundary_tensors[stage.first])),
-                            output_names=tuple(sorted(self.chain.boundary_tensors[stage.stop])), next=after,
-                            previous=before, credits=credits)
-            for worker in stage.workers:
-                self._acks[worker] = loop.create_future()
-                try:
-                    await self._publish(self.topics.stage_inbox(worker, self.owner), encode(doc))
-                except Exception as exc:
-                    self._acks[worker].set_exception(StreamError(f"cannot send the plan: {exc}"))
         refused: dict[str, str] = {}
-        for worker, future in self._acks.items():
-            try:
-                await asyncio.wait_for(asyncio.shield(future), max(0.0, ACK_TIMEOUT_S))
-            except TimeoutError:
-                refused[worker] = f"no answer in {ACK_TIMEOUT_S:.0f} s"
-            except StreamError as exc:
-                refused[worker] = str(exc)
+        with contextlib.ExitStack() as waiting:
+            acks = {w: waiting.enter_context(self._acks.expect(w)) for s in plan.stages for w in s.workers}
+            for index, stage in enumerate(plan.stages):
+                after = plan.stages[index + 1].workers if index + 1 < len(plan.stages) else ()
+                before = plan.stages[index - 1].workers if index else (self.owner,)
+                doc = StagePlan(stream_id=self.stream_id, owner=self.owner, epoch=self.epoch, bundle=self.digest,
+                                exit=self.exit_index, stage=index,
+                                input_names=tuple(sorted(self.chain.boundary_tensors[stage.first])),
+                                output_names=tuple(sorted(self.chain.boundary_tensors[stage.stop])), next=after,
+                                previous=before, credits=credits)
+                for worker in stage.workers:
+                    try:
+                        await self._publish(self.topics.stage_inbox(worker, self.owner), encode(doc))
+                    except Exception as exc:
+                        self._acks.fail(worker, StreamError(f"cannot send the plan: {exc}"))
+            for worker, future in acks.items():
+                try:
+                    await asyncio.wait_for(asyncio.shield(future), max(0.0, ACK_TIMEOUT_S))
+                except TimeoutError:
+                    refused[worker] = f"no answer in {ACK_TIMEOUT_S:.0f} s"
+                except StreamError as exc:
+                    refused[worker] = str(exc)
         return refused
 
     async def _stop_workers(self, workers: Iterable[str]) -> None:

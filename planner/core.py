@@ -1,7 +1,8 @@
 """What every planning policy shares: a model's exits and cuts, candidates, conditions, decisions, the seam.
 
-A policy is a ``Planner``: ``decide(view)`` returns a ``Decision`` (or ``Infeasible``), ``observe(outcome)``
-learns from how a request went (a no-op for stateless policies). A cut is a set of tensors; its layer count
+A policy is a ``Planner``: ``compile`` prepares what it searches (a ``Prepared``), ``decide(view)`` returns a
+``Decision`` (or ``Infeasible``), ``observe(outcome)`` learns from how a request went (a no-op for stateless
+policies). The costing every policy shares is ``planner.candidates``. A cut is a set of tensors; its layer count
 is kept as information and names a cut only where the model is a chain. Exits are numbered from 1 everywhere.
 """
 
@@ -114,6 +115,31 @@ class ExitInfo:
                 return c
         raise PlannerError(f"exit {self.index} has no cut at {sorted(tensors)}")
 
+    def cut_through(self, tensors: frozenset[str]) -> CutPoint:
+        """The interior cut where exactly ``tensors`` cross: the listed one, or one found from the graph (its head
+        is every layer they depend on). ``PlannerError`` when the rest of the exit would need more than them."""
+        for c in self.cuts:
+            if c.tensors == tensors:
+                return c
+        producer = {t: lay for lay in self.layers for t in lay.outputs}
+        if not tensors or not tensors <= producer.keys():
+            raise PlannerError(f"exit {self.index}: {sorted(tensors)} are not all made by its layers (the cut of a "
+                               "graph needs a bundle that names each layer's inputs and outputs)")
+        head: set[str] = set()
+        todo = [producer[t] for t in tensors]
+        while todo:
+            lay = todo.pop()
+            if lay.name not in head:
+                head.add(lay.name)
+                todo.extend(producer[t] for t in lay.inputs if t in producer)
+        made = {t for lay in self.layers if lay.name in head for t in lay.outputs} | {self.input}
+        needed = {t for lay in self.layers if lay.name not in head for t in lay.inputs if t in made}
+        if needed - tensors or self.output in made:
+            raise PlannerError(f"exit {self.index}: not a cut at {sorted(tensors)}: the rest also needs "
+                               f"{sorted((needed - tensors) | ({self.output} & made))}")
+        nbytes = sum(producer[t].features.get("output_bytes", 0.0) / len(producer[t].outputs) for t in tensors)
+        return CutPoint(tensors=tensors, index=len(head), bytes=round(nbytes), head=frozenset(head))
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Candidates:
@@ -137,8 +163,10 @@ class Candidates:
     encoding: tuple[str, ...]  # how it crosses (``PLAIN`` where nothing does)
     plain: npt.NDArray[np.bool_]  # encoding == PLAIN
     level: npt.NDArray[np.int64]  # accuracy order, 0 = most accurate
+    head_s: npt.NDArray[np.float64]  # the device model's head stage alone, encoding excluded (what a head measures)
+    rest_s: npt.NDArray[np.float64]  # the device model's rest of the exit after the cut (a local finish from there)
     # (up_bytes, down_bytes, uses_edge, device_s, edge_s) as the columns of one matrix (those arrays are views of
-    # its columns): a request's costs are one matrix-vector product (``edgent.latencies``)
+    # its columns): a request's costs are one matrix-vector product (``candidates.latencies``)
     parts: npt.NDArray[np.float64]
     routes: tuple[tuple[Step, ...], ...]  # each candidate's device / edge steps (``route``), built once
     positions: Mapping[tuple[int, frozenset[str], str], int]  # (exit, tensors, encoding) -> its first candidate
@@ -191,11 +219,23 @@ class Conditions:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class View:
-    """What a policy decides from: the model's candidates costed for the chosen edge, and the conditions now."""
+class Prepared:
+    """What a policy's ``compile`` made for one pair of latency models (an edge's advert): at least the candidates
+    its ``decide`` searches. A policy that prepares more subclasses it and gets its own type back in the view."""
 
     candidates: Candidates
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class View:
+    """What a policy decides from: what it prepared for the chosen edge, and the conditions now."""
+
+    prepared: Prepared
     conditions: Conditions
+
+    @property
+    def candidates(self) -> Candidates:
+        return self.prepared.candidates
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +264,16 @@ class Actuation:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Modelled:
+    """A plan's stages as the latency models cost them, before speed factors: what measurements are compared with
+    and what a local finish would take."""
+
+    head_s: float = 0.0  # the device's stage (the head, or the whole exit), encoding excluded
+    rest_s: float = 0.0  # the device finishing the exit from the cut (fallback); 0 for a device-only plan
+    tail_s: float = 0.0  # the edge's stage, decoding included; 0 when the plan does not use the edge
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Decision:
     """A plan for one request: the exit, the cut, the route's stages, predicted times and optional actuation."""
 
@@ -241,6 +291,7 @@ class Decision:
     accuracy: float
     actuation: Actuation | None = None
     encoding: str = PLAIN  # how ``cut_tensors`` cross
+    modelled: Modelled = Modelled()
 
     @property
     def where(self) -> Where:
@@ -292,28 +343,15 @@ class Observation:
 class Planner(Protocol):
     """A planning policy. Registered by name in ``planner.policies``; the device engine calls only this.
 
-    ``compile`` prepares, once per pair of latency models (an edge's advert), the candidates its ``decide``
-    searches per request: what can be done offline is done there.
+    ``compile`` prepares, once per pair of latency models (an edge's advert), what its ``decide`` searches per
+    request (what can be done offline is done there) and returns it; ``decide`` gets it back in the ``View``.
     """
 
-    def compile(self, exits: Sequence[ExitInfo], device: LatencyModel, edge: LatencyModel) -> Candidates: ...
+    def compile(self, exits: Sequence[ExitInfo], device: LatencyModel, edge: LatencyModel) -> Prepared: ...
 
     def decide(self, view: View) -> Decision | Infeasible: ...
 
     def observe(self, outcome: Observation) -> None: ...
-
-
-class Stateless:
-    """Base of the policies that learn nothing from outcomes, over the exits' listed cuts."""
-
-    def compile(self, exits: Sequence[ExitInfo], device: LatencyModel, edge: LatencyModel) -> Candidates:
-        """Every (exit, listed cut) costed under the two models (``edgent.compile_candidates``)."""
-        from planner.edgent import compile_candidates  # the shared costing lives with the search that uses it
-
-        return compile_candidates(exits, device, edge)
-
-    def observe(self, outcome: Observation) -> None:
-        """Nothing to learn."""
 
 
 def route(ex: ExitInfo, tensors: frozenset[str]) -> tuple[Step, ...]:

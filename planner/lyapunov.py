@@ -33,16 +33,18 @@ transmit queue is the device's measured uplink backlog.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from planner.core import Actuation, Candidates, Decision, Infeasible, Observation, Stateless, View
-from planner.edgent import fixed_plan
+from planner.candidates import Stateless, compile_candidates, fixed_plan
+from planner.core import Actuation, Candidates, Decision, ExitInfo, Infeasible, Observation, Prepared, View
 from planner.energy import DEFAULT_PROFILE, PROFILES, EnergyProfile
 from planner.errors import PlannerError
+from planner.latency import LatencyModel
 
 RATE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # transmit rates tried, as shares of the bandwidth estimate
 ARRIVAL_TAU_S = 60.0  # time constant of the arrival-rate estimate (Little's law needs the long-run rate)
@@ -174,6 +176,14 @@ def _choice(ev: dict[str, npt.NDArray[np.float64]], at: tuple[Any, ...], action:
                               quiet_s=float(ev["quiet"][at])))
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LyapunovPrepared(Prepared):
+    """What ``Lyapunov.compile`` made for one edge latency model: the candidates and the controlled exit's actions."""
+
+    exit: int
+    actions: Actions
+
+
 class Lyapunov(Stateless):
     """The controller as a policy: per slot one (cut, CPU share, transmit rate), applied to that slot's requests."""
 
@@ -190,14 +200,17 @@ class Lyapunov(Stateless):
         self._arrivals = 0  # decided in the current slot
         self._in_flight = 0  # decided and not yet observed
         self._choice: Choice | None = None
-        self._actions: tuple[Candidates, Actions] | None = None  # per candidates (an edge's advert), not per request
+
+    def compile(self, exits: Sequence[ExitInfo], device: LatencyModel, edge: LatencyModel) -> LyapunovPrepared:
+        c = compile_candidates(exits, device, edge)
+        exit_index = self.exit or c.rank[0][0]
+        return LyapunovPrepared(candidates=c, exit=exit_index, actions=Actions.of_exit(c, exit_index))
 
     def decide(self, view: View) -> Decision | Infeasible:
-        c, cond = view.candidates, view.conditions
-        exit_index = self.exit or c.rank[0][0]
-        if self._actions is None or self._actions[0] is not c:
-            self._actions = (c, Actions.of_exit(c, exit_index))
-        acts = self._actions[1]
+        prepared, cond = view.prepared, view.conditions
+        if not isinstance(prepared, LyapunovPrepared):
+            raise PlannerError("lyapunov decides over what its own compile prepared")
+        c, exit_index, acts = prepared.candidates, prepared.exit, prepared.actions
         now = cond.now_s
         if now is None or self._slot_start is None or now >= self._slot_start + self.settings.slot_s \
                 or self._choice is None:

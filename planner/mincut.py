@@ -29,8 +29,8 @@ import numpy.typing as npt
 from scipy.sparse import csr_array
 from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 
-from planner.core import Candidates, CutPoint, Decision, ExitInfo, Infeasible, View
-from planner.edgent import Edgent, compile_candidates
+from planner.candidates import Stateless, compile_candidates, most_accurate
+from planner.core import CutPoint, Decision, ExitInfo, Infeasible, Prepared, View
 from planner.errors import PlannerError
 from planner.latency import LatencyModel
 
@@ -269,55 +269,51 @@ def _vertices(planes: Sequence[Partition], box: tuple[tuple[float, float], ...])
     return kept
 
 
-class MinCut(Edgent):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MinCutPrepared(Prepared):
+    """What ``MinCut.compile`` made for one edge latency model: the candidates (every partition optimal somewhere in
+    the box) and what a request outside the box needs for its own min-cut."""
+
+    graphs: tuple[LayerGraph, ...]
+    exits: tuple[ExitInfo, ...]
+    device: LatencyModel
+    edge: LatencyModel
+
+
+class MinCut(Stateless):
     """Edgent's rule over DAG cuts: the most accurate exit whose best plan meets the deadline, where an exit's
     plans are every partition the min-cut finds optimal for some conditions in the box (``compile``, once per
     edge latency model); conditions outside the box get a per-request min-cut added. On a chain its plans are
     Edgent's."""
 
     def __init__(self, *, encodings: bool = True) -> None:
-        super().__init__(encodings=encodings)
-        self._prepared: dict[int, _Prepared] = {}
+        self.encodings = bool(encodings)
 
-    def compile(self, exits: Sequence[ExitInfo], device: LatencyModel, edge: LatencyModel) -> Candidates:
+    def compile(self, exits: Sequence[ExitInfo], device: LatencyModel, edge: LatencyModel) -> MinCutPrepared:
         graphs = tuple(from_exit(ex, device, edge) for ex in exits)
-        richer = [replace(ex, cuts=_measured(ex, cut_points(g, candidate_partitions(g))))
-                  for ex, g in zip(exits, graphs, strict=True)]
-        c = compile_candidates(richer, device, edge)
-        while len(self._prepared) >= PREPARED_KEPT:
-            del self._prepared[next(iter(self._prepared))]
-        self._prepared[id(c)] = _Prepared(candidates=c, graphs=graphs, exits=tuple(richer), device=device, edge=edge)
-        return c
+        richer = tuple(replace(ex, cuts=_measured(ex, cut_points(g, candidate_partitions(g))))
+                       for ex, g in zip(exits, graphs, strict=True))
+        return MinCutPrepared(candidates=compile_candidates(richer, device, edge), graphs=graphs, exits=richer,
+                              device=device, edge=edge)
 
     def decide(self, view: View) -> Decision | Infeasible:
-        cond = view.conditions
+        prepared, cond = view.prepared, view.conditions
+        if not isinstance(prepared, MinCutPrepared):
+            raise PlannerError("mincut decides over what its own compile prepared")
         ratio, per_byte = cond.edge_speed / cond.device_speed, 8.0 / cond.bandwidth_bps / cond.device_speed
         high = max(cond.remote_margin, 1.0)
         inside = (SPEED_RATIO[0] <= ratio and ratio * high <= SPEED_RATIO[1]
                   and SECONDS_PER_BYTE[0] <= per_byte and per_byte * high <= SECONDS_PER_BYTE[1])
-        prepared = self._prepared.get(id(view.candidates))
-        if inside or prepared is None or prepared.candidates is not view.candidates:
-            return super().decide(view)
-        # outside the box the candidates may miss the optimum: add this request's own min-cut of every exit
-        exits = [replace(ex, cuts=(*ex.cuts, *_measured(ex, cut_points(g, [min_cut(g, ratio * m, per_byte * m)
-                                                                           for m in (1, high)]))))
-                 for ex, g in zip(prepared.exits, prepared.graphs, strict=True)]
-        return super().decide(replace(view, candidates=compile_candidates(exits, prepared.device, prepared.edge)))
+        c = prepared.candidates
+        if not inside:  # outside the box the candidates may miss the optimum: add this request's own min-cut
+            exits = [replace(ex, cuts=(*ex.cuts, *_measured(ex, cut_points(g, [min_cut(g, ratio * m, per_byte * m)
+                                                                               for m in (1, high)]))))
+                     for ex, g in zip(prepared.exits, prepared.graphs, strict=True)]
+            c = compile_candidates(exits, prepared.device, prepared.edge)
+        return most_accurate(c, cond, plain_only=not self.encodings)
 
 
 def _measured(ex: ExitInfo, cuts: Sequence[CutPoint]) -> tuple[CutPoint, ...]:
     """``cuts`` with the encodings the exit's listed cut of the same tensors has measured (others: none)."""
     known = {c.tensors: c.encodings for c in ex.cuts}
     return tuple(replace(c, encodings=known.get(c.tensors, ())) for c in cuts)
-
-
-PREPARED_KEPT = 16  # candidate sets (one per edge latency model) whose graphs are kept for out-of-box requests
-
-
-@dataclass(frozen=True, slots=True)
-class _Prepared:
-    candidates: Candidates
-    graphs: tuple[LayerGraph, ...]
-    exits: tuple[ExitInfo, ...]
-    device: LatencyModel
-    edge: LatencyModel

@@ -10,15 +10,15 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from planner import edgent, lyapunov, mincut
+from planner import baselines, edgent, lyapunov, mincut
 from planner.core import Planner
 from planner.errors import PlannerError
 
 DEFAULT = "edgent"
 POLICIES: dict[str, Callable[..., Planner]] = {
     "edgent": edgent.Edgent,
-    **{name: functools.partial(edgent.Baseline, name) for name in edgent.BASELINES},
-    "fixed": edgent.Fixed,  # parameters: exit, cut
+    **{name: functools.partial(baselines.Baseline, name) for name in baselines.BASELINES},
+    "fixed": baselines.Fixed,  # parameters: exit, cut, encoding
     "mincut": mincut.MinCut,
     "lyapunov": lyapunov.Lyapunov,  # parameters: v, slot, latency_target, min_throughput, profile, exit
 }

@@ -136,6 +136,14 @@ class Topics:
             return None
         return parts[base + 1], parts[base + 2]
 
+    def edge_topic(self, topic: str) -> tuple[str, str] | None:
+        """(edge id, what) of a ``.../edge/<id>/<what>`` topic, else None."""
+        parts = topic.split("/")
+        base = self.prefix.count("/") + 1
+        if len(parts) < base + 3 or parts[base] != "edge":
+            return None
+        return parts[base + 1], parts[base + 2]
+
     def edge_id_of(self, topic: str) -> str:
         """The edge id in an ``.../edge/<id>/...`` topic."""
         parts = topic.split("/")

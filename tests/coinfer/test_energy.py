@@ -9,7 +9,7 @@ import pytest
 
 from coinfer import energy
 from models.bundle import Bundle
-from planner import edgent, lyapunov
+from planner import candidates, lyapunov
 from planner.energy import PROFILES
 from planner.latency import LatencyModel
 
@@ -45,7 +45,7 @@ def test_traces_are_reproducible_and_carry_their_generator(tmp_path: Path) -> No
 
 def test_the_simulation_keeps_every_frame_and_the_controller_saves_energy(bundle: Bundle, pi3: LatencyModel,
                                                                           desktop: LatencyModel) -> None:
-    acts = lyapunov.Actions.of_exit(edgent.compile_candidates(bundle.exits, pi3, desktop), 5)
+    acts = lyapunov.Actions.of_exit(candidates.compile_candidates(bundle.exits, pi3, desktop), 5)
     profile = PROFILES["pi3b-lte"]
     trace = energy.hsdpa(600, seed=2)
     s = lyapunov.Settings(v=100.0, slot_s=0.25, latency_target_s=10.0)
@@ -77,12 +77,13 @@ def test_the_replay_answers_every_request_as_deviced_would(bundle: Bundle, pi3: 
                                                            desktop: LatencyModel) -> None:
     from coinfer import energybed
 
-    cands = edgent.compile_candidates(bundle.exits, pi3, desktop)
+    policy = lyapunov.Lyapunov(v=10.0, slot=0.1, latency_target=10.0, profile="pi3b-lte")
+    prepared = policy.compile(bundle.exits, pi3, desktop)
+    cands = prepared.candidates
     trace = energy.hsdpa(130, seed=3)
     offsets = np.cumsum(np.random.default_rng(3).exponential(1.5, 80))
     offsets = offsets[offsets < 120]
-    params = {"v": 10.0, "slot": 0.1, "latency_target": 10.0, "profile": "pi3b-lte"}
-    records = energybed.replay(cands, params, trace, offsets, speed=2.0)
+    records = energybed.replay(policy, prepared, trace, offsets, speed=2.0)
     assert [r["t"] for r in records] == pytest.approx(list(offsets))  # one answer per request
     on_device = [r for r in records if r["where"] in ("device", "split")]
     assert on_device, "the controller computes some frames on the device at LTE"

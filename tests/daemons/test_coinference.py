@@ -249,7 +249,8 @@ async def test_the_device_plans_with_a_margin_for_its_overruns() -> None:
             for i in range(30):
                 device.cfg = replace(cfg, emulate_slowdown=8.0 if i % 2 else 1.0)
                 outcomes.append(await client.infer(x[0], deadline=5.0))
-            margin, rest = device.learning.device_margin.value, device.device_rest_s(5, frozenset({"input"}))
+            whole = float(device.local.device_s[device.local.index(5, frozenset())])  # exit 5 on the device
+            margin, rest = device.learning.device_margin.value, whole * device.learning.device_speed.value
             # a deadline the top exit's prediction meets, but not with the margin
             tight = await client.infer(x[0], deadline=rest + margin / 2 if margin else rest)
         used = [o.plan.bound_s - o.plan.predicted_s for o in outcomes if o.plan.bound_s and o.plan.predicted_s]

@@ -10,14 +10,14 @@ import pytest
 from deviced.config import DevicedConfig, load
 from deviced.service import Client
 from models.data import load_fashion_mnist, preprocess
-from planner import core, edgent, policies
+from planner import baselines, candidates, core, edgent, policies
 from planner.errors import PlannerError
 from planner.latency import LatencyModel
 from protocol.config import ConfigError
 from tests.daemons.conftest import Broker, EdgeProcess
 
 
-class EdgeAlways(core.Stateless):
+class EdgeAlways(candidates.Stateless):
     """The trivial policy of this test: the top exit, wholly on the edge; it counts what it was told."""
 
     def __init__(self) -> None:
@@ -25,7 +25,7 @@ class EdgeAlways(core.Stateless):
 
     def decide(self, view: core.View) -> core.Decision | core.Infeasible:
         top = view.candidates.exits[-1]
-        return edgent.fixed_plan(view.candidates, view.conditions, top.index, frozenset({top.input}))
+        return candidates.fixed_plan(view.candidates, view.conditions, top.index, frozenset({top.input}))
 
     def observe(self, outcome: core.Observation) -> None:
         self.seen.append(outcome)
@@ -52,29 +52,29 @@ def test_the_policy_comes_from_the_planner_table(tmp_path: Path) -> None:
     conf = tmp_path / "deviced.toml"
     conf.write_text('[deviced]\ndevice_id = "pi-t"\n\n[planner]\npolicy = "fixed"\nexit = 5\ncut = 0\n')
     policy = load(conf).make_policy()
-    assert isinstance(policy, edgent.Fixed) and (policy.exit, policy.cut) == (5, 0)
+    assert isinstance(policy, baselines.Fixed) and (policy.exit, policy.cut) == (5, 0)
     assert isinstance(DevicedConfig().make_policy(), edgent.Edgent)  # the default
     conf.write_text('[deviced]\ndevice_id = "pi-t"\n\n[planner]\npolicy = "nope"\n')
     with pytest.raises(ConfigError, match="unknown planning policy 'nope'"):
         load(conf)
     with pytest.raises(PlannerError, match="unknown baseline"):
-        edgent.Baseline("nope")
+        baselines.Baseline("nope")
 
 
 CROSSING = frozenset({"stem_relu", "b0_relu1"})  # inside the first residual block: the skip and the branch
 
 
-class InsideTheBlock(core.Stateless):
+class InsideTheBlock(candidates.Stateless):
     """Always the multi-tensor cut inside the first residual block (a DAG cut no chain planner can make)."""
 
-    def compile(self, exits: Sequence[core.ExitInfo], device: LatencyModel, edge: LatencyModel) -> core.Candidates:
+    def compile(self, exits: Sequence[core.ExitInfo], device: LatencyModel, edge: LatencyModel) -> core.Prepared:
         ex = exits[0]
-        head = frozenset({"stem", "stem_relu", "b0_conv1", "b0_relu1"})
-        cut = core.CutPoint(tensors=CROSSING, index=len(head), bytes=2 * 16 * 16 * 16 * 4, head=head)
-        return edgent.compile_candidates([replace(ex, cuts=(*ex.cuts, cut))], device, edge)
+        cut = ex.cut_through(CROSSING)  # found from the graph: its head is what the two tensors depend on
+        assert cut.head == {"stem", "stem_relu", "b0_conv1", "b0_relu1"} and cut.bytes == 2 * 16 * 16 * 16 * 4
+        return super().compile([replace(ex, cuts=(*ex.cuts, cut))], device, edge)
 
     def decide(self, view: core.View) -> core.Decision | core.Infeasible:
-        return edgent.fixed_plan(view.candidates, view.conditions, 1, CROSSING)
+        return candidates.fixed_plan(view.candidates, view.conditions, 1, CROSSING)
 
 
 async def test_a_multi_tensor_cut_runs_end_to_end(broker: Broker, prefix: str, tmp_path: Path,

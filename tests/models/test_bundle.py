@@ -88,7 +88,7 @@ def test_digest_pins_the_manifest(bundle: Bundle) -> None:
 @pytest.mark.parametrize("name", ["fmnist-branchy-resnet", "fmnist56-branchy-resnet"])
 def test_the_shipped_dag_bundles_are_residual_networks_whose_accuracy_rises_with_depth(name: str) -> None:
     from models import graph
-    from planner import core, edgent, policies
+    from planner import candidates, core, edgent, policies
     from planner.latency import LatencyModel
 
     bundle = load_bundle(BUNDLES_DIR / name)
@@ -103,9 +103,10 @@ def test_the_shipped_dag_bundles_are_residual_networks_whose_accuracy_rises_with
     device = LatencyModel.from_json(json.loads((ref / "edgent2018-raspberry-pi-3.json").read_text()))
     edge = LatencyModel.from_json(json.loads((ref / "edgent2018-desktop.json").read_text()))
     policy = policies.make("mincut")
-    cands, single = policy.compile(bundle.exits, device, edge), edgent.compile_candidates(bundle.exits, device, edge)
+    cands = policy.compile(bundle.exits, device, edge)
+    single = candidates.compile_candidates(bundle.exits, device, edge)
     for bps in (3e4, 3e5, 3e6, 3e7):
         cond = core.Conditions(bandwidth_bps=bps, deadline_s=1e6)
-        ours, theirs = policy.decide(core.View(candidates=cands, conditions=cond)), edgent.plan(single, cond)
+        ours, theirs = policy.decide(core.View(prepared=cands, conditions=cond)), edgent.plan(single, cond)
         assert isinstance(ours, core.Decision) and isinstance(theirs, core.Decision)
         assert ours.exit == theirs.exit == 3 and ours.predicted_s <= theirs.predicted_s * (1 + 1e-12)

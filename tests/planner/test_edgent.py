@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.bundle import Bundle
-from planner import core, edgent
+from planner import baselines, candidates, core, edgent
 from planner.errors import PlannerError
 from planner.latency import LatencyModel, TypeModel
 
@@ -54,10 +54,10 @@ conditions = st.builds(core.Conditions, bandwidth_bps=st.floats(1e3, 1e8), deadl
 @given(models(), conditions, st.floats(0.01, 1.0))
 def test_plan_is_never_worse_than_any_alternative(exits: list[core.ExitInfo], cond: core.Conditions,
                                                  edge_scale: float) -> None:
-    cands = edgent.compile_candidates(exits, _linear(1.0), _linear(edge_scale))
-    total, _ = edgent.latencies(cands, cond)
+    cands = candidates.compile_candidates(exits, _linear(1.0), _linear(edge_scale))
+    total, _ = candidates.latencies(cands, cond)
     chosen = edgent.plan(cands, cond)
-    bound = edgent.bounds(cands, cond, total)
+    bound = candidates.bounds(cands, cond, total)
     ok = bound <= cond.deadline_s
     if not chosen.feasible:
         assert not ok.any() and isinstance(chosen, core.Infeasible)
@@ -81,7 +81,7 @@ def test_plan_is_never_worse_than_any_alternative(exits: list[core.ExitInfo], co
 @given(models(), st.floats(1e3, 1e7), st.floats(1.5, 100), st.floats(0.001, 3.0))
 def test_more_bandwidth_never_lowers_accuracy(exits: list[core.ExitInfo], bw: float, factor: float,
                                               deadline: float) -> None:
-    cands = edgent.compile_candidates(exits, _linear(1.0), _linear(0.1))
+    cands = candidates.compile_candidates(exits, _linear(1.0), _linear(0.1))
     slow = edgent.plan(cands, core.Conditions(bandwidth_bps=bw, deadline_s=deadline))
     fast = edgent.plan(cands, core.Conditions(bandwidth_bps=bw * factor, deadline_s=deadline))
     assert _accuracy(fast) >= _accuracy(slow)
@@ -89,8 +89,8 @@ def test_more_bandwidth_never_lowers_accuracy(exits: list[core.ExitInfo], bw: fl
 
 def test_device_only_and_edge_only_are_candidates(bundle: Bundle, pi3: LatencyModel, desktop: LatencyModel) -> None:
     exits = _float32(bundle)
-    cands = edgent.compile_candidates(exits, pi3, desktop)
-    base = edgent.baselines(cands, core.Conditions(bandwidth_bps=4e5, deadline_s=0.3))
+    cands = candidates.compile_candidates(exits, pi3, desktop)
+    base = baselines.baselines(cands, core.Conditions(bandwidth_bps=4e5, deadline_s=0.3))
     n = len(exits[-1].layers)
     assert base["device_only"].cut == n and base["device_only"].transfer_s == 0 and base["device_only"].edge_s == 0
     assert base["edge_only"].cut == 0 and base["edge_only"].device_s == 0
@@ -101,10 +101,10 @@ def test_device_only_and_edge_only_are_candidates(bundle: Bundle, pi3: LatencyMo
 
 def test_uplink_backlog_delays_every_plan_that_uses_the_edge(bundle: Bundle, pi3: LatencyModel,
                                                              desktop: LatencyModel) -> None:
-    cands = edgent.compile_candidates(_float32(bundle), pi3, desktop)
+    cands = candidates.compile_candidates(_float32(bundle), pi3, desktop)
     cond = core.Conditions(bandwidth_bps=4e5, deadline_s=0.3)
-    free, _ = edgent.latencies(cands, cond)
-    queued, _ = edgent.latencies(cands, core.Conditions(bandwidth_bps=4e5, deadline_s=0.3,
+    free, _ = candidates.latencies(cands, cond)
+    queued, _ = candidates.latencies(cands, core.Conditions(bandwidth_bps=4e5, deadline_s=0.3,
                                                           uplink_backlog_bytes=50_000))
     assert np.allclose(queued - free, np.where(cands.uses_edge, 50_000 * 8 / 4e5, 0.0))
     # a backlog of a whole second at this rate: only the device can meet the deadline
@@ -115,13 +115,13 @@ def test_uplink_backlog_delays_every_plan_that_uses_the_edge(bundle: Bundle, pi3
 
 def test_speed_factors_scale_each_side_and_move_the_plan(bundle: Bundle, pi3: LatencyModel,
                                                           desktop: LatencyModel) -> None:
-    cands = edgent.compile_candidates(_float32(bundle), pi3, desktop)
+    cands = candidates.compile_candidates(_float32(bundle), pi3, desktop)
     base = core.Conditions(bandwidth_bps=4e5, deadline_s=0.3, edge_queue_s=0.01)
-    free, _ = edgent.latencies(cands, base)
-    slow, _ = edgent.latencies(cands, core.Conditions(bandwidth_bps=4e5, deadline_s=0.3, edge_queue_s=0.01,
+    free, _ = candidates.latencies(cands, base)
+    slow, _ = candidates.latencies(cands, core.Conditions(bandwidth_bps=4e5, deadline_s=0.3, edge_queue_s=0.01,
                                                         device_speed=2.0, edge_speed=3.0))
     assert np.allclose(slow - free, cands.device_s + 2 * cands.edge_s)  # the queue wait is not compute: unscaled
-    plan = edgent.fixed_plan(cands, replace(base, device_speed=2.0, edge_speed=3.0), 1, 2)
+    plan = candidates.fixed_plan(cands, replace(base, device_speed=2.0, edge_speed=3.0), 1, 2)
     i = cands.index(1, 2)
     assert plan.device_s == pytest.approx(2 * cands.device_s[i])
     assert plan.edge_s == pytest.approx(3 * cands.edge_s[i] + 0.01)
@@ -133,7 +133,7 @@ def test_speed_factors_scale_each_side_and_move_the_plan(bundle: Bundle, pi3: La
 
 def test_margins_trade_accuracy_for_deadlines_met(bundle: Bundle, pi3: LatencyModel,
                                                   desktop: LatencyModel) -> None:
-    cands = edgent.compile_candidates(_float32(bundle), pi3, desktop)
+    cands = candidates.compile_candidates(_float32(bundle), pi3, desktop)
     narrow = core.Conditions(bandwidth_bps=1e4, deadline_s=1.0)  # behind 10 kbps: only the device fits
     point = edgent.plan(cands, narrow)
     assert point.where == "device" and point.bound_s == point.predicted_s
@@ -145,7 +145,7 @@ def test_margins_trade_accuracy_for_deadlines_met(bundle: Bundle, pi3: LatencyMo
     # the remote margin leaves a plan that runs on the device alone as it was
     assert edgent.plan(cands, replace(narrow, remote_margin=3.0)) == point
     # and the local plan (no edge, or a fallback) is held to the margin too
-    assert edgent.local_plan(cands, replace(narrow, device_margin_s=0.4)).exit == safe.exit
+    assert candidates.local_plan(cands, replace(narrow, device_margin_s=0.4)).exit == safe.exit
     # an edge-only plan computes nothing on the device: the device margin leaves it as it was
     wide = core.Conditions(bandwidth_bps=1e7, deadline_s=1.0)
     assert edgent.plan(cands, wide).where == "edge" and edgent.plan(cands, replace(wide, device_margin_s=0.9)) == \
@@ -171,7 +171,7 @@ def test_reference_models_reproduce_edgent_trends(bundle: Bundle, pi3: LatencyMo
     Pi (Edgent's AlexNet: > 2 s), so the trade-off is active at a 200 ms deadline (the paper's 1 s) and,
     for the deadline sweep, at 100 kbps (the paper's 500 kbps, where every deadline here fits edge-only).
     """
-    cands = edgent.compile_candidates(_float32(bundle), pi3, desktop)
+    cands = candidates.compile_candidates(_float32(bundle), pi3, desktop)
     bandwidths = list(np.geomspace(5e4, 2e6, 25))
     for deadline in (0.2, 1.0):
         by_bw = _sweep(cands, bandwidths, [deadline])
@@ -212,10 +212,10 @@ def test_malformed_manifest_is_a_planner_error() -> None:
 
 def test_fixed_plan_matches_the_search_for_its_choice(bundle: Bundle, pi3: LatencyModel,
                                                       desktop: LatencyModel) -> None:
-    c = edgent.compile_candidates(_float32(bundle), pi3, desktop)
+    c = candidates.compile_candidates(_float32(bundle), pi3, desktop)
     cond = core.Conditions(bandwidth_bps=5e5, deadline_s=0.3)
     best = edgent.plan(c, cond)
     assert best.exit is not None and best.cut is not None
-    assert edgent.fixed_plan(c, cond, best.exit, best.cut) == best
+    assert candidates.fixed_plan(c, cond, best.exit, best.cut) == best
     with pytest.raises(PlannerError, match="no cut"):
-        edgent.fixed_plan(c, cond, 1, 999)
+        candidates.fixed_plan(c, cond, 1, 999)

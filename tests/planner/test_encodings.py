@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.bundle import Bundle
-from planner import core, edgent, encodings, policies
+from planner import baselines, candidates, core, edgent, encodings, policies
 from planner.errors import PlannerError
 from planner.latency import LatencyModel
 from protocol.tensors import ENCODINGS, PLAIN
@@ -36,11 +36,11 @@ def test_the_planner_knows_exactly_the_wire_encodings() -> None:
 
 def test_encoded_candidates_exist_only_where_measured(bundle: Bundle, pi3: LatencyModel,
                                                       desktop: LatencyModel) -> None:
-    plain = edgent.compile_candidates(core.allow_encodings(bundle.exits, ()), pi3, desktop)
+    plain = candidates.compile_candidates(core.allow_encodings(bundle.exits, ()), pi3, desktop)
     assert plain.plain.all() and set(plain.encoding) == {PLAIN}
     exits = list(_encode(bundle.exits))
     exits[0] = replace(exits[0], cuts=tuple(replace(c, encodings=()) for c in exits[0].cuts), input_encodings=())
-    c = edgent.compile_candidates(exits, pi3, desktop)
+    c = candidates.compile_candidates(exits, pi3, desktop)
     assert not (~c.plain & (c.exit == 1)).any()  # exit 1 measured nothing
     assert not (~c.plain & ~c.uses_edge).any()  # nothing crosses on the device alone: nothing to encode
     for i in np.flatnonzero(~c.plain):
@@ -57,19 +57,19 @@ def test_encoded_candidates_exist_only_where_measured(bundle: Bundle, pi3: Laten
 def test_an_encoding_never_claims_more_accuracy_than_its_exit(pi3: LatencyModel, desktop: LatencyModel,
                                                               bundle: Bundle) -> None:
     exits = _encode(bundle.exits, drop=-0.05)  # measured noise above the exit's own accuracy
-    c = edgent.compile_candidates(exits, pi3, desktop)
+    c = candidates.compile_candidates(exits, pi3, desktop)
     for ex in exits:
         assert c.accuracy[c.exit == ex.index].max() == pytest.approx(ex.accuracy)
 
 
 def test_low_bandwidth_takes_an_encoding_and_high_bandwidth_float32(bundle: Bundle, pi3: LatencyModel,
                                                                    desktop: LatencyModel) -> None:
-    c = edgent.compile_candidates(_encode(bundle.exits), pi3, desktop)
+    c = candidates.compile_candidates(_encode(bundle.exits), pi3, desktop)
     fast = edgent.plan(c, core.Conditions(bandwidth_bps=1e9, deadline_s=1.0))
     assert isinstance(fast, core.Decision) and fast.encoding in (PLAIN, "float16")  # float16: no accuracy lost
     tight = core.Conditions(bandwidth_bps=50e3, deadline_s=0.15)
-    plain_only = policies.make("edgent", encodings=False).decide(core.View(candidates=c, conditions=tight))
-    chosen = policies.make("edgent").decide(core.View(candidates=c, conditions=tight))
+    view = core.View(prepared=core.Prepared(candidates=c), conditions=tight)
+    plain_only, chosen = policies.make("edgent", encodings=False).decide(view), policies.make("edgent").decide(view)
     assert isinstance(chosen, core.Decision) and chosen.encoding != PLAIN and chosen.transfer_s > 0
     assert not isinstance(plain_only, core.Decision) or (plain_only.encoding == PLAIN and
                                                          chosen.accuracy >= plain_only.accuracy)
@@ -81,11 +81,11 @@ def test_low_bandwidth_takes_an_encoding_and_high_bandwidth_float32(bundle: Bund
                                                                      ("float16", "int8", "int8+zstd")]))
 def test_encodings_never_make_a_plan_worse(exits: list[core.ExitInfo], cond: core.Conditions, drop: float,
                                            names: tuple[str, ...]) -> None:
-    c = edgent.compile_candidates(_encode(exits, drop, names), _linear(1.0), _linear(0.1))
-    view = core.View(candidates=c, conditions=cond)
+    c = candidates.compile_candidates(_encode(exits, drop, names), _linear(1.0), _linear(0.1))
+    view = core.View(prepared=core.Prepared(candidates=c), conditions=cond)
     with_enc = policies.make("edgent").decide(view)
     without = policies.make("edgent", encodings=False).decide(view)
-    plain = edgent.plan(edgent.compile_candidates(exits, _linear(1.0), _linear(0.1)), cond)
+    plain = edgent.plan(candidates.compile_candidates(exits, _linear(1.0), _linear(0.1)), cond)
     assert isinstance(without, core.Decision) == isinstance(plain, core.Decision)
     if isinstance(plain, core.Decision):  # without encodings: exactly the plain planner's choice
         assert isinstance(without, core.Decision) and without.encoding == PLAIN
@@ -96,21 +96,22 @@ def test_encodings_never_make_a_plan_worse(exits: list[core.ExitInfo], cond: cor
         if with_enc.accuracy == plain.accuracy:
             assert with_enc.predicted_s <= plain.predicted_s + 1e-12
     if isinstance(with_enc, core.Decision):
-        total, _ = edgent.latencies(c, cond)
-        ok = edgent.bounds(c, cond, total) <= cond.deadline_s
+        total, _ = candidates.latencies(c, cond)
+        ok = candidates.bounds(c, cond, total) <= cond.deadline_s
         assert with_enc.feasible and not (ok & (c.accuracy > with_enc.accuracy)).any()
 
 
 def test_baselines_and_fixed_plans_send_float32(bundle: Bundle, pi3: LatencyModel, desktop: LatencyModel) -> None:
-    c = edgent.compile_candidates(_encode(bundle.exits), pi3, desktop)
+    c = candidates.compile_candidates(_encode(bundle.exits), pi3, desktop)
     cond = core.Conditions(bandwidth_bps=50e3, deadline_s=0.15)
-    for name, p in edgent.baselines(c, cond).items():
+    for name, p in baselines.baselines(c, cond).items():
         assert not isinstance(p, core.Decision) or p.encoding == PLAIN, name
-    assert edgent.fixed_plan(c, cond, 5, 0).encoding == PLAIN
-    encoded = policies.make("fixed", exit=5, cut=0, encoding="int8").decide(core.View(candidates=c, conditions=cond))
+    assert candidates.fixed_plan(c, cond, 5, 0).encoding == PLAIN
+    view = core.View(prepared=core.Prepared(candidates=c), conditions=cond)
+    encoded = policies.make("fixed", exit=5, cut=0, encoding="int8").decide(view)
     assert isinstance(encoded, core.Decision) and encoded.encoding == "int8" and encoded.cut_tensors == {"input"}
     with pytest.raises(PlannerError, match="no cut"):
-        edgent.fixed_plan(c, cond, 5, 0, "int4")
+        candidates.fixed_plan(c, cond, 5, 0, "int4")
 
 
 def test_the_manifest_carries_measured_encodings(bundle: Bundle) -> None:
@@ -129,4 +130,4 @@ def test_the_manifest_carries_measured_encodings(bundle: Bundle) -> None:
     ex["input_encodings"] = {"int4": {"accuracy": 0.5, "bytes": 784}}
     c = core.exits_from_manifest(manifest)
     with pytest.raises(PlannerError, match="unknown encoding 'int4'"):
-        edgent.compile_candidates(c, _linear(1.0), _linear(1.0))
+        candidates.compile_candidates(c, _linear(1.0), _linear(1.0))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from models.bundle import Bundle
-from planner import core, edgent, energy, lyapunov, policies
+from planner import candidates, core, energy, lyapunov, policies
 from planner.latency import LatencyModel
 
 PROFILE = energy.PROFILES["pi3b-lte"]
@@ -13,7 +13,7 @@ PROFILE = energy.PROFILES["pi3b-lte"]
 
 @pytest.fixture(scope="module")
 def acts(bundle: Bundle, pi3: LatencyModel, desktop: LatencyModel) -> lyapunov.Actions:
-    return lyapunov.Actions.of_exit(edgent.compile_candidates(bundle.exits, pi3, desktop), 5)
+    return lyapunov.Actions.of_exit(candidates.compile_candidates(bundle.exits, pi3, desktop), 5)
 
 
 def test_the_energy_model_follows_its_sources() -> None:
@@ -85,7 +85,7 @@ def test_the_controller_is_a_policy_behind_the_seam(bundle: Bundle, pi3: Latency
     c = policy.compile(bundle.exits, pi3, desktop)
     decisions = []
     for i in range(6):
-        d = policy.decide(core.View(candidates=c, conditions=core.Conditions(bandwidth_bps=2e6, deadline_s=5.0,
+        d = policy.decide(core.View(prepared=c, conditions=core.Conditions(bandwidth_bps=2e6, deadline_s=5.0,
                                                                              now_s=0.2 * i)))
         assert isinstance(d, core.Decision)
         decisions.append(d)

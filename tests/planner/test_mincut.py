@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.bundle import Bundle
-from planner import core, edgent, mincut, policies
+from planner import candidates, core, edgent, mincut, policies
 from planner.errors import PlannerError
 from planner.latency import LatencyModel
 
@@ -86,13 +86,13 @@ def test_on_a_chain_the_min_cut_policy_plans_as_edgent(bundle: Bundle, pi3: Late
                                                        desktop: LatencyModel) -> None:
     policy = policies.make("mincut")
     c_min = policy.compile(bundle.exits, pi3, desktop)
-    c_edgent = edgent.compile_candidates(bundle.exits, pi3, desktop)
-    assert c_min.exit.size <= c_edgent.exit.size  # only the cuts ever optimal
+    c_edgent = candidates.compile_candidates(bundle.exits, pi3, desktop)
+    assert c_min.candidates.exit.size <= c_edgent.exit.size  # only the cuts ever optimal
     rng = np.random.default_rng(0)
     for bps, deadline, speed in zip(10 ** rng.uniform(4, 7.5, 60), rng.uniform(0.02, 1.5, 60),
                                     10 ** rng.uniform(-1, 1, 60), strict=True):
         cond = core.Conditions(bandwidth_bps=float(bps), deadline_s=float(deadline), device_speed=float(speed))
-        ours, theirs = policy.decide(core.View(candidates=c_min, conditions=cond)), edgent.plan(c_edgent, cond)
+        ours, theirs = policy.decide(core.View(prepared=c_min, conditions=cond)), edgent.plan(c_edgent, cond)
         assert type(ours) is type(theirs)
         if isinstance(ours, core.Decision) and isinstance(theirs, core.Decision):
             assert (ours.exit, ours.predicted_s) == (theirs.exit, pytest.approx(theirs.predicted_s))
@@ -104,7 +104,36 @@ def test_conditions_outside_the_prepared_box_get_their_own_min_cut(bundle: Bundl
     c = policy.compile(bundle.exits, pi3, desktop)
     # an edge 1000x faster than the device: outside the box (speed ratio down to 1/256)
     cond = core.Conditions(bandwidth_bps=1e6, deadline_s=1.0, edge_speed=1e-3)
-    chosen = policy.decide(core.View(candidates=c, conditions=cond))
-    full = edgent.plan(edgent.compile_candidates(bundle.exits, pi3, desktop), cond)
+    chosen = policy.decide(core.View(prepared=c, conditions=cond))
+    full = edgent.plan(candidates.compile_candidates(bundle.exits, pi3, desktop), cond)
     assert isinstance(chosen, core.Decision) and isinstance(full, core.Decision)
     assert chosen.exit == full.exit and chosen.predicted_s == pytest.approx(full.predicted_s)
+
+
+def test_a_forced_plan_prepares_the_dag_cut_it_names(pi3: LatencyModel, desktop: LatencyModel) -> None:
+    from dataclasses import replace
+
+    from models.bundle import BUNDLES_DIR, load_bundle
+
+    resnet = load_bundle(BUNDLES_DIR / "fmnist-branchy-resnet")
+    ex = resnet.exits[-1]
+    g = mincut.from_exit(ex, pi3, desktop)
+    # the heads of the first k layers (execution order): inside a residual block two tensors cross
+    parts = [mincut.partition(g, frozenset(range(k))) for k in range(1, g.n)]
+    multi = [p for p in parts if len(p.crossing) > 1]
+    assert multi and all(p.crossing not in {c.tensors for c in ex.cuts} for p in multi)  # no exit lists them
+    cond = core.Conditions(bandwidth_bps=1e6, deadline_s=1.0)
+    for p in multi:
+        forced = policies.make("fixed", exit=ex.index, cut=p.crossing)  # it prepares that cut itself, from the graph
+        ours = forced.decide(core.View(prepared=forced.compile(resnet.exits, pi3, desktop), conditions=cond))
+        exits = [*resnet.exits[:-1], replace(ex, cuts=mincut.cut_points(g, [p]))]
+        theirs = candidates.fixed_plan(candidates.compile_candidates(exits, pi3, desktop), cond, ex.index, p.crossing)
+        assert isinstance(ours, core.Decision) and ours.cut_tensors == p.crossing
+        assert (ours.cut, ours.predicted_s) == (theirs.cut, pytest.approx(theirs.predicted_s))
+    refused = []
+    for t in sorted(multi[0].crossing):  # the later of the two alone is no cut: the other is needed beyond it
+        try:
+            ex.cut_through(frozenset({t}))
+        except PlannerError as exc:
+            refused.append(str(exc))
+    assert len(refused) == 1 and "the rest also needs" in refused[0]
