@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from coinfer import resources
+from models import loaders
+from models.bundle import load_bundle
 from planner import candidates, edgent, mincut, policies
 from planner.core import Conditions, CutPoint, ExitInfo, LayerInfo, Prepared, View
 from planner.latency import LatencyModel
@@ -63,9 +64,9 @@ def decision_times(prepared: Prepared, requests: int, seed: int = 0, *,
 def planner_bench(requests: int = 20000) -> dict[str, Any]:
     """Decision time for the shipped bundle and for a 500-layer synthetic chain: the policy's whole decision
     (``bundle``, ``synthetic_500``) and Edgent's search alone (``*_search``)."""
-    device = resources.load_latency_model(resources.PI3_MODEL)
-    edge = resources.load_latency_model(resources.DESKTOP_MODEL)
-    bundle = resources.default_bundle()
+    device = loaders.load_latency_model(loaders.PI3_MODEL)
+    edge = loaders.load_latency_model(loaders.DESKTOP_MODEL)
+    bundle = load_bundle()
     edgent_policy = policies.make("edgent")
     ours = edgent_policy.compile(bundle.exits, device, edge)
     synth = edgent_policy.compile(synthetic_chain(), device, edge)
@@ -156,9 +157,9 @@ def transport_bench(sizes: tuple[int, ...] = TRANSPORT_SIZES, repeats: int = 30)
         rows, encoded = asyncio.run(_transport(port, sizes, repeats))
         for row in rows:
             row["broker_floor_s"] = _raw_mqtt_roundtrip(port, int(row["bytes"]), repeats)
-    bundle = resources.default_bundle()
-    breakeven = encoding_breakeven(bundle.exits, resources.load_latency_model(resources.PI3_MODEL),
-                                   resources.load_latency_model(resources.DESKTOP_MODEL))
+    bundle = load_bundle()
+    breakeven = encoding_breakeven(bundle.exits, loaders.load_latency_model(loaders.PI3_MODEL),
+                                   loaders.load_latency_model(loaders.DESKTOP_MODEL))
     return {"rows": rows, "encodings": encoded, "breakeven": {"bundle": bundle.name, "models": "Edgent's Pi 3 and "
                                                               "desktop", "rows": breakeven},
             "repeats": repeats, "host": {"machine": platform.machine()},

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from coinfer import bench, resources
-from models import branchy, graph
+from coinfer import bench
+from models import branchy, graph, loaders
 from models.bundle import BUNDLES_DIR, DEFAULT_BUNDLE, MANIFEST, describe, exit_accuracies, load_bundle, package
 from models.errors import ModelError
 from planner import baselines, candidates, edgent, policies, units
@@ -117,8 +117,8 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=helptext)
         s.add_argument("bundle", nargs="?", type=Path, default=DEFAULT_BUNDLE,
                        help="a bundle directory, or any ONNX file (each graph output an exit, accuracy unmeasured)")
-        s.add_argument("--device-model", type=Path, default=resources.PI3_MODEL)
-        s.add_argument("--edge-model", type=Path, default=resources.DESKTOP_MODEL)
+        s.add_argument("--device-model", type=Path, default=loaders.PI3_MODEL)
+        s.add_argument("--edge-model", type=Path, default=loaders.DESKTOP_MODEL)
         s.add_argument("--rtt", default=None, help="fixed round-trip cost, e.g. 5ms (default 0)")
         s.add_argument("--json", action="store_true")
         s.add_argument("--policy", default=policies.DEFAULT, choices=sorted(set(policies.POLICIES) - {"fixed"}),
@@ -409,8 +409,8 @@ def _setup(args: argparse.Namespace) -> _Setup:
         name, exits = bundle.name, bundle.exits
     else:
         name, exits = path.name, exits_from_manifest(describe(graph.load_model(path)))
-    device = resources.load_latency_model(args.device_model)
-    edge = resources.load_latency_model(args.edge_model)
+    device = loaders.load_latency_model(args.device_model)
+    edge = loaders.load_latency_model(args.edge_model)
     policy = policies.make(args.policy)
     rtt = units.parse_duration(args.rtt) if args.rtt else 0.0
     return _Setup(name=name, policy=policy, prepared=policy.compile(exits, device, edge),
@@ -574,13 +574,12 @@ def _install_hint(entry: Any) -> str:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from coinfer import pipeline
-    from deviced.stream import load_fleet
+    from models.loaders import load_fleet
 
     fleet = load_fleet(args.workers)
     chain = pipeline.load_chain(Path(args.model), args.exit)
     bound = units.parse_duration(args.latency_bound) if args.latency_bound else None
-    method = args.method or ("exact" if len(fleet.workers) <= pipeline_planner.EXACT_MAX else "pso")
-    p = pipeline_planner.plan(chain, fleet, method=method, latency_bound_s=bound, seed=args.seed,
+    p = pipeline_planner.plan(chain, fleet, method=args.method, latency_bound_s=bound, seed=args.seed,
                               split=not args.no_split)
     print(json.dumps(p.to_json(), indent=1) if args.json else pipeline.format_plan(p))
     return 0

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from coinfer import bench, resources
-from models import graph, synth
+from coinfer import bench
+from models import graph, loaders, synth
 from models.bundle import BUNDLES_DIR, MANIFEST, describe, load_bundle
 from models.ort import onnxruntime as ort
 from models.profile import random_feed
@@ -62,8 +62,8 @@ def _bundle_model(path: Path) -> Callable[[], onnx.ModelProto]:
 
 def run(out_dir: Path, *, requests: int = 2000, log: Callable[[str], None] = print) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    edge = resources.load_latency_model(resources.DESKTOP_MODEL)
-    pi3 = resources.load_latency_model(resources.PI3_MODEL)
+    edge = loaders.load_latency_model(loaders.DESKTOP_MODEL)
+    pi3 = loaders.load_latency_model(loaders.PI3_MODEL)
     devices = {"pi3": pi3, "desktop/10": edge.scaled(10.0, edge.stage_overhead_s, name="desktop-x10",
                                                      meta={"from": edge.name, "slowdown": 10})}
     found, note = models()

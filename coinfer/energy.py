@@ -254,7 +254,7 @@ def bench(out: Path, *, duration_s: float = 1800.0, slot_s: float = 0.25, latenc
           seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
     """``coinfer bench energy``: the controller over a sweep of V against Edgent, device-only, edge-only and the
     best fixed (cut, setting, rate), on each scenario; JSON, the traces, and PNGs."""
-    from coinfer import resources
+    from models import loaders
     from models.bundle import load_bundle
     from planner import candidates
     from planner.energy import PROFILES
@@ -262,8 +262,8 @@ def bench(out: Path, *, duration_s: float = 1800.0, slot_s: float = 0.25, latenc
     out.mkdir(parents=True, exist_ok=True)
     (out / "traces").mkdir(exist_ok=True)
     bundle = load_bundle()  # the 28x28 branchy AlexNet, its deepest exit; Edgent's Pi 3 and desktop models
-    cands = candidates.compile_candidates(bundle.exits, resources.load_latency_model(resources.PI3_MODEL),
-                                      resources.load_latency_model(resources.DESKTOP_MODEL))
+    cands = candidates.compile_candidates(bundle.exits, loaders.load_latency_model(loaders.PI3_MODEL),
+                                      loaders.load_latency_model(loaders.DESKTOP_MODEL))
     acts = Actions.of_exit(cands, len(bundle.exits))
     traces = {"steady": steady(duration_s, seed=seed), "hsdpa": hsdpa(duration_s, seed=seed),
               "wifi": wifi(duration_s, seed=seed)}

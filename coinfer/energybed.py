@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from coinfer import energy, resources
+from coinfer import energy
 from coinfer.experiments import Agent, _edged, run_agent
 from coinfer.procs import REPO
 from coinfer.testbed import BROKER_PORT, Emulation, Testbed, broker
+from models import loaders
 from models.bundle import BUNDLES_DIR, load_bundle
 from planner import lyapunov
 from planner.core import Candidates, Conditions, Decision, Observation, Prepared, View, Where
@@ -100,8 +101,8 @@ def _compare(path: Path, records: list[dict[str, Any]], trace: energy.Trace, off
     bundle = load_bundle(BUNDLE)
     # deviced's own policy object decides the replayed requests, over what it prepares itself
     policy = lyapunov.Lyapunov(**params)
-    prepared = policy.compile(bundle.exits, resources.load_latency_model(device_model),
-                              resources.load_latency_model(edge_model))
+    prepared = policy.compile(bundle.exits, loaders.load_latency_model(device_model),
+                              loaders.load_latency_model(edge_model))
     cands = prepared.candidates
     # how much slower than its model the device's stages ran at the share they ran at (what deviced's speed factor
     # learns): the simulations serve frames at the same speed, or a few percent at a busy device's load would

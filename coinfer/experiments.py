@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from coinfer import resources
 from coinfer.procs import REPO
 from coinfer.testbed import BROKER_PORT, Emulation, Testbed, broker, process
+from models import loaders
 from models.bundle import BUNDLES_DIR, load_bundle
 from planner import baselines, candidates, policies
 from planner.core import Conditions, ExitInfo
@@ -135,7 +135,7 @@ def _calibrate(bed: Testbed, s: Settings, tmp: Path, out: Path, log: Callable[[s
     for side in ("edge", "device"):
         model_path = tmp / f"{side}-profile-model.json"
         fit_text = _check_run([*cli, "fit", str(paths[side]), "--out", str(model_path), "--name", f"testbed-{side}"])
-        model = resources.load_latency_model(model_path)
+        model = loaders.load_latency_model(model_path)
         layer_err, whole = _profile_errors(json.loads(paths[side].read_text()), model)
         result[side] = {"fit": fit_text, "layer_error": layer_err, "bundle_run": whole}
         log(f"  {side} per-layer fit: |pred-meas|/meas median {layer_err['p50']:.0%}, p95 {layer_err['p95']:.0%}; "

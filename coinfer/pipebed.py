@@ -203,7 +203,7 @@ def _summarise(records: list[dict[str, Any]], summary: dict[str, Any]) -> dict[s
 def _baselines(fleet: Path, names: Sequence[str]) -> dict[str, Any]:
     """The planner's best single device, for the record beside the measured camera-alone and camera+edge runs."""
     from coinfer.pipeline import load_chain
-    from deviced.stream import load_fleet
+    from models.loaders import load_fleet
     from planner import pipeline
 
     f = load_fleet(fleet)

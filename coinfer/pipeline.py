@@ -1,6 +1,6 @@
 """Pipelines over several workers: ``coinfer pipeline plan`` and ``coinfer bench pipeline --sim``.
 
-A fleet file (TOML, ``*.workers.toml``, read by ``deviced.stream.load_fleet``) names the workers;
+A fleet file (TOML, ``*.workers.toml``, read by ``models.loaders.load_fleet``) names the workers;
 ``latency_model`` is ``pi3`` or ``desktop`` (the Edgent reference models shipped with the planner) or a path to
 a latency-model JSON, relative to the file.
 """
@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from coinfer import resources
-from deviced.stream import load_fleet
-from models import graph
+from models import graph, loaders
 from models.bundle import DEFAULT_BUNDLE, MANIFEST, describe, load_bundle
+from models.loaders import load_fleet
 from planner import pipeline
 from planner.core import exits_from_manifest
 from planner.fleet import Chain, Fleet, PipelineError, Worker, chain_from_exit
@@ -102,7 +101,7 @@ def _simulated(p: pipeline.PipelinePlan, frames: int, seed: int) -> dict[str, An
 
 
 def _plan_or_none(chain: Chain, fleet: Fleet, **kw: Any) -> pipeline.PipelinePlan | str:
-    method = kw.pop("method", "exact" if len(fleet.workers) <= pipeline.EXACT_MAX else "pso")
+    method = kw.pop("method", None) or pipeline.default_method(fleet)
     try:
         return pipeline.plan(chain, fleet, method=method, **kw)
     except PipelineError as exc:
@@ -167,7 +166,7 @@ def _embedded_rows(chain: Chain, fleet: Fleet, frames: int, seed: int) -> dict[s
 def _methods(chain: Chain, seed: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Exact, PSO and greedy on the same random fleets (k = 2..8), then PSO and greedy alone for larger k."""
     rng = np.random.default_rng(seed)
-    pi3 = resources.load_latency_model(resources.PI3_MODEL)
+    pi3 = loaders.load_latency_model(loaders.PI3_MODEL)
     rows = []
     for k, count in ((2, 8), (3, 8), (4, 8), (5, 8), (6, 8), (7, 8), (8, 8), (16, 3), (32, 3), (64, 2)):
         for i in range(count):

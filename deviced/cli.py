@@ -19,10 +19,11 @@ from deviced import config
 from deviced.config import DEPLOYED_CONFIG
 from deviced.errors import BrokerLost
 from deviced.service import Client, RemoteClient, RemoteError, build_device, run
-from deviced.stream import Stream, StreamError, load_fleet
+from deviced.stream import Stream, StreamError
 from models.bundle import load_bundle
 from models.data import CLASSES, read_idx
 from models.errors import ModelError
+from models.loaders import load_fleet
 from planner.errors import PlannerError
 from planner.fleet import Fleet
 from planner.units import parse_duration

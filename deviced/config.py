@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from models.bundle import DEFAULT_BUNDLE
-from planner import REFERENCE_DIR, policies
+from models.loaders import PI3_MODEL
+from planner import policies
 from planner.core import Planner
 from planner.errors import PlannerError
 from planner.units import parse_bandwidth, parse_duration
@@ -30,7 +31,7 @@ class DevicedConfig:
     device_id: str = "device-1"
     topic_prefix: str = DEFAULT_PREFIX
     bundle: Path = DEFAULT_BUNDLE
-    latency_model: Path = REFERENCE_DIR / "edgent2018-raspberry-pi-3.json"  # this device's own
+    latency_model: Path = PI3_MODEL  # this device's own
     edge_id: str = ""  # "": any edge serving the bundle; else only this one
     threads: int = 1
     initial_bandwidth: str = "1Mbps"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import replace
@@ -26,10 +25,9 @@ from deviced.errors import BrokerLost
 from deviced.inbound import Channel
 from deviced.stream import Stream, StreamResult
 from models.bundle import load_bundle
+from models.loaders import load_latency_model
 from models.runtime import StageRunner
-from planner.errors import LatencyModelError
 from planner.fleet import Fleet
-from planner.latency import LatencyModel
 from planner.units import parse_duration
 from protocol import session
 from protocol.errors import ErrorCode, MalformedMessage, ProtocolError, TensorError
@@ -44,10 +42,7 @@ APPS_DIR = Path("/etc/coinfer/apps")  # an application's broker password: <app>.
 def build_device(cfg: DevicedConfig) -> Device:
     """Load the bundle and this device's latency model; raises ModelError / LatencyModelError."""
     bundle = load_bundle(cfg.bundle)
-    try:
-        model = LatencyModel.from_json(json.loads(Path(cfg.latency_model).read_text()))
-    except (OSError, ValueError) as exc:
-        raise LatencyModelError(f"cannot read latency model {cfg.latency_model}: {exc}") from exc
+    model = load_latency_model(cfg.latency_model)
     runner = StageRunner(bundle, threads=cfg.threads)
     # every whole exit, built now: the first local request (or fallback) of each would otherwise wait for its
     # session (~60 ms for exit 1 under a 10% CPU quota), and a broken model shows at start, not mid-request

@@ -24,12 +24,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import time
-import tomllib
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Set
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,10 +35,8 @@ import structlog
 
 from deviced.calls import PendingCalls
 from deviced.errors import DevicedError
-from planner import REFERENCE_DIR, pipeline
-from planner.errors import LatencyModelError
-from planner.fleet import Chain, Fleet, PipelineError, fleet_from_doc
-from planner.latency import LatencyModel
+from planner import pipeline
+from planner.fleet import Chain, Fleet, PipelineError
 from protocol.errors import ErrorCode
 from protocol.messages import StageAck, StageError, StageFrame, StagePlan, StageResult, StageStop, Status, encode
 from protocol.topics import Topics
@@ -57,8 +52,6 @@ WARM_FRAMES = 4  # frames a stage must have done before its heartbeat's compute 
 WATCH_S = 0.1
 FPS_WINDOW_S = 5.0
 TRANSIENT = frozenset({ErrorCode.STALE, ErrorCode.NO_PLAN, ErrorCode.BUSY})  # re-send; anything else: an error
-REFERENCE_MODELS = {"pi3": REFERENCE_DIR / "edgent2018-raspberry-pi-3.json",
-                    "desktop": REFERENCE_DIR / "edgent2018-desktop.json"}
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 
@@ -117,28 +110,6 @@ class _Watch:
     ratio: float = 1.0  # the last heartbeat's measured / planned
 
 
-def load_fleet(path: Path) -> Fleet:
-    """A fleet file (TOML, ``*.workers.toml``; ``latency_model`` is ``pi3``, ``desktop`` or a JSON path relative
-    to the file); every problem is a ``PipelineError``."""
-    try:
-        doc = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise PipelineError(f"cannot read fleet {path}: {exc}") from exc
-    models: dict[str, LatencyModel] = {}
-    for w in doc.get("workers", []) if isinstance(doc.get("workers"), list) else []:
-        name = str(w.get("latency_model", "")) if isinstance(w, dict) else ""
-        ref = REFERENCE_MODELS.get(name) or (Path(path).parent / name)
-        if name and name not in models and ref.is_file():
-            try:
-                models[name] = LatencyModel.from_json(json.loads(ref.read_text()))
-            except (OSError, ValueError, LatencyModelError) as exc:
-                raise PipelineError(f"{path}: latency model {name}: {exc}") from exc
-    try:
-        return fleet_from_doc(doc, models)
-    except PipelineError as exc:
-        raise PipelineError(f"{path}: {exc}") from exc
-
-
 class Stream:
     """One stream, owned by this device: ``async for r in stream.run(frames)``."""
 
@@ -151,7 +122,7 @@ class Stream:
         self.chain, self.exit_index = chain, exit_index
         self.input_name, self.output_name, self.input_shape = input_name, output_name, input_shape
         self.fleet, self.metrics = fleet, metrics
-        self.method = method or ("exact" if len(fleet.workers) <= pipeline.EXACT_MAX else "pso")
+        self.method = method or pipeline.default_method(fleet)
         self._publish = publish
         self.epoch = 0
         self.plan: pipeline.PipelinePlan | None = None

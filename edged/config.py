@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.bundle import DEFAULT_BUNDLE
-from planner import REFERENCE_DIR
+from models.loaders import DESKTOP_MODEL
 from protocol.config import load_daemon
 from protocol.session import BrokerConfig
 from protocol.topics import DEFAULT_PREFIX, check_id
 
-DEFAULT_LATENCY_MODEL = REFERENCE_DIR / "edgent2018-desktop.json"
+DEFAULT_LATENCY_MODEL = DESKTOP_MODEL
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass, field
 
@@ -14,8 +13,10 @@ from edged.config import EdgedConfig
 from edged.metrics import EdgeMetrics
 from models.bundle import Bundle, load_bundle
 from models.errors import CutError, ModelError, UnknownTensorError
+from models.loaders import read_latency_model
 from models.runtime import Stage, StageInputError, StageRunner
 from planner.core import Segment
+from planner.errors import LatencyModelError
 from protocol import session
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
@@ -62,9 +63,9 @@ class EdgeState:
     def load(cls, cfg: EdgedConfig) -> EdgeState:
         bundles = {b.digest: b for b in (load_bundle(p) for p in cfg.bundles)}
         try:
-            latency_model = json.loads(cfg.latency_model.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot read latency model {cfg.latency_model}: {exc}") from exc
+            latency_model = read_latency_model(cfg.latency_model)
+        except LatencyModelError as exc:
+            raise ModelError(str(exc)) from exc
         return cls(cfg=cfg, bundles=bundles, latency_model=latency_model, metrics=EdgeMetrics(),
                    runners={d: StageRunner(b, threads=cfg.threads) for d, b in bundles.items()})
 

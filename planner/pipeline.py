@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -49,12 +50,20 @@ INF = np.inf
 Matrix = npt.NDArray[np.float64]
 
 
+class Mode(StrEnum):
+    """How a stage's members share its blocks."""
+
+    SINGLE = "single"  # one worker
+    REPLICAS = "replicas"  # each member runs every block, frames round-robin
+    SPLIT = "split"  # each member computes its share of one layer's output channels
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Stage:
+class PipelineStage:
     """Blocks ``first``..``stop - 1`` on ``workers``; compute, receive and send are per frame, per member."""
 
     workers: tuple[str, ...]
-    mode: str  # "single", "replicas" or "split"
+    mode: Mode
     first: int
     stop: int
     first_layer: str
@@ -85,7 +94,7 @@ class PipelinePlan:
     model: str
     method: str
     source: str
-    stages: tuple[Stage, ...]
+    stages: tuple[PipelineStage, ...]
     period_s: float
     latency_s: float
     source_send_s: float  # the source's upload of one input (0 when it is the first stage)
@@ -105,10 +114,17 @@ class PipelinePlan:
                 "stages": [s.to_json() for s in self.stages]}
 
 
-def plan(chain: Chain, fleet: Fleet, *, method: str = "exact", latency_bound_s: float | None = None,
+def default_method(fleet: Fleet) -> str:
+    """Exact up to ``EXACT_MAX`` workers, PSO beyond."""
+    return "exact" if len(fleet.workers) <= EXACT_MAX else "pso"
+
+
+def plan(chain: Chain, fleet: Fleet, *, method: str | None = None, latency_bound_s: float | None = None,
          seed: int = 0, split: bool = True) -> PipelinePlan:
-    """The plan of ``method`` with the most frames/s (the lowest latency among those) within the bound;
-    ``split`` False leaves intra-layer splits out (replicas stay: ``fleet.max_group`` 1 leaves both out)."""
+    """The plan of ``method`` (default: ``default_method``) with the most frames/s (the lowest latency among
+    those) within the bound; ``split`` False leaves intra-layer splits out (replicas stay: ``fleet.max_group`` 1
+    leaves both out)."""
+    method = method or default_method(fleet)
     if method not in METHODS:
         raise PipelineError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     costs = Costs(chain, fleet, split=split)
@@ -267,7 +283,7 @@ class Costs:
 class _Option:
     """One way to serve a block range: a worker, replicas or a split (with its threads and cores, embedded)."""
 
-    mode: str
+    mode: Mode
     workers: tuple[int, ...]
     period: Matrix
     latency: Matrix
@@ -405,10 +421,10 @@ def _group_options(costs: Costs, group: tuple[int, ...]) -> list[_Option]:
 def _new_options(costs: Costs, group: tuple[int, ...]) -> list[_Option]:
     threads = min(costs.fleet.workers[w].cores for w in group)
     if len(group) == 1:
-        return [_Option("single", group, costs.period[group[0]], costs.latency[group[0]], threads)]
+        return [_Option(Mode.SINGLE, group, costs.period[group[0]], costs.latency[group[0]], threads)]
     rp, rl = costs.replicas(group)
     sp, sl, shares = costs.split(group)
-    return [_Option("replicas", group, rp, rl, threads), _Option("split", group, sp, sl, threads, shares=shares)]
+    return [_Option(Mode.REPLICAS, group, rp, rl, threads), _Option(Mode.SPLIT, group, sp, sl, threads, shares=shares)]
 
 
 def _embedded(costs: Costs, latency_bound_s: float | None) -> PipelinePlan:
@@ -423,7 +439,7 @@ def _embedded(costs: Costs, latency_bound_s: float | None) -> PipelinePlan:
     for t in range(1, w.cores + 1):
         comp = lc.compute[0] * w.amdahl(t)
         p, lat = _embedded_single(lc, comp)
-        options[t] = [_Option("replicas" if r > 1 else "single", (0,) * r, p / r, lat, t) for r in
+        options[t] = [_Option(Mode.REPLICAS if r > 1 else Mode.SINGLE, (0,) * r, p / r, lat, t) for r in
                       range(1, w.cores // t + 1)]
 
     def moves(used: Hashable) -> Iterable[tuple[Hashable, _Option | None]]:
@@ -455,16 +471,16 @@ def _plan(costs: Costs, path: list[tuple[int, int, _Option]], method: str) -> Pi
     for a, b, opt in path:
         names = tuple(fleet.workers[w].name for w in opt.workers)
         fractions: tuple[float, ...] = ()
-        if opt.mode == "split" and opt.shares is not None:
+        if opt.mode is Mode.SPLIT and opt.shares is not None:
             fractions = tuple(float(x) for x in opt.shares[:, int(np.flatnonzero(costs.split_at == a)[0])])
         shares = fractions or (1.0,) * len(opt.workers)
         comp = tuple(_compute(costs, w, a, b, f, opt.threads, method) for w, f in zip(opt.workers, shares, strict=True))
         recv = tuple(float(costs.receive[w, a]) for w in opt.workers)
         send = tuple(float(costs.send[w, b]) * f for w, f in zip(opt.workers, shares, strict=True))
         buffers = QUEUE_SLOTS * (costs.bits[a] + costs.bits[b]) / 8
-        memory = tuple(float(costs.memory[a, b]) if opt.mode != "split" else
+        memory = tuple(float(costs.memory[a, b]) if opt.mode is not Mode.SPLIT else
                        f * chain.weight_bytes[a] + chain.work_bytes[a] + buffers for f in shares)
-        stages.append(Stage(workers=names, mode=opt.mode, first=a, stop=b, first_layer=chain.blocks[a].name,
+        stages.append(PipelineStage(workers=names, mode=opt.mode, first=a, stop=b, first_layer=chain.blocks[a].name,
                             last_layer=chain.blocks[b - 1].name, threads=opt.threads, compute_s=comp,
                             receive_s=recv, send_s=send, period_s=float(opt.period[a, b]),
                             latency_s=float(opt.latency[a, b]), memory_bytes=memory,
@@ -501,18 +517,18 @@ def _compute(costs: Costs, w: int, a: int, b: int, share: float, threads: int, m
     return base * worker.amdahl(threads) if method == "embedded" else base
 
 
-def _bottleneck(stages: Sequence[Stage], source_send: float, period: float) -> str:
+def _bottleneck(stages: Sequence[PipelineStage], source_send: float, period: float) -> str:
     """What limits the throughput: a stage's compute, receive or send, or the source's upload."""
     if source_send >= period * (1 - TOLERANCE):
         return "source uplink"
     for i, s in enumerate(stages):
         if s.period_s >= period * (1 - TOLERANCE):
-            copies = len(s.workers) if s.mode == "replicas" else 1
+            copies = len(s.workers) if s.mode is Mode.REPLICAS else 1
             part = max((("compute", max(s.compute_s)), ("receive", max(s.receive_s)), ("send", max(s.send_s))),
                        key=lambda x: x[1])
             what = part[0]
             if s.stop - s.first == 1 and what == "compute":
-                what = "a split layer's compute" if s.mode == "split" else "an indivisible layer"
+                what = "a split layer's compute" if s.mode is Mode.SPLIT else "an indivisible layer"
             return f"stage {i + 1} ({'+'.join(s.workers)}{f' x{copies}' if copies > 1 else ''}): {what}"
     return "unknown"
 

@@ -7,24 +7,24 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from coinfer import resources
-from models.bundle import Bundle
+from models import loaders
+from models.bundle import Bundle, load_bundle
 from planner.latency import LatencyModel
 
 
 @pytest.fixture(scope="session")
 def bundle() -> Bundle:
-    return resources.default_bundle()
+    return load_bundle()
 
 
 @pytest.fixture(scope="session")
 def pi3() -> LatencyModel:
-    return resources.load_latency_model(resources.PI3_MODEL)
+    return loaders.load_latency_model(loaders.PI3_MODEL)
 
 
 @pytest.fixture(scope="session")
 def desktop() -> LatencyModel:
-    return resources.load_latency_model(resources.DESKTOP_MODEL)
+    return loaders.load_latency_model(loaders.DESKTOP_MODEL)
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,8 @@ import pytest
 
 from coinfer import pipeline, pipesim
 from coinfer.cli import main
-from deviced.stream import REFERENCE_MODELS, load_fleet
 from models.bundle import BUNDLES_DIR
+from models.loaders import REFERENCE_MODELS, load_fleet
 from planner import pipeline as planner_pipeline
 from planner.core import LayerInfo
 from planner.fleet import Chain, Fleet, PipelineError, Worker

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from coinfer.experiments import Agent
-from planner import REFERENCE_DIR
+from models.loaders import PI3_MODEL
 from tests.daemons.conftest import REPO, Broker, EdgeProcess
 
 
@@ -17,7 +17,7 @@ async def test_agent_runs_methods_fixed_plans_stages_and_streams(broker: Broker,
                                                                  edge: EdgeProcess) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "coinfer.agent", "--broker-port", str(broker.port),
                              "--topic-prefix", prefix, "--images", "20", "--device-model",
-                             str(REFERENCE_DIR / "edgent2018-raspberry-pi-3.json"), "--emulate-uplink", "2Mbps"],
+                             str(PI3_MODEL), "--emulate-uplink", "2Mbps"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
     agent = Agent(proc)
     try:

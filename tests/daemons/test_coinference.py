@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coinfer import resources
 from deviced.config import DevicedConfig
 from deviced.link import PROBE_IDLE_BYTES
 from deviced.service import Client
+from models import loaders
 from models.bundle import Bundle
 from models.data import load_fashion_mnist, preprocess
 from planner import policies
@@ -195,7 +195,7 @@ async def test_the_device_learns_how_fast_it_runs(bundle: Bundle) -> None:
     learned = {}
     for slowdown in (1.0, 3.0):  # the same model, on a device 3x slower than the other
         cfg = DevicedConfig(device_id="pi-speed", broker=BrokerConfig(port=free_port()), probe_interval_s=0,
-                            latency_model=resources.DESKTOP_MODEL, emulate_slowdown=slowdown)
+                            latency_model=loaders.DESKTOP_MODEL, emulate_slowdown=slowdown)
         async with Client(cfg) as client:
             outcomes = [await client.infer(x[0], deadline=5.0) for _ in range(40)]
         speed = client.device.learning.device_speed
@@ -240,7 +240,7 @@ async def test_the_device_plans_with_a_margin_for_its_overruns() -> None:
     x = _one_image()
     for quantile in (0.9, 0.0):
         cfg = DevicedConfig(device_id="pi-margin", broker=BrokerConfig(port=free_port()), probe_interval_s=0,
-                            latency_model=resources.DESKTOP_MODEL, plan_quantile=quantile)
+                            latency_model=loaders.DESKTOP_MODEL, plan_quantile=quantile)
         async with Client(cfg) as client:
             device = client.device
             outcomes = []

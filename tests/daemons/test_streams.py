@@ -12,11 +12,11 @@ import aiomqtt
 import numpy as np
 import pytest
 
-from coinfer import resources
 from coinfer.procs import Daemon
 from deviced.config import DevicedConfig
 from deviced.service import Client
 from deviced.stream import Stream, StreamResult
+from models import loaders
 from models.bundle import load_bundle
 from models.data import load_fashion_mnist, preprocess
 from planner.fleet import Fleet, Worker
@@ -28,7 +28,7 @@ from tests.daemons.conftest import Broker
 
 def _fleet(names: Sequence[str]) -> Fleet:
     """Equal Pi-class workers on fast links, no replicas: a stage per worker for the AlexNet bundle."""
-    pi3 = resources.load_latency_model(resources.PI3_MODEL)
+    pi3 = loaders.load_latency_model(loaders.PI3_MODEL)
     return Fleet(workers=tuple(Worker(name=n, latency=pi3, memory_bytes=1e9, uplink_bps=100e6, downlink_bps=100e6)
                                for n in names), source=names[0], max_group=1)
 

@@ -87,9 +87,8 @@ def test_digest_pins_the_manifest(bundle: Bundle) -> None:
 
 @pytest.mark.parametrize("name", ["fmnist-branchy-resnet", "fmnist56-branchy-resnet"])
 def test_the_shipped_dag_bundles_are_residual_networks_whose_accuracy_rises_with_depth(name: str) -> None:
-    from models import graph
+    from models import graph, loaders
     from planner import candidates, core, edgent, policies
-    from planner.latency import LatencyModel
 
     bundle = load_bundle(BUNDLES_DIR / name)
     accuracy = [e.accuracy for e in bundle.exits]
@@ -99,9 +98,7 @@ def test_the_shipped_dag_bundles_are_residual_networks_whose_accuracy_rises_with
     assert "Add" in ops  # residual joins: a DAG, not a chain
     deepest = bundle.exit_model(3)
     assert len(graph.cuts(deepest)) < len(deepest.graph.node) - 1  # inside a block no single tensor separates
-    ref = Path(__file__).parents[2] / "planner" / "reference"
-    device = LatencyModel.from_json(json.loads((ref / "edgent2018-raspberry-pi-3.json").read_text()))
-    edge = LatencyModel.from_json(json.loads((ref / "edgent2018-desktop.json").read_text()))
+    device, edge = loaders.load_latency_model("pi3"), loaders.load_latency_model("desktop")
     policy = policies.make("mincut")
     cands = policy.compile(bundle.exits, device, edge)
     single = candidates.compile_candidates(bundle.exits, device, edge)
