@@ -59,7 +59,7 @@ bench-load: $(STAMP) system-deps
 # The README's deployment steps for an edge and a device on this machine, in a scratch root (root; installs
 # Debian packages; ~5 minutes). Not part of `make test`.
 deploy-check: $(STAMP)
-	$(SUDO) $(PY) -m coinfer.deploycheck
+	$(SUDO) $(PY) -m coinfer.ops.deploycheck
 
 system-deps:
 	@missing=""; \

@@ -2,8 +2,10 @@
 
 ``Device`` is the request path; it owns its parts and nothing outside writes their state:
 ``LinkEstimator`` (``link.py``: estimates, probes, caps, late answers), ``Calibration`` (``learning.py``: speed
-factor and margins), ``Dispatch`` (``dispatch.py``: MQTT requests, probes, replies) and the policy that plans
-(``planner.policies``, chosen by name in the config; the engine only calls ``decide`` and ``observe``).
+factor and margins), ``Dispatch`` (``dispatch.py``: MQTT requests, probes, replies), ``Router`` (``inbound.py``:
+every inbound message, decoded once and handed to its part) and the policy that plans (``planner.policies``, chosen
+by name in the config; the engine calls only the seam: what the policy prepared per edge, ``decide``, ``observe``;
+its local plans are the shared costing's, ``planner.candidates``).
 """
 
 from __future__ import annotations

@@ -85,9 +85,9 @@ def test_bench_planner_writes_distribution(tmp_path: Path) -> None:
 
 
 def test_bench_transport_rows() -> None:
-    from coinfer import bench
+    from coinfer.bench import transport
 
-    doc = bench.transport_bench(sizes=(4096, 65536), repeats=3)
+    doc = transport.transport_bench(sizes=(4096, 65536), repeats=3)
     assert [r["bytes"] for r in doc["rows"]] == [4096, 65536]
     for row in doc["rows"]:
         assert row["mqtt_s"] > 0 and row["tcp_s"] > 0 and row["ratio"] == pytest.approx(row["mqtt_s"] / row["tcp_s"])
@@ -111,9 +111,9 @@ def test_plan_any_onnx_model_with_the_min_cut(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_bench_dag_the_min_cut_never_loses_to_a_single_cut(tmp_path: Path) -> None:
-    from coinfer import dagbench
+    from coinfer.bench import dag
 
-    doc = dagbench.run(tmp_path, requests=50, log=lambda _: None)
+    doc = dag.run(tmp_path, requests=50, log=lambda _: None)
     assert (tmp_path / "dag.json").exists() and (tmp_path / "dag.png").stat().st_size > 0
     assert {"residual_net", "inception_net", "reduction_net"} <= set(doc["models"])
     for entry in doc["models"].values():

@@ -2,7 +2,7 @@
 
 import subprocess
 
-from coinfer import deploycheck
+from coinfer.ops import deploycheck
 from tests.daemons.conftest import REPO
 
 

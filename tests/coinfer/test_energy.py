@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coinfer import energy
+from coinfer.bench import energy
+from coinfer.lab import traces
 from models.bundle import Bundle
 from planner import candidates, lyapunov
 from planner.energy import PROFILES
@@ -15,13 +16,13 @@ from planner.latency import LatencyModel
 
 
 def test_the_hsdpa_trace_has_the_published_statistics() -> None:
-    t = energy.hsdpa(36000, seed=3, outages_per_hour=0.0)  # ten hours without outages: the AR(1) part alone
+    t = traces.hsdpa(36000, seed=3, outages_per_hour=0.0)  # ten hours without outages: the AR(1) part alone
     x = np.log(np.asarray(t.rates_bps))
     assert np.corrcoef(x[:-1], x[1:])[0, 1] == pytest.approx(0.84, abs=0.02)
     assert x.std() == pytest.approx(0.37, abs=0.02)
     assert np.mean(t.rates_bps) == pytest.approx(1.3e6, rel=0.05)
-    with_outages = energy.hsdpa(36000, seed=3)
-    down = np.asarray(with_outages.rates_bps) <= energy.OUTAGE_BPS
+    with_outages = traces.hsdpa(36000, seed=3)
+    down = np.asarray(with_outages.rates_bps) <= traces.OUTAGE_BPS
     starts = int(np.sum(down[1:] & ~down[:-1]))
     assert 200 <= starts <= 400  # 30 an hour
     lengths = np.diff(np.flatnonzero(np.diff(np.concatenate([[0], down.astype(int), [0]]))))[::2]
@@ -29,27 +30,27 @@ def test_the_hsdpa_trace_has_the_published_statistics() -> None:
 
 
 def test_traces_are_reproducible_and_carry_their_generator(tmp_path: Path) -> None:
-    a, b = energy.wifi(600, seed=5), energy.wifi(600, seed=5)
-    assert a == b and a != energy.wifi(600, seed=6)
+    a, b = traces.wifi(600, seed=5), traces.wifi(600, seed=5)
+    assert a == b and a != traces.wifi(600, seed=6)
     path = tmp_path / "t.json"
     path.write_text(json.dumps(a.to_json()))
-    back = energy.Trace.from_json(json.loads(path.read_text()))
+    back = traces.Trace.from_json(json.loads(path.read_text()))
     assert back == a and back.generator == "wifi" and back.params["mean_bps"] == 20e6 and back.seed == 5
     with pytest.raises(ValueError, match="trace"):
-        energy.Trace.from_json({"format": "other"})
-    bursty = energy.arrivals("bursty", 0.5, 40000, 0.25, seed=1)
+        traces.Trace.from_json({"format": "other"})
+    bursty = traces.arrivals("bursty", 0.5, 40000, 0.25, seed=1)
     assert bursty.mean() / 0.25 == pytest.approx(0.5, rel=0.2) and (bursty == 0).mean() > 0.7
     with pytest.raises(ValueError, match="unknown arrival process"):
-        energy.arrivals("steady", 1.0, 10, 0.25)
+        traces.arrivals("steady", 1.0, 10, 0.25)
 
 
 def test_the_simulation_keeps_every_frame_and_the_controller_saves_energy(bundle: Bundle, pi3: LatencyModel,
                                                                           desktop: LatencyModel) -> None:
     acts = lyapunov.Actions.of_exit(candidates.compile_candidates(bundle.exits, pi3, desktop), 5)
     profile = PROFILES["pi3b-lte"]
-    trace = energy.hsdpa(600, seed=2)
+    trace = traces.hsdpa(600, seed=2)
     s = lyapunov.Settings(v=100.0, slot_s=0.25, latency_target_s=10.0)
-    arrived = energy.arrivals("poisson", 0.1, 2400, 0.25, seed=2)
+    arrived = traces.arrivals("poisson", 0.1, 2400, 0.25, seed=2)
     ctrl = energy.simulate(energy.controller(s, profile, acts), "lyapunov", s, profile, acts, trace, arrived,
                            deadline_s=10.0, every=8)
     edg = energy.simulate(energy.edgent_like(acts), "edgent", s, profile, acts, trace, arrived, deadline_s=10.0)
@@ -75,12 +76,12 @@ def test_bench_energy_writes_curves_traces_and_plots(tmp_path: Path, capsys: pyt
 
 def test_the_replay_answers_every_request_as_deviced_would(bundle: Bundle, pi3: LatencyModel,
                                                            desktop: LatencyModel) -> None:
-    from coinfer import energybed
+    from coinfer.bench import energy_testbed as energybed
 
     policy = lyapunov.Lyapunov(v=10.0, slot=0.1, latency_target=10.0, profile="pi3b-lte")
     prepared = policy.compile(bundle.exits, pi3, desktop)
     cands = prepared.candidates
-    trace = energy.hsdpa(130, seed=3)
+    trace = traces.hsdpa(130, seed=3)
     offsets = np.cumsum(np.random.default_rng(3).exponential(1.5, 80))
     offsets = offsets[offsets < 120]
     records = energybed.replay(policy, prepared, trace, offsets, speed=2.0)

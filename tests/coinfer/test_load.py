@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from coinfer import load
+from coinfer.bench import load
 
 
 def test_bench_load_accounts_for_every_request(tmp_path: Path) -> None:

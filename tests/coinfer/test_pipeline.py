@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from coinfer import pipeline, pipesim
+from coinfer.bench import pipeline
 from coinfer.cli import main
+from coinfer.lab import pipesim
 from models.bundle import BUNDLES_DIR
 from models.loaders import REFERENCE_MODELS, load_fleet
 from planner import pipeline as planner_pipeline

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from coinfer import experiments, testbed
+from coinfer.bench import edgent as experiments
+from coinfer.lab import testbed
 
 
 def test_emulation_rejects_what_the_kernel_cannot_do() -> None:

@@ -1,6 +1,6 @@
 """A real mosquitto on a free port (started once per session) and daemons run in-process against it."""
 
-# Broker (coinfer.procs.Mosquitto) and free_port are re-exported for the tests.
+# Broker (coinfer.lab.procs.Mosquitto) and free_port are re-exported for the tests.
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coinfer.procs import Mosquitto as Broker
-from coinfer.procs import free_port
+from coinfer.lab.procs import Mosquitto as Broker
+from coinfer.lab.procs import free_port
 from deviced.config import DevicedConfig
 from deviced.engine import Outcome
 from deviced.service import Client

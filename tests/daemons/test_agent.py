@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from coinfer.experiments import Agent
+from coinfer.lab.client import Agent
 from models.loaders import PI3_MODEL
 from tests.daemons.conftest import REPO, Broker, EdgeProcess
 
 
 async def test_agent_runs_methods_fixed_plans_stages_and_streams(broker: Broker, prefix: str,
                                                                  edge: EdgeProcess) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "coinfer.agent", "--broker-port", str(broker.port),
+    proc = subprocess.Popen([sys.executable, "-m", "coinfer.lab.agent", "--broker-port", str(broker.port),
                              "--topic-prefix", prefix, "--images", "20", "--device-model",
                              str(PI3_MODEL), "--emulate-uplink", "2Mbps"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coinfer.procs import Daemon
+from coinfer.lab.procs import Daemon
 from deviced.config import DevicedConfig
 from deviced.engine import Outcome
 from deviced.service import Client

@@ -12,7 +12,7 @@ import aiomqtt
 import numpy as np
 import pytest
 
-from coinfer.procs import Daemon
+from coinfer.lab.procs import Daemon
 from deviced.config import DevicedConfig
 from deviced.service import Client
 from deviced.stream import Stream, StreamResult

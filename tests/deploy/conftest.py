@@ -11,7 +11,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from coinfer import broker as provisioning
+from coinfer.ops import broker as provisioning
 from protocol.session import BrokerConfig
 from tests.daemons.conftest import REPO, Broker, free_port
 

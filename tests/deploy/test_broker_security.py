@@ -16,7 +16,7 @@ import aiomqtt
 import numpy as np
 import pytest
 
-from coinfer import broker as provisioning
+from coinfer.ops import broker as provisioning
 from protocol.topics import Topics
 from tests.deploy.conftest import SecureBroker
 

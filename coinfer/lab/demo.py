@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coinfer.procs import Daemon, Mosquitto
+from coinfer.lab.procs import Daemon, Mosquitto
 from deviced.config import DevicedConfig
 from deviced.engine import Outcome
 from deviced.service import Client

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
-from coinfer.procs import DEFAULT_PORT, REPO, mosquitto_binary
+from coinfer.lab.procs import DEFAULT_PORT, REPO, mosquitto_binary
 
 NS_DEVICE, NS_EDGE = "coinfer-dev", "coinfer-edge"
 VETH_DEVICE, VETH_EDGE = "cfdev0", "cfedge0"

@@ -32,7 +32,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OVERLAID = ("/etc", "/opt", "/usr/local", "/var", "/run")
 PACKAGES = ("python3-venv", "python3-pip", "mosquitto", "mosquitto-clients", "openssl", "prometheus")
 PORTS = (1883, 8883, 9090, 9101, 9102)
@@ -83,7 +83,7 @@ def _outside(opts: argparse.Namespace) -> int:
     scratch.chmod(0o755)
     try:
         done = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-m",
-                               "coinfer.deploycheck", "--readme", str(opts.readme.resolve())],
+                               "coinfer.ops.deploycheck", "--readme", str(opts.readme.resolve())],
                               env={**os.environ, NS_ENV: str(scratch), "PYTHONPATH": str(REPO)}, check=False)
         return done.returncode
     finally:
@@ -197,7 +197,7 @@ def readme_blocks(text: str) -> list[tuple[str, str]]:
 # ---- the stand-ins: systemctl, journalctl, sudo ---------------------------------------------------------------
 def _shims(directory: Path, state: Path) -> Path:
     directory.mkdir(parents=True)
-    py = f"PYTHONPATH={shlex.quote(str(REPO))} {shlex.quote(sys.executable)} -m coinfer.deploycheck"
+    py = f"PYTHONPATH={shlex.quote(str(REPO))} {shlex.quote(sys.executable)} -m coinfer.ops.deploycheck"
     scripts = {
         "systemctl": f'#!/bin/sh\nexec env {NS_ENV}={shlex.quote(str(state.parent))} {py} systemctl "$@"\n',
         "journalctl": f'#!/bin/sh\nexec env {NS_ENV}={shlex.quote(str(state.parent))} {py} journalctl "$@"\n',
@@ -275,7 +275,7 @@ def _start(unit: str, state: Path) -> None:
     notify.write_text("")
     sock = state / "notify" / f"{unit}.sock"
     sock.unlink(missing_ok=True)
-    listener = subprocess.Popen([sys.executable, "-m", "coinfer.deploycheck", "listen", str(sock), str(notify)],
+    listener = subprocess.Popen([sys.executable, "-m", "coinfer.ops.deploycheck", "listen", str(sock), str(notify)],
                                 env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(100):

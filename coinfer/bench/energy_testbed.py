@@ -1,7 +1,7 @@
 """``coinfer bench energy --testbed``: the Lyapunov controller inside deviced on the namespace testbed, on one
 bandwidth trace replayed through ``tc``, with the cgroup CPU quota as its compute knob and socket pacing as
 its rate knob; measured latency and throughput, and energy modelled from the measured times, against the
-simulation (``coinfer.energy``) of the same trace and the same arrivals. Needs root.
+simulation (``coinfer.bench.energy``) of the same trace and the same arrivals. Needs root.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from coinfer import energy
-from coinfer.experiments import Agent, _edged, run_agent
-from coinfer.procs import REPO
-from coinfer.testbed import BROKER_PORT, Emulation, Testbed, broker
+from coinfer.bench import energy
+from coinfer.lab import traces
+from coinfer.lab.client import Agent, edged, run_agent
+from coinfer.lab.procs import REPO
+from coinfer.lab.testbed import BROKER_PORT, Emulation, Testbed, broker
 from models import loaders
 from models.bundle import BUNDLES_DIR, load_bundle
 from planner import lyapunov
@@ -42,7 +43,7 @@ def run(out: Path, *, duration_s: float = 300.0, rate: float = 0.7, v: float = 1
     """One run; ``outages_per_hour`` > 0 adds the HSDPA trace's outages (deviced then times out and falls back,
     which the fluid simulation does not model)."""
     out.mkdir(parents=True, exist_ok=True)
-    trace = energy.hsdpa(duration_s + 10, seed=seed, outages_per_hour=outages_per_hour)
+    trace = traces.hsdpa(duration_s + 10, seed=seed, outages_per_hour=outages_per_hour)
     rng = np.random.default_rng(seed + 7)
     offsets = np.cumsum(rng.exponential(1.0 / rate, int(duration_s * rate * 1.5)))
     offsets = offsets[offsets < duration_s]
@@ -56,7 +57,7 @@ def run(out: Path, *, duration_s: float = 300.0, rate: float = 0.7, v: float = 1
         tmp = Path(tmpdir)
         stack.enter_context(bed)
         stack.enter_context(broker(tmp, bed.edge_host, bed.edge_argv))
-        stack.enter_context(_edged(bed, tmp, edge_model, BUNDLE))
+        stack.enter_context(edged(bed, tmp, edge_model, BUNDLE))
         agent = stack.enter_context(_agent(bed, device_model, params))
         stop = threading.Event()
         player = threading.Thread(target=_play, args=(bed, trace, stop), daemon=True)
@@ -77,21 +78,21 @@ def run(out: Path, *, duration_s: float = 300.0, rate: float = 0.7, v: float = 1
 
 @contextmanager
 def _agent(bed: Testbed, model: Path, params: dict[str, Any]) -> Iterator[Agent]:
-    argv = [sys.executable, "-m", "coinfer.agent", "--broker-host", bed.edge_host, "--broker-port",
+    argv = [sys.executable, "-m", "coinfer.lab.agent", "--broker-host", bed.edge_host, "--broker-port",
             str(BROKER_PORT), "--device-model", str(model), "--bundle", str(BUNDLE.resolve()), "--policy",
             "lyapunov", "--planner", json.dumps(params), "--compute-knob", "cgroup"]
     with run_agent(bed, argv) as agent:
         yield agent
 
 
-def _play(bed: Testbed, trace: energy.Trace, stop: threading.Event) -> None:
+def _play(bed: Testbed, trace: traces.Trace, stop: threading.Event) -> None:
     start = time.monotonic()
     while not stop.is_set():
         bed.set_uplink(trace.at(time.monotonic() - start))
         stop.wait(0.25)
 
 
-def _compare(path: Path, records: list[dict[str, Any]], trace: energy.Trace, offsets: np.ndarray, duration_s: float,
+def _compare(path: Path, records: list[dict[str, Any]], trace: traces.Trace, offsets: np.ndarray, duration_s: float,
              params: dict[str, Any], profile_name: str, device_model: Path, edge_model: Path,
              described: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     """Measured latency and throughput, energy modelled from the measured times, against the simulation of the same
@@ -136,7 +137,7 @@ def _compare(path: Path, records: list[dict[str, Any]], trace: energy.Trace, off
     return doc
 
 
-def account(records: list[dict[str, Any]], cands: Candidates, profile: EnergyProfile, trace: energy.Trace,
+def account(records: list[dict[str, Any]], cands: Candidates, profile: EnergyProfile, trace: traces.Trace,
             duration_s: float, speed: float) -> dict[str, Any]:
     """Throughput, latency and modelled power of a run's per-request records (the testbed's or ``replay``'s):
     compute as the modelled full-speed time of what ran on the device at ``speed``, at the share it ran at (a
@@ -173,7 +174,7 @@ def account(records: list[dict[str, Any]], cands: Candidates, profile: EnergyPro
             "radio_w": radio_j / duration_s}
 
 
-def replay(policy: lyapunov.Lyapunov, prepared: Prepared, trace: energy.Trace, offsets: np.ndarray, speed: float, *,
+def replay(policy: lyapunov.Lyapunov, prepared: Prepared, trace: traces.Trace, offsets: np.ndarray, speed: float, *,
            step_s: float = REPLAY_STEP_S) -> list[dict[str, Any]]:
     """What deviced does with these requests, simulated in steps of ``step_s``: the same ``Lyapunov`` policy decides
     each request as it arrives (its route fixed then, its CPU share and transmit rate applied to the whole device

@@ -22,7 +22,7 @@ from planner import pipeline
 from planner.core import exits_from_manifest
 from planner.fleet import Chain, Fleet, PipelineError, Worker, chain_from_exit
 
-EXAMPLE_FLEET = Path(__file__).resolve().parent / "fleets" / "pi-lab.workers.toml"
+EXAMPLE_FLEET = Path(__file__).resolve().parents[1] / "fleets" / "pi-lab.workers.toml"
 
 
 def load_chain(model: Path, exit_index: int | None = None) -> Chain:
@@ -88,7 +88,7 @@ def bench_sim(out: Path, *, frames: int = 1000, seed: int = 0, log: Callable[[st
 
 
 def _simulated(p: pipeline.PipelinePlan, frames: int, seed: int) -> dict[str, Any]:
-    from coinfer import pipesim
+    from coinfer.lab import pipesim
 
     sat = pipesim.simulate(p, frames=frames, seed=seed)
     paced = pipesim.simulate(p, frames=max(frames // 2, 100), seed=seed + 1, rate=0.5 * p.frames_per_s)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from coinfer.experiments import trace_bps
+from coinfer.lab.traces import trace_bps
 from deviced.config import DevicedConfig
 from deviced.engine import Outcome
 from deviced.service import Client

@@ -33,7 +33,7 @@ import aiomqtt
 import numpy as np
 import psutil
 
-from coinfer.procs import REPO, Daemon, Mosquitto
+from coinfer.lab.procs import REPO, Daemon, Mosquitto
 from deviced.config import DevicedConfig
 from deviced.service import Client, RemoteClient, RemoteError
 from models.bundle import DEFAULT_BUNDLE, load_bundle

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from coinfer.procs import REPO
-from coinfer.testbed import BROKER_PORT, Fleetbed, Member, broker, process
+from coinfer.lab.procs import REPO
+from coinfer.lab.testbed import BROKER_PORT, Fleetbed, Member, broker, process
 from planner.pipeline import QUEUE_SLOTS
 
 CALIBRATED = REPO / "docs" / "results" / "edgent"
@@ -67,10 +67,11 @@ def run(out: Path, *, frames: int = 100, fault_frames: int = 300, log: Callable[
             workers = {m.name: stack.enter_context(_worker(bed, tmp, m.name)) for m in MEMBERS[1:]}
             workers[EDGE] = stack.enter_context(_worker(bed, tmp, EDGE))
             _wait_online(bed, [m.name for m in MEMBERS[1:]] + [EDGE])
-            doc["calibrations"], doc["scaling"] = [], {"devices": [], "devices+edge": []}
+            calibrations: list[dict[str, Any]] = []
+            doc["calibrations"], doc["scaling"] = calibrations, {"devices": [], "devices+edge": []}
             names = [m.name for m in MEMBERS]
             for k in range(1, len(MEMBERS) + 1):
-                fleet = _calibrate(bed, tmp, images, doc, log)  # this host's speed drifts within minutes
+                fleet = _calibrate(bed, tmp, images, calibrations, log)  # this host's speed drifts within minutes
                 for series, extra in (("devices", []), ("devices+edge", [EDGE])):
                     row = {"k": k, **_stream(bed, tmp, fleet, images, names[:k] + extra, frames)}
                     doc["scaling"][series].append(row)
@@ -82,7 +83,7 @@ def run(out: Path, *, frames: int = 100, fault_frames: int = 300, log: Callable[
                         f"{row['replans']} re-plan(s)")
             doc["baselines"] = _baselines(fleet, names)
             log("faults: four devices, one killed, then another throttled ...")
-            fleet = _calibrate(bed, tmp, images, doc, log)
+            fleet = _calibrate(bed, tmp, images, calibrations, log)
             doc["faults"] = _faults(bed, tmp, fleet, images, names, fault_frames, workers, log)
     (out / "testbed.json").write_text(json.dumps(doc, indent=1) + "\n")
     _plot(doc, out)
@@ -127,14 +128,16 @@ def _wait_online(bed: Fleetbed, names: Sequence[str], timeout_s: float = 180.0) 
     subprocess.run(bed.hub_argv([sys.executable, "-c", code, ",".join(names)]), check=True, timeout=timeout_s)
 
 
-def _calibrate(bed: Fleetbed, tmp: Path, images: Path, doc: dict[str, Any], log: Callable[[str], None]) -> Path:
+def _calibrate(bed: Fleetbed, tmp: Path, images: Path, calibrations: list[dict[str, Any]],
+               log: Callable[[str], None]) -> Path:
     """The fleet file at this host's speed now: the devices' speed from the camera alone streaming
-    ``CALIBRATION_FRAMES`` frames, the edge's from the camera and the edge (measured / planned frames/s)."""
+    ``CALIBRATION_FRAMES`` frames, the edge's from the camera and the edge (measured / planned frames/s); each
+    calibration is added to ``calibrations``."""
     cal = _stream(bed, tmp, _fleet_file(tmp, 1.0, 1.0), images, ["cam"], CALIBRATION_FRAMES)
     device = cal["measured_fps"] / cal["planned_fps"]
     edge_cal = _stream(bed, tmp, _fleet_file(tmp, device, 1.0), images, ["cam", EDGE], CALIBRATION_FRAMES)
     edge = edge_cal["measured_fps"] / edge_cal["planned_fps"]
-    doc["calibrations"].append({"device_speed": device, "edge_speed": edge, "camera": cal, "edge": edge_cal})
+    calibrations.append({"device_speed": device, "edge_speed": edge, "camera": cal, "edge": edge_cal})
     log(f"calibration: the camera alone {cal['measured_fps']:.2f} f/s vs planned {cal['planned_fps']:.2f}, with the "
         f"edge {edge_cal['measured_fps']:.2f} vs {edge_cal['planned_fps']:.2f}: speeds x{device:.2f} (devices), "
         f"x{edge:.2f} (edge)")
@@ -202,7 +205,7 @@ def _summarise(records: list[dict[str, Any]], summary: dict[str, Any]) -> dict[s
 
 def _baselines(fleet: Path, names: Sequence[str]) -> dict[str, Any]:
     """The planner's best single device, for the record beside the measured camera-alone and camera+edge runs."""
-    from coinfer.pipeline import load_chain
+    from coinfer.bench.pipeline import load_chain
     from models.loaders import load_fleet
     from planner import pipeline
 

@@ -7,7 +7,6 @@ PNG and a Markdown section; ``summary.json`` holds the headline numbers.
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 import statistics
@@ -25,8 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from coinfer.procs import REPO
-from coinfer.testbed import BROKER_PORT, Emulation, Testbed, broker, process
+from coinfer.lab.calibration import Calibration
+from coinfer.lab.client import Agent, edged, run_agent
+from coinfer.lab.procs import REPO
+from coinfer.lab.testbed import BROKER_PORT, Emulation, Testbed, broker
+from coinfer.lab.traces import TRACE, trace_bps
 from models import loaders
 from models.bundle import BUNDLES_DIR, load_bundle
 from planner import baselines, candidates, policies
@@ -43,10 +45,6 @@ ORACLE_BANDWIDTHS = (100e3, 400e3, 1e6, 2e6)
 # coinfer_point: coinfer planning on the point prediction, as Edgent does (deviced's margins off)
 # coinfer_float32: deviced's policy with every cut tensor sent as float32 (no encoded activations)
 METHODS = (*baselines.BASELINES, "coinfer_point", "coinfer_float32", "coinfer")  # coinfer: deviced as configured
-# (seconds, bps): steps, then a ramp, half of it below 400 kbps where the input upload alone takes 250 ms;
-# the 10 -> 1 Mbps step times how fast the device notices a drop
-TRACE = ((0.0, 10e6), (8.0, 10e6), (8.0, 1e6), (16.0, 1e6), (16.0, 200e3), (28.0, 200e3), (28.0, 2e6),
-         (34.0, 2e6), (46.0, 100e3), (56.0, 100e3))
 DROP_AT_S, DROP_TO_BPS = 8.0, 1e6
 TRACE_DEADLINE_S = 0.3  # where Fig. 9 separates the methods at 400 kbps
 
@@ -89,10 +87,11 @@ def run(out: Path, settings: Settings, log: Callable[[str], None] = print) -> di
         exits = bundle.exits  # the bundle agent and edged serve
         calib = _calibrate(bed, settings, tmp, out, log)
         stack.enter_context(broker(tmp, bed.edge_host, bed.edge_argv))
-        stack.enter_context(_edged(bed, tmp, calib["edge_model_path"], settings.bundle))
-        with _agent(bed, tmp, calib["naive_device_model_path"], settings) as agent:
-            _calibrate_stages(agent, exits, calib, settings, tmp, out, log)
-        agent = stack.enter_context(_agent(bed, tmp, calib["device_model_path"], settings))
+        stack.enter_context(edged(bed, tmp, calib.edge_model_path, settings.bundle))
+        with _agent(bed, tmp, calib.naive_device_model_path, settings) as agent:
+            calib = _calibrate_stages(agent, exits, calib, settings, tmp, out, log)
+        assert calib.device_model_path is not None
+        agent = stack.enter_context(_agent(bed, tmp, calib.device_model_path, settings))
         exp = Experiments(bed, agent, exits, calib, settings, out, log)
         results = exp.run_all() if not settings.only else {
             "fig9": exp.methods(list(PAPER_DEADLINES_S), 400e3)}
@@ -118,7 +117,7 @@ def run(out: Path, settings: Settings, log: Callable[[str], None] = print) -> di
 
 # ---- calibration -----------------------------------------------------------------------------------
 
-def _calibrate(bed: Testbed, s: Settings, tmp: Path, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def _calibrate(bed: Testbed, s: Settings, tmp: Path, out: Path, log: Callable[[str], None]) -> Calibration:
     """Profile the edge (host) and the device (inside its quota), fit both, compare per layer and per model."""
     cli = [sys.executable, "-m", "coinfer.cli"]
     prof = [str(s.bundle), "--sweep", str(s.profile_sweep), "--runs", str(s.profile_runs), "--warmup", "5"]
@@ -131,25 +130,24 @@ def _calibrate(bed: Testbed, s: Settings, tmp: Path, out: Path, log: Callable[[s
     else:
         log("calibration: profiling the device inside its CPU quota ...")
         _check_run(bed.device_argv([*cli, "profile", "--out", str(paths["device"]), *prof]))
-    result: dict[str, Any] = {}
+    profiles: dict[str, dict[str, Any]] = {}
+    models: dict[str, tuple[LatencyModel, Path]] = {}
     for side in ("edge", "device"):
         model_path = tmp / f"{side}-profile-model.json"
         fit_text = _check_run([*cli, "fit", str(paths[side]), "--out", str(model_path), "--name", f"testbed-{side}"])
         model = loaders.load_latency_model(model_path)
         layer_err, whole = _profile_errors(json.loads(paths[side].read_text()), model)
-        result[side] = {"fit": fit_text, "layer_error": layer_err, "bundle_run": whole}
+        profiles[side] = {"fit": fit_text, "layer_error": layer_err, "bundle_run": whole}
+        models[side] = model, model_path
         log(f"  {side} per-layer fit: |pred-meas|/meas median {layer_err['p50']:.0%}, p95 {layer_err['p95']:.0%}; "
             f"whole bundle predicted {whole['predicted_s'] * 1e3:.1f} ms, measured {whole['measured_s'] * 1e3:.1f} ms")
-        if side == "edge":
-            result["edge_model"], result["edge_model_path"] = model, model_path
-        else:  # the per-layer fit under the quota: what the device uses until its stages are timed
-            result["naive_device_model_path"] = model_path
-    shutil.copy(result["edge_model_path"], out / "edge-latency-model.json")
-    return result
+    shutil.copy(models["edge"][1], out / "edge-latency-model.json")
+    return Calibration(profiles=profiles, edge_model=models["edge"][0], edge_model_path=models["edge"][1],
+                       naive_device_model_path=models["device"][1])
 
 
-def _calibrate_stages(agent: Agent, exits: Sequence[ExitInfo], calib: dict[str, Any], s: Settings,
-                      tmp: Path, out: Path, log: Callable[[str], None]) -> None:
+def _calibrate_stages(agent: Agent, exits: Sequence[ExitInfo], calib: Calibration, s: Settings,
+                      tmp: Path, out: Path, log: Callable[[str], None]) -> Calibration:
     """Time whole head stages on the device and scale the host's per-layer model to match them.
 
     Under a CPU quota the per-layer profile does not add up: a layer shorter than the quota runs at full
@@ -159,7 +157,7 @@ def _calibrate_stages(agent: Agent, exits: Sequence[ExitInfo], calib: dict[str, 
     """
     log("calibration: timing whole head stages on the device ...")
     stages = agent.ask(op="stages", repeats=s.stage_repeats)["stages"]
-    host = candidates.compile_candidates(exits, calib["edge_model"], calib["edge_model"])
+    host = candidates.compile_candidates(exits, calib.edge_model, calib.edge_model)
     predicted = [float(host.device_s[host.index(r["exit"], r["cut"])]) for r in stages]
     measured = np.array([r["median_s"] for r in stages])
 
@@ -175,7 +173,7 @@ def _calibrate_stages(agent: Agent, exits: Sequence[ExitInfo], calib: dict[str, 
     fits = [fit(replace(device_quota, start=start)) for start in QUOTA_STARTS] if device_quota else [fit(None)]
     best = min(fits, key=lambda f: f["mean_sq_rel_error"])
     slowdown, overhead, quota, fitted = best["slowdown"], best["stage_overhead_s"], best["cpu_quota"], best["fitted"]
-    model = calib["edge_model"].scaled(slowdown, overhead, name="testbed-device", cpu_quota=quota, meta={
+    model = calib.edge_model.scaled(slowdown, overhead, name="testbed-device", cpu_quota=quota, meta={
         "calibration": "host per-layer model x slowdown + per-stage overhead, under the device's CPU quota, "
                        "fitted to whole head stages timed on the device", "slowdown": slowdown,
         "stage_overhead_s": overhead})
@@ -183,21 +181,20 @@ def _calibrate_stages(agent: Agent, exits: Sequence[ExitInfo], calib: dict[str, 
     path.write_text(json.dumps(model.to_json(), indent=1) + "\n")
     shutil.copy(path, out / "device-latency-model.json")
     errors = np.abs(fitted / measured - 1)
-    calib["device_stages"] = {"slowdown": slowdown, "stage_overhead_s": overhead,
-                              "cpu_quota": quota.to_json() if quota else None,
-                              "error_p50": float(np.median(errors)), "error_p95": float(np.percentile(errors, 95)),
-                              "fits": [{**{k: v for k, v in f.items() if k != "fitted"},
-                                        "cpu_quota": f["cpu_quota"].to_json() if f["cpu_quota"] else None}
-                                       for f in fits],
-                              "stages": [{**r, "host_predicted_s": p, "calibrated_s": float(f)}
-                                         for r, p, f in zip(stages, predicted, fitted, strict=True)]}
-    calib["device_model"], calib["device_model_path"] = model, path
-    (out / "calibration.json").write_text(json.dumps({k: calib[k] for k in ("edge", "device", "device_stages")},
-                                                     indent=1) + "\n")
+    device_stages = {"slowdown": slowdown, "stage_overhead_s": overhead,
+                     "cpu_quota": quota.to_json() if quota else None,
+                     "error_p50": float(np.median(errors)), "error_p95": float(np.percentile(errors, 95)),
+                     "fits": [{**{k: v for k, v in f.items() if k != "fitted"},
+                               "cpu_quota": f["cpu_quota"].to_json() if f["cpu_quota"] else None} for f in fits],
+                     "stages": [{**r, "host_predicted_s": p, "calibrated_s": float(f)}
+                                for r, p, f in zip(stages, predicted, fitted, strict=True)]}
+    calib = replace(calib, device_model=model, device_model_path=path, device_stages=device_stages)
+    (out / "calibration.json").write_text(json.dumps(calib.to_json(), indent=1) + "\n")
     log(f"  device: CPU {slowdown:.2f}x the host + {overhead * 1e3:.1f} ms per stage, under the quota "
         f"({quota.start if quota else 'none'} start); "
         f"whole-stage error after "
         f"calibration median {np.median(errors):.0%}, p95 {np.percentile(errors, 95):.0%} ({len(stages)} stages)")
+    return calib
 
 
 def _profile_errors(doc: dict[str, Any], model: LatencyModel) -> tuple[dict[str, float], dict[str, float]]:
@@ -226,41 +223,8 @@ def _check_run(argv: Sequence[str]) -> str:
 # ---- processes -------------------------------------------------------------------------------------
 
 @contextmanager
-def _edged(bed: Testbed, tmp: Path, model: Path, bundle: Path) -> Iterator[None]:
-    conf = tmp / "edged.toml"
-    conf.write_text(f'[edged]\nedge_id = "testbed-edge"\nlatency_model = "{model}"\nadvert_interval_s = 1.0\n'
-                    f'bundles = ["{bundle.resolve()}"]\n\n[broker]\nhost = "{bed.edge_host}"\nport = {BROKER_PORT}\n')
-    with process(bed.edge_argv([sys.executable, "-m", "edged.cli", "--config", str(conf), "--log-level",
-                                "warning"]), cwd=REPO):
-        yield
-
-
-class Agent:
-    """The device-side process (``coinfer.agent``) and its JSON-lines conversation."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-
-    def ask(self, **cmd: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return self.read()
-
-    def read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the device agent exited (code {self.proc.poll()})")
-        doc: dict[str, Any] = json.loads(line)
-        if "error" in doc:
-            raise RuntimeError(f"device agent: {doc['error']}")
-        return doc
-
-
-@contextmanager
 def _agent(bed: Testbed, tmp: Path, model: Path, s: Settings) -> Iterator[Agent]:
-    argv = [sys.executable, "-m", "coinfer.agent", "--broker-host", bed.edge_host, "--broker-port",
+    argv = [sys.executable, "-m", "coinfer.lab.agent", "--broker-host", bed.edge_host, "--broker-port",
             str(BROKER_PORT), "--device-model", str(model), "--bundle", str(s.bundle.resolve()),
             "--policy", s.policy, "--log-level", s.agent_log_level]
     if bed.loopback:
@@ -270,27 +234,15 @@ def _agent(bed: Testbed, tmp: Path, model: Path, s: Settings) -> Iterator[Agent]
         yield agent
 
 
-@contextmanager
-def run_agent(bed: Testbed, argv: list[str]) -> Iterator[Agent]:
-    """The device agent (``argv``: ``python -m coinfer.agent ...``) in the device's namespace and cgroup, ready."""
-    with process(bed.device_argv(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO) as proc:
-        agent = Agent(proc)
-        if not agent.read().get("ready"):
-            raise RuntimeError("the device agent found no edge server")
-        yield agent
-        assert proc.stdin is not None
-        proc.stdin.close()
-
-
 # ---- the experiments -------------------------------------------------------------------------------
 
 class Experiments:
-    def __init__(self, bed: Testbed, agent: Agent, exits: Sequence[ExitInfo], calib: dict[str, Any],
+    def __init__(self, bed: Testbed, agent: Agent, exits: Sequence[ExitInfo], calib: Calibration,
                  s: Settings, out: Path, log: Callable[[str], None]) -> None:
         self.bed, self.agent, self.s, self.out, self.log = bed, agent, s, out, log
         self.exits = exits
         # the plans deviced chooses from: its policy's candidates (the min-cut's prepared cuts for a DAG)
-        self.cands = policies.make(s.policy).compile(self.exits, calib["device_model"], calib["edge_model"]).candidates
+        self.cands = policies.make(s.policy).compile(self.exits, calib.device, calib.edge_model).candidates
         self.image = 0
         self.sections: list[str] = []
 
@@ -476,14 +428,6 @@ class Experiments:
             stop.wait(0.5)
 
 
-def trace_bps(t: float) -> float:
-    """The trace's rate at ``t`` seconds: steps where two points share a time, linear in between."""
-    for (t0, b0), (t1, b1) in itertools.pairwise(TRACE):
-        if t0 <= t < t1:
-            return b0 + (b1 - b0) * (t - t0) / (t1 - t0)
-    return TRACE[-1][1]
-
-
 def _notice(records: list[dict[str, Any]], *, at: float, new_bps: float) -> dict[str, Any]:
     """Time and requests after the drop at ``at`` until the estimate is within 2x of ``new_bps``."""
     before = [r["bandwidth_est_bps"] for r in records if r["t"] < at]
@@ -632,7 +576,7 @@ def _plot_trace(path: Path, doc: dict[str, Any], emulation: dict[str, Any]) -> N
     _save(fig, path)
 
 
-def _write_markdown(out: Path, summary: dict[str, Any], calib: dict[str, Any]) -> None:
+def _write_markdown(out: Path, summary: dict[str, Any], calib: Calibration) -> None:
     e = summary["emulation"]
     lines = ["# coinfer: the Edgent experiments on the emulated testbed", "",
              f"Regenerate: `{summary.get('regenerate', 'sudo .venv/bin/coinfer bench edgent --out DIR')}`", "",
@@ -643,12 +587,12 @@ def _write_markdown(out: Path, summary: dict[str, Any], calib: dict[str, Any]) -
              f"{summary.get('input_bytes', 12544) / 1024:.1f} KB (the paper's: 12 KB)", "",
              "## Calibration (per-layer |predicted - measured| / measured on the bundle's layers)", ""]
     for side in ("edge", "device"):
-        c = calib[side]
+        c = calib.profiles[side]
         lines.append(f"- {side}: median {c['layer_error']['p50']:.0%}, p95 {c['layer_error']['p95']:.0%} over "
                      f"{c['layer_error']['layers']} layers; whole bundle predicted "
                      f"{c['bundle_run']['predicted_s'] * 1e3:.2f} ms vs measured "
                      f"{c['bundle_run']['measured_s'] * 1e3:.2f} ms")
-    st = calib["device_stages"]
+    st = calib.device_stages or {}
     quota = st.get("cpu_quota")
     lines += [f"- device model used by the planner: the edge's per-layer model x {st['slowdown']:.2f} + "
               f"{st['stage_overhead_s'] * 1e3:.1f} ms per stage"

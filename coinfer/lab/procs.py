@@ -13,7 +13,7 @@ from pathlib import Path
 
 from protocol.session import BrokerConfig
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_PORT = 18830  # the listener in mosquitto.conf
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from coinfer import bench
+from coinfer.bench import planner as bench
 from models import graph, loaders, synth
 from models.bundle import BUNDLES_DIR, MANIFEST, describe, load_bundle
 from models.ort import onnxruntime as ort

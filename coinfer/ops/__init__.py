@@ -1,0 +1,1 @@
+"""Operations: provisioning the production broker, and the walk through the README's deployment steps."""
