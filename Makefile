@@ -57,7 +57,7 @@ bench-load: $(STAMP) system-deps
 	$(VENV)/bin/coinfer bench load --out docs/results/load/load.json
 
 # The README's deployment steps for an edge and a device on this machine, in a scratch root (root; installs
-# Debian packages; ~5 minutes). Not part of `make test`.
+# Debian packages; under 2 minutes). Not part of `make test`.
 deploy-check: $(STAMP)
 	$(SUDO) $(PY) -m coinfer.ops.deploycheck
 

@@ -26,11 +26,37 @@ case $role in edge|device|monitoring) ;;
   *) echo "usage: $0 edge [--host NAME]... | device [--id ID] [--broker HOST] | monitoring [--domain D]" >&2
      exit 2 ;;
 esac
-[ "$(id -u)" = 0 ] || { echo "install.sh: run as root (sudo)" >&2; exit 2; }
-
 src=$(cd "$(dirname "$0")/.." && pwd)
 prefix=/opt/coinfer
 etc=/etc/coinfer
+
+# A name this host must resolve (else stop now, before installing anything, naming it and what to do).
+must_resolve() {
+  getent hosts "$1" >/dev/null || {
+    echo "install.sh: '$1' does not resolve on this host ($2): add it to your DNS or /etc/hosts" \
+         "(e.g. '192.168.1.10 $1')" >&2
+    exit 2
+  }
+}
+if [ "$role" = device ]; then
+  if [ -z "$broker_host" ]; then  # the configured broker: an existing config's, else the example's
+    conf="$etc/deviced.toml"; [ -e "$conf" ] || conf="$src/deploy/config/deviced.toml"
+    broker_host=$(sed -n '/^\[broker\]/,$ s/^host *= *"\(.*\)".*/\1/p' "$conf" | head -1)
+  fi
+  must_resolve "$broker_host" "the broker, as named in its certificate (install.sh edge --host)"
+fi
+[ "$(id -u)" = 0 ] || { echo "install.sh: run as root (sudo)" >&2; exit 2; }
+
+# Without systemd as PID 1 (a container, a chroot) the units cannot be started: say so, do the rest.
+systemd_up() {
+  local state
+  state=$(systemctl is-system-running 2>/dev/null) || true  # "offline" (or nothing) without systemd as PID 1
+  case $state in ""|offline|unknown) return 1 ;; *) return 0 ;; esac
+}
+restart() {
+  if systemd_up; then systemctl restart "$1"; else
+    echo "== systemd is not running here: start $1 yourself (its unit: /etc/systemd/system/$1.service)"; fi
+}
 # The system's own Python, never whatever `python3` is first on root's PATH: a pyenv or conda Python under a
 # 0700 home cannot be executed by the units' DynamicUser.
 python=/usr/bin/python3
@@ -45,15 +71,19 @@ if [ "$role" = monitoring ]; then
   apt prometheus
   [ -x "$prefix/venv/bin/coinfer" ] || { echo "install.sh: install the edge first (install.sh edge)" >&2; exit 2; }
   edge_id=$(sed -n 's/^edge_id *= *"\(.*\)".*/\1/p' "$etc/edged.toml")
+  for device in $("$prefix/venv/bin/coinfer" broker list | awk '$1 == "device" {print $2}'); do
+    must_resolve "$device.$domain" "Prometheus scrapes device $device there on port 9102"
+  done
   echo "== Prometheus: rules and a scrape config of the provisioned edges and devices (ID.$domain)"
   install -m 0644 "$src/deploy/prometheus/coinfer.rules.yml" /etc/prometheus/coinfer.rules.yml
   if [ -e /etc/prometheus/prometheus.yml ] && [ ! -e /etc/prometheus/prometheus.yml.orig ]; then
     cp /etc/prometheus/prometheus.yml /etc/prometheus/prometheus.yml.orig
+    echo "== /etc/prometheus/prometheus.yml is replaced (Debian's default jobs go); the old one: prometheus.yml.orig"
   fi
   "$prefix/venv/bin/coinfer" broker scrape-config --domain "$domain" --target "$edge_id=127.0.0.1:9101" \
     --out /etc/prometheus/prometheus.yml
   promtool check config /etc/prometheus/prometheus.yml
-  systemctl restart prometheus
+  restart prometheus
   if apt-cache show grafana >/dev/null 2>&1; then
     apt grafana
     install -d /etc/grafana/provisioning/datasources /etc/grafana/provisioning/dashboards \
@@ -61,7 +91,7 @@ if [ "$role" = monitoring ]; then
     install -m 0644 "$src/deploy/grafana/provisioning/datasources/coinfer.yml" /etc/grafana/provisioning/datasources/
     install -m 0644 "$src/deploy/grafana/provisioning/dashboards/coinfer.yml" /etc/grafana/provisioning/dashboards/
     install -m 0644 "$src"/deploy/grafana/dashboards/*.json /var/lib/grafana/dashboards/coinfer/
-    systemctl restart grafana-server
+    restart grafana-server
     echo "== monitoring: Prometheus on :9090, Grafana on :3000 (dashboards: coinfer devices, coinfer edges)"
   else
     echo "== monitoring: Prometheus on :9090. Grafana is not in this system's apt sources: add Grafana's own"
@@ -117,14 +147,16 @@ if [ "$role" = edge ]; then
     install -m 0600 "/etc/mosquitto/coinfer/secrets/$edge_id.password" "$etc/edged.password"
     rm "/etc/mosquitto/coinfer/secrets/$edge_id.password"
   fi
-  systemctl restart mosquitto
+  restart mosquitto
 fi
 
-systemctl daemon-reload
-systemctl enable "$daemon.service"
+if systemd_up; then
+  systemctl daemon-reload
+  systemctl enable "$daemon.service"
+fi
 if [ -s "$etc/$daemon.password" ]; then
-  systemctl restart "$daemon.service"
-  echo "== $daemon started: systemctl status $daemon; journalctl -u $daemon -f"
+  restart "$daemon"
+  echo "== $daemon: systemctl status $daemon; journalctl -u $daemon -f"
 else
   cat <<EOF
 == $daemon installed, not started: it needs its broker password and the broker's CA.

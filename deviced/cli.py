@@ -31,6 +31,7 @@ from protocol import session
 from protocol.config import ConfigError
 
 log = structlog.get_logger()
+EDGE_WAIT_S = 3.0  # `deviced infer`: how long to wait for the broker, then for an edge's status and advert
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _run(cfg: config.DevicedConfig) -> None:
     device = build_device(cfg)
     if cfg.metrics_port:
-        device.metrics.serve(cfg.metrics_port)
+        device.metrics.serve(cfg.metrics_port, cfg.metrics_address)
     shutdown = asyncio.Event()
     session.install_signal_handlers(shutdown)
     async with session.Systemd().serving(f"device {cfg.device_id}: model loaded; connecting to "
@@ -115,7 +116,16 @@ def _read_images(path: Path) -> np.ndarray:
 async def _infer(cfg: config.DevicedConfig, images: np.ndarray, deadline: float, *, as_json: bool) -> int:
     async with Client(cfg, daemon=False) as client:  # beside a running `deviced run`, never in its place
         x = client.device.bundle.preprocess(images)
-        await client.wait_for_edge(3.0)
+        try:
+            await client.wait_connected(EDGE_WAIT_S)  # refused credentials raise: one line, exit 2
+        except session.CredentialsRefused:
+            raise
+        except session.BrokerRefused as exc:  # no broker (yet): said, then every image answered on the device
+            print(f"deviced: {exc}; answering on this device", file=sys.stderr)
+        else:
+            if not await client.wait_for_edge(EDGE_WAIT_S):
+                print(f"deviced: no edge serving {client.device.bundle.name} answered within {EDGE_WAIT_S:g} s on "
+                      f"{cfg.broker.host}:{cfg.broker.port}; answering on this device", file=sys.stderr)
         for i, xi in enumerate(x):
             o = await client.infer(xi, deadline=deadline)
             _print(i, o.logits, o.record(), as_json=as_json)

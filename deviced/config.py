@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,8 @@ class DevicedConfig:
     # Plan so that this share of requests would have met the deadline, going by how far the recent ones ran over
     # their predictions (``planner.latency.Margin``); 0: on the prediction alone, as Edgent does.
     plan_quantile: float = 0.9
-    metrics_port: int = 0
+    metrics_port: int = 0  # 0: no /metrics endpoint
+    metrics_address: str = "0.0.0.0"  # where /metrics listens (all interfaces: Prometheus is elsewhere)
     # which knob applies a policy's CPU share (``deviced/actuation.py``): auto (cpufreq, else this process's
     # cgroup quota, where writable), cpufreq, cgroup or none
     compute_knob: str = "auto"
@@ -58,6 +60,7 @@ class DevicedConfig:
 
     def __post_init__(self) -> None:
         check_id(self.device_id, "device_id")
+        ipaddress.ip_address(self.metrics_address)  # ValueError: not an IP address to listen on
         if self.edge_id:
             check_id(self.edge_id, "edge_id")
         parse_bandwidth(self.initial_bandwidth)

@@ -45,6 +45,7 @@ class Dispatch:
         self.topics = topics
         self.edges = edges
         self.state = Connection.DOWN
+        self.last_error: BaseException | None = None  # why the last session ended (or could not start)
         self._client: aiomqtt.Client | None = None
         self._calls: PendingCalls[str, Message] = PendingCalls()
         self._ids = itertools.count()
@@ -61,6 +62,8 @@ class Dispatch:
     def detach(self, cause: BaseException | None = None) -> None:
         """The session ended: fail every waiter now with ``BrokerLost``. Safe to call twice."""
         self._client, self.state = None, Connection.DOWN
+        if cause is not None:
+            self.last_error = cause
         failed = self._calls.fail_all(BrokerLost(f"broker connection lost: {cause}" if cause else
                                                  "broker connection closed"))
         if failed:

@@ -58,5 +58,6 @@ class DeviceMetrics:
         self.stream_replans = Counter("coinfer_stream_replans_total", "Pipeline re-plans, by reason", ["reason"],
                                       registry=r)
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+    def serve(self, port: int, address: str = "0.0.0.0") -> None:
+        """``/metrics`` on ``address:port`` (all interfaces by default)."""
+        start_http_server(port, addr=address, registry=self.registry)

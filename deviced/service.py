@@ -10,7 +10,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import aiomqtt
 import numpy as np
@@ -36,6 +36,7 @@ from protocol.session import BrokerConfig
 from protocol.topics import DEFAULT_PREFIX, Topics, check_id
 
 log = structlog.get_logger()
+CONNECT_TIMEOUT_S = 10.0  # a client's wait for its first broker session
 APPS_DIR = Path("/etc/coinfer/apps")  # an application's broker password: <app>.password, readable by its group
 
 
@@ -61,12 +62,14 @@ async def run(device: Device, *, shutdown: asyncio.Event, connected: asyncio.Eve
     cfg, topics = device.cfg, device.topics
     where = f"{cfg.broker.host}:{cfg.broker.port}"
     backoff = session.Backoff()
+    session.check_credentials(cfg.broker)
+    fatal: session.BrokerRefused | None = None
     identifier = f"deviced-{cfg.device_id}" if daemon else f"deviced-{cfg.device_id}-cli-{os.getpid()}"
     subscriptions = [topics.all_edge_status(), topics.all_edge_adverts(), topics.device_responses(cfg.device_id)]
     if daemon:  # the device's own: its applications' requests, and its part in pipelined streams
         subscriptions += [topics.device_infer(cfg.device_id), topics.stage_inboxes(cfg.device_id),
                           topics.stream_inboxes(cfg.device_id), topics.all_device_status()]
-    while not shutdown.is_set():
+    while not shutdown.is_set() and fatal is None:
         try:
             async with session.client(cfg.broker, identifier=identifier,
                                       will_topic=topics.device_status(cfg.device_id) if daemon else "",
@@ -95,18 +98,24 @@ async def run(device: Device, *, shutdown: asyncio.Event, connected: asyncio.Eve
                     for task in tasks:
                         task.cancel()
         except* session.MQTT_ERRORS as group:
-            delay = backoff.next()
             error = _first_leaf(group)
-            log.warning("mqtt_disconnected", error=str(error), retry_in_s=round(delay, 2))
-            if systemd is not None:
-                systemd.status(f"device {cfg.device_id}: {session.refusal(cfg.broker, error)}; retrying")
+            refused = session.refusal(cfg.broker, error)
             device.dispatch.detach(error)
             if connected is not None:
                 connected.clear()
-            await session.sleep_unless(shutdown, delay)
+            if isinstance(refused, session.CredentialsRefused):  # retrying cannot help: stop with one line
+                fatal = refused
+            else:
+                delay = backoff.next()
+                log.warning("mqtt_disconnected", error=str(error), retry_in_s=round(delay, 2))
+                if systemd is not None:
+                    systemd.status(f"device {cfg.device_id}: {refused}; retrying")
+                await session.sleep_unless(shutdown, delay)
         finally:
             device.dispatch.detach()
     device.actuator.restore()
+    if fatal is not None:
+        raise fatal
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -213,12 +222,22 @@ class Client:
         if self._task is not None:
             await self._task
 
+    async def wait_connected(self, timeout: float = CONNECT_TIMEOUT_S) -> None:
+        """Wait for the broker session; ``session.BrokerRefused`` (one line) when the broker refuses us, or is not
+        reached within ``timeout``: what a one-shot client says instead of answering everything on the device."""
+        await self._connection(timeout)
+        if not self._connected.is_set():
+            cause = self.device.dispatch.last_error
+            broker = self.cfg.broker
+            raise (session.refusal(broker, cause) if cause is not None else
+                   session.BrokerRefused(f"broker {broker.host}:{broker.port}: no session within {timeout:g} s"))
+
     async def wait_for_edge(self, timeout: float = 5.0) -> bool:
-        """Wait until connected and some usable edge is known (its retained status and advert arrived)."""
+        """Wait until connected and some usable edge is known (its retained status and advert arrived); raises
+        ``session.BrokerRefused`` when the broker refused us."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._connected.wait(), timeout)
+        await self._connection(timeout)
         while loop.time() < end:
             if self.device.edges.choose(loop.time()) is not None:
                 return True
@@ -226,7 +245,9 @@ class Client:
         return False
 
     async def infer(self, x: npt.NDArray[np.float32], deadline: float | None = None) -> Outcome:
-        """One request; ``deadline`` in seconds (default: the config's ``default_deadline``)."""
+        """One request; ``deadline`` in seconds (default: the config's ``default_deadline``). Without a broker
+        session it is answered on the device; ``session.BrokerRefused`` once the broker has refused us."""
+        self._raise_if_stopped()
         return await self.device.infer(x, deadline if deadline is not None else
                                        parse_duration(self.cfg.default_deadline))
 
@@ -236,11 +257,27 @@ class Client:
         """Stream model inputs through a pipeline over ``fleet`` (its ``source``: this device; the workers: running
         deviceds of those ids on the same broker); one ``StreamResult`` per frame, in input order. The producer
         is read only as fast as the pipeline has room (``deviced/stream.py``)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._connected.wait(), 10.0)
+        await self.wait_connected()
         async for result in self.device.stream(frames, fleet, exit_index=exit_index, method=method,
                                                on_start=on_start):
             yield result
+
+
+    async def _connection(self, timeout: float) -> None:
+        """Wait until connected, the session task ends, or ``timeout``; a session that ended with an error raises
+        it (a refused credential)."""
+        assert self._task is not None, "use Client as an async context manager"
+        up = asyncio.ensure_future(self._connected.wait())
+        try:
+            await asyncio.wait({up, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            up.cancel()
+        self._raise_if_stopped()
+
+    def _raise_if_stopped(self) -> None:
+        if self._task is not None and self._task.done() and not self._task.cancelled() and self._task.exception():
+            raise cast(BaseException, self._task.exception())
+
 
 
 class RemoteError(Exception):

@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config.load(args.config) if args.config else config.EdgedConfig()
         asyncio.run(_main(cfg))
-    except (ConfigError, ModelError) as exc:
+    except (ConfigError, ModelError, session.BrokerRefused) as exc:
         print(f"edged: error: {exc}", file=sys.stderr)
         return 2
     return 0

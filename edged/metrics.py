@@ -20,5 +20,6 @@ class EdgeMetrics:
         self.workers = Gauge("coinfer_edge_workers", "Tail stages that can run at once", registry=r)
         self.probes = Counter("coinfer_edge_probes_total", "Bandwidth probes answered", registry=r)
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+    def serve(self, port: int, address: str = "0.0.0.0") -> None:
+        """``/metrics`` on ``address:port`` (all interfaces by default)."""
+        start_http_server(port, addr=address, registry=self.registry)

@@ -88,13 +88,15 @@ async def run(cfg: EdgedConfig, *, shutdown: asyncio.Event) -> None:
     state = EdgeState.load(cfg)
     state.metrics.workers.set(cfg.workers)
     if cfg.metrics_port:
-        state.metrics.serve(cfg.metrics_port)
+        state.metrics.serve(cfg.metrics_port, cfg.metrics_address)
     topics = Topics(cfg.topic_prefix)
     backoff = session.Backoff()
+    session.check_credentials(cfg.broker)
+    fatal: session.BrokerRefused | None = None
     log.info("edged_started", edge_id=cfg.edge_id, bundles=[b.name for b in state.bundles.values()])
     async with session.Systemd().serving(f"serving {len(state.bundles)} bundle(s); connecting to "
                                          f"{cfg.broker.host}:{cfg.broker.port}") as systemd:
-        while not shutdown.is_set():
+        while not shutdown.is_set() and fatal is None:
             try:
                 async with session.client(cfg.broker, identifier=f"edged-{cfg.edge_id}",
                                           will_topic=topics.edge_status(cfg.edge_id), sender=cfg.edge_id) as client:
@@ -103,10 +105,16 @@ async def run(cfg: EdgedConfig, *, shutdown: asyncio.Event) -> None:
                     systemd.status(f"connected to {cfg.broker.host}:{cfg.broker.port}")
                     await _serve(client, state, topics, shutdown)
             except* session.MQTT_ERRORS as group:
-                delay = backoff.next()
-                log.warning("mqtt_disconnected", error=str(group.exceptions[0]), retry_in_s=round(delay, 2))
-                systemd.status(f"{session.refusal(cfg.broker, group.exceptions[0])}; retrying")
-                await session.sleep_unless(shutdown, delay)
+                refused = session.refusal(cfg.broker, group.exceptions[0])
+                if isinstance(refused, session.CredentialsRefused):  # retrying cannot help: stop with one line
+                    fatal = refused
+                else:
+                    delay = backoff.next()
+                    log.warning("mqtt_disconnected", error=str(group.exceptions[0]), retry_in_s=round(delay, 2))
+                    systemd.status(f"{refused}; retrying")
+                    await session.sleep_unless(shutdown, delay)
+    if fatal is not None:
+        raise fatal
     log.info("edged_stopped", edge_id=cfg.edge_id)
 
 

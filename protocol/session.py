@@ -77,12 +77,26 @@ def password(cfg: BrokerConfig | None = None) -> str | None:
         try:
             return Path(cfg.password_file).read_text().strip() or None
         except OSError as exc:
-            raise BrokerRefused(f"cannot read the MQTT password from {cfg.password_file}: {exc.strerror}") from exc
+            raise CredentialsRefused(f"cannot read the MQTT password from {cfg.password_file}: "
+                                     f"{exc.strerror}") from exc
     return None
 
 
 class BrokerRefused(Exception):
     """The broker could not be reached or refused us; the message is one line a user can act on."""
+
+
+class CredentialsRefused(BrokerRefused):
+    """The broker refused our credentials, or there is no password for our user: retrying cannot help."""
+
+
+def check_credentials(cfg: BrokerConfig) -> None:
+    """``CredentialsRefused`` when ``cfg`` names a user but no password can be found for it (before connecting:
+    the broker would only answer "not authorized")."""
+    if cfg.username and password(cfg) is None:
+        raise CredentialsRefused(f"broker {cfg.host}:{cfg.port}: no password for user {cfg.username!r} (set "
+                                 f"${PASSWORD_ENV}, [broker] password_file, or the systemd credential "
+                                 f"{PASSWORD_CREDENTIAL})")
 
 
 def refusal(cfg: BrokerConfig, exc: BaseException) -> BrokerRefused:
@@ -98,7 +112,7 @@ def refusal(cfg: BrokerConfig, exc: BaseException) -> BrokerRefused:
         except BrokerRefused:
             known = False
         hint = f"{who} with {'this password' if known else 'no password'}"
-        return BrokerRefused(f"{where} refused {hint}: not authorized (check [broker] username and the password "
+        return CredentialsRefused(f"{where} refused {hint}: not authorized (check [broker] username and the password "
                              f"file or ${PASSWORD_ENV})")
     if "CERTIFICATE" in text.upper() or "SSL" in text.upper() or "TLS" in text.upper():
         return BrokerRefused(f"{where}: TLS failed ({text.strip()}); check [broker] host (the name in the broker's "

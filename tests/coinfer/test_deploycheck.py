@@ -14,6 +14,10 @@ def test_the_readme_holds_the_steps_the_check_runs_in_order() -> None:
     assert "deploy/install.sh device --id pi-1 --broker edge.lan" in blocks["pi"]
     assert "/etc/coinfer/deviced.password" in blocks["pi"] and "editor" not in blocks["pi"]
     assert "--via-daemon --app camera" in blocks["app"]
+    assert "/opt/coinfer/venv/bin/python camera.py" in blocks["app"]  # the application's Python, named
+    script = deploycheck.readme_files((REPO / "README.md").read_text())["camera.py"]
+    compile(script, "camera.py", "exec")  # a runnable script, not a snippet for an asyncio REPL
+    assert "asyncio.run(main())" in script and "RemoteClient.from_config(app=\"camera\")" in script
 
 
 def test_exec_start_expands_like_systemd() -> None:
@@ -30,3 +34,12 @@ def test_install_script_parses_and_refuses_bad_use() -> None:
     assert done.returncode == 2 and "usage:" in done.stderr
     done = subprocess.run(["bash", str(script), "device", "--bogus"], capture_output=True, text=True, check=False)
     assert done.returncode == 2 and "unknown option --bogus" in done.stderr
+
+
+def test_install_script_stops_naming_a_broker_name_that_does_not_resolve() -> None:
+    """Before anything is installed (and before the root check): the name, where it must resolve, what to do."""
+    done = subprocess.run(["bash", str(REPO / "deploy/install.sh"), "device", "--id", "pi-9", "--broker",
+                           "no-such-edge.invalid"], capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert "'no-such-edge.invalid' does not resolve on this host (the broker" in done.stderr
+    assert "/etc/hosts" in done.stderr and "==" not in done.stdout  # nothing was installed

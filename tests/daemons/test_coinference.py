@@ -77,8 +77,10 @@ def test_deviced_infer_cli_answers_without_a_broker(tmp_path: Path, capsys: pyte
     conf = tmp_path / "d.toml"
     conf.write_text(f'[deviced]\ndevice_id = "cli-1"\n\n[broker]\nport = {free_port()}\n')
     assert main(["infer", str(tmp_path / "x.npy"), "--config", str(conf), "--deadline", "1s", "--json"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.splitlines()]
     assert len(lines) == 2 and all(r["fallback"] == "no_edge" and r["met"] for r in lines)
+    assert "unreachable" in err and "answering on this device" in err  # said, not silent
     (tmp_path / "bad.npy").write_bytes(b"not numpy")
     assert main(["infer", str(tmp_path / "bad.npy"), "--config", str(conf)]) == 2
     conf.write_text('[deviced]\nsurprise = 1\n')

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 
 from coinfer.ops import broker as provisioning
 from protocol.topics import Topics
+from tests.daemons.conftest import REPO
 from tests.deploy.conftest import SecureBroker
 
 T = Topics()
@@ -222,3 +224,65 @@ def test_the_scrape_config_lists_the_provisioned_daemons(secure_broker: SecureBr
     assert done.returncode == 0, done.stdout + done.stderr
     with pytest.raises(provisioning.BrokerSetupError, match="not provisioned"):
         provisioning.scrape_config(provisioning.entries(secure_broker.directory), targets={"pi-9": "x:1"})
+
+
+def test_a_missing_or_refused_credential_is_one_line_and_exit_2_never_a_local_only_run(
+        secure_broker: SecureBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`deviced infer` (co-inferring in its own process), `deviced run` and `edged` with no password or a wrong one:
+    a one-line error naming the user and exit status 2, before any image is answered on the device alone."""
+    from deviced import cli as deviced_cli
+    from edged import cli as edged_cli
+    from models.data import load_fashion_mnist
+
+    images = tmp_path / "images.npy"
+    np.save(images, load_fashion_mnist("test")[0][:3])
+    broker = (f'\n\n[broker]\nhost = "localhost"\nport = {secure_broker.tls_port}\ntls = true\n'
+              f'ca_file = "{secure_broker.ca}"\n')
+    device = tmp_path / "deviced.toml"
+    device.write_text(f'[deviced]\ndevice_id = "pi-1"\nprobe_interval_s = 0{broker}username = "pi-1"\n')
+    edge = tmp_path / "edged.toml"
+    edge.write_text(f'[edged]\nedge_id = "edge-1"{broker}username = "edge-1"\n')
+    monkeypatch.delenv("COINFER_MQTT_PASSWORD", raising=False)
+    runs = {"deviced infer": lambda: deviced_cli.main(["infer", str(images), "--count", "3", "--config", str(device)]),
+            "deviced run": lambda: deviced_cli.main(["run", "--config", str(device)]),
+            "edged": lambda: edged_cli.main(["--config", str(edge)])}
+    for secret, expected in ((None, r"no password for user '(pi|edge)-1'"),
+                             ("wrong", r"refused user '(pi|edge)-1' with this password: not authorized")):
+        if secret:
+            monkeypatch.setenv("COINFER_MQTT_PASSWORD", secret)
+        for name, run_it in runs.items():
+            capsys.readouterr()
+            assert run_it() == 2, name
+            out, err = capsys.readouterr()
+            lines = [line for line in err.splitlines() if line.startswith(("deviced: error", "edged: error"))]
+            assert len(lines) == 1 and re.search(expected, lines[0]), (name, err)
+            assert "on device" not in out and " exit " not in out, (name, out)  # no image answered locally
+
+
+def test_the_readmes_acl_table_is_what_coinfer_broker_writes(secure_broker: SecureBroker) -> None:
+    """Each role's row of the README's ACL table, for pi-1, edge-1 and pi-1.camera, against the rules `coinfer
+    broker add-*` wrote into the broker's acl file."""
+    written: dict[str, set[tuple[str, str]]] = {}
+    user = ""
+    for line in (secure_broker.directory / "acl").read_text().splitlines():
+        if line.startswith("user "):
+            user = line.split()[1]
+            written[user] = set()
+        elif line.startswith("topic "):
+            _, access, topic = line.split()
+            written[user].add((access, topic))
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("| user | rules (mosquitto's `acl_file`"):]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| (device|edge|application) `[^`]+` \| (.*) \|$", table,
+                                                        re.M)}
+    names = {"device": ("pi-1", {"D": "pi-1"}), "edge": ("edge-1", {"E": "edge-1"}),
+             "application": ("pi-1.camera", {"D": "pi-1", "A": "camera"})}
+    assert set(rows) == set(names)
+    for role, (user, subst) in names.items():
+        documented = set()
+        for rule in rows[role].split("; "):
+            access, topic = rule.split(" ", 1)
+            parts = [subst.get(level, level) for level in topic.strip("`").split("/")]
+            documented.add((access, "/".join(parts)))
+        assert documented == written[user], (role, documented ^ written[user])
