@@ -83,16 +83,20 @@ class Dispatch:
 
     # ---- outgoing ---------------------------------------------------------------------------------
     async def infer(self, request_id: str, payload: bytes, edge_id: str, *, expiry_s: float,
-                    timeout: Callable[[], float]) -> InferResult | ErrorReply:
-        """Send an encoded ``InferRequest`` to ``edge_id`` and wait for its answer until ``timeout()`` seconds
-        (asked once it is sent). Raises TimeoutError (no answer in time) or BrokerLost (no session, or it ended
+                    timeout_s: float) -> InferResult | ErrorReply:
+        """Send an encoded ``InferRequest`` to ``edge_id`` and wait for its answer at most ``timeout_s``, the upload
+        included (it goes on if the wait ends first: bytes handed to the link are sent, and a late answer still
+        teaches the link estimate). Raises TimeoutError (no answer in time) or BrokerLost (no session, or it ended
         meanwhile)."""
         with self._calls.expect(request_id) as answer:
-            await self._emulate_upload(len(payload))
             props = session.request_properties(response_topic=self.topics.device_responses(self.device_id),
                                                correlation=request_id, expiry_s=max(expiry_s, 0.001))
-            await self._publish(self.topics.edge_request(edge_id, self.device_id), payload, props)
-            reply = await asyncio.wait_for(answer, timeout=max(timeout(), 0.0))
+            sending = asyncio.ensure_future(self._upload(self.topics.edge_request(edge_id, self.device_id), payload,
+                                                         props))
+            sending.add_done_callback(_seen)
+            async with asyncio.timeout(max(timeout_s, 0.0)):
+                await asyncio.shield(sending)
+                reply = await answer
         if not isinstance(reply, InferResult | ErrorReply):
             raise MalformedMessage(f"a {reply.kind} message answered request {request_id}")
         return reply
@@ -155,6 +159,11 @@ class Dispatch:
             self.detach(exc)
             raise BrokerLost(f"publish failed: {exc}") from exc
 
+    async def _upload(self, topic: str, payload: bytes, props: Any) -> None:
+        """The (emulated) uplink's transfer of ``payload``, then its publish."""
+        await self._emulate_upload(len(payload))
+        await self._publish(topic, payload, props)
+
     async def _emulate_upload(self, nbytes: int) -> None:
         """With an emulated uplink: wait out the transfer of ``nbytes``, behind any queued before them."""
         if not self._emulated_bps:
@@ -165,3 +174,9 @@ class Dispatch:
                 await asyncio.sleep(8.0 * nbytes / self._emulated_bps)
         finally:
             self._emulated_queued -= nbytes
+
+
+def _seen(task: asyncio.Future[None]) -> None:
+    """An upload whose waiter gave up: its failure (the broker gone) was already met by that waiter, or is moot."""
+    if not task.cancelled():
+        task.exception()

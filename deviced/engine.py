@@ -215,6 +215,8 @@ class Device:
         decision = policy.decide(View(prepared=prepared, conditions=req.conditions))
         if isinstance(decision, Infeasible):  # nothing meets the deadline: what the policy runs anyway
             decision = decision.best_effort or self._local_plan(req.conditions)
+        if not decision.feasible:  # said: counted, and the outcome's plan is marked so
+            self.metrics.unmeetable.inc()
         self._observe_plan(decision)
         if decision.actuation is not None:
             self.actuator.apply(decision.actuation, self.dispatch.socket())
@@ -285,18 +287,16 @@ class Device:
         # the quickest local way out: the rest of this exit from the cut, or the fastest exit from scratch
         finish_local = min(decision.modelled.rest_s, self._fastest_local_s) * self.learning.device_speed.value
         cutoff = req.deadline_s - finish_local  # after this, no local way meets the deadline
-        if cutoff <= decision.predicted_s * ANSWER_SLACK:
-            # the answer is due too close to the cut-off to give up on it there: only the edge can meet the
-            # deadline, so it gets until then
-            cutoff = req.deadline_s
-
-        def wait_s() -> float:
-            elapsed = time.monotonic() - req.start
-            # past the cut-off no local way meets the deadline any more: give the edge until the deadline
-            return cutoff - elapsed if cutoff > elapsed else req.deadline_s - elapsed
-
+        due = decision.bound_s * ANSWER_SLACK  # when the answer is expected, with slack
+        # an answer due too close to the cut-off to give up on it there is the best way left: it gets until the
+        # deadline, or (a plan predicted past the deadline: nothing meets it) until it is due, unless a local
+        # finish started at the deadline would end sooner
+        last = max(req.deadline_s, min(due, req.deadline_s + finish_local))
+        elapsed = time.monotonic() - req.start
+        # the wait covers the upload too: the request's own bytes count against its deadline
+        wait = (cutoff if elapsed < cutoff and cutoff > due else last) - elapsed
         try:
-            reply = await self.dispatch.infer(req.request_id, payload, edge.edge_id, expiry_s=left, timeout=wait_s)
+            reply = await self.dispatch.infer(req.request_id, payload, edge.edge_id, expiry_s=left, timeout_s=wait)
         except TimeoutError:  # evidence too: these bytes did not make it there and back in the time waited
             self.link.unanswered(req.request_id, crossing, sent_at, time.monotonic())
             raise
@@ -313,10 +313,12 @@ class Device:
             remote = decision.step(EDGE)
             assert remote is not None
             out, took = await self.run_stage(self.runner.stage(remote.segment), tensors)
-            exit_index = decision.exit
+            exit_index, modelled = decision.exit, decision.modelled.rest_s
         else:
             out, took = await self.run_stage(self.runner.stage(self.runner.whole(local.exit)), req.feed)
-            exit_index = local.exit
+            exit_index, modelled = local.exit, local.modelled.head_s
+        # a local run is a measurement of the device like any other: fallbacks teach its speed too
+        self.learning.device_stage(took, modelled / (self.actuator.share or 1.0))
         return self._done(req, next(iter(out.values())), exit_index, "fallback", decision, edge_id, reason,
                           stage_s=head_s + took)
 
@@ -371,7 +373,7 @@ class Device:
                               predicted_s=decision.predicted_s, predicted_device_s=decision.device_s)
         req.policy.observe(Observation(decision=decision, latency_s=outcome.latency_s, deadline_s=req.deadline_s,
                                        device_s=stage_s, edge_s=edge_s, fallback=reason))
-        log.info("request_done", **outcome.record())
+        log.debug("request_done", **outcome.record())  # per request: metrics carry the rates
         return outcome
 
     def _observe_plan(self, decision: Decision) -> None:

@@ -21,6 +21,9 @@ class DeviceMetrics:
                                         buckets=RATIO_BUCKETS, registry=r)
         self.deadline_misses = Counter("coinfer_device_deadline_misses_total", "Requests over their deadline",
                                        registry=r)
+        self.unmeetable = Counter("coinfer_device_unmeetable_total",
+                                  "Requests no plan was predicted to meet: the plan predicted to finish first ran",
+                                  registry=r)
         self.fallbacks = Counter("coinfer_device_fallbacks_total", "Requests finished locally after planning the edge",
                                  ["reason"], registry=r)
         self.app_errors = Counter("coinfer_device_app_errors_total", "Application requests answered with an error",

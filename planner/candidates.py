@@ -150,17 +150,16 @@ def bounds(c: Candidates, cond: Conditions, total: npt.NDArray[np.float64]) -> n
 def most_accurate(c: Candidates, cond: Conditions, *, plain_only: bool = False) -> Decision | Infeasible:
     """Edgent's rule (its Algorithm 1) over ``c``: the most accurate exit whose best candidate meets the deadline,
     at that best one (the fastest predicted of those that meet it, margins included). When nothing meets it, the
-    ``Infeasible`` still names a plan to run (judged at the deadline, so flagged as missing it): the most accurate
-    exit at its fastest candidate if that uses the edge, else the most accurate exit that fits locally.
+    ``Infeasible`` still names the plan to run: the one predicted to finish first of all (any exit, cut, encoding
+    or the device alone; margins included), flagged as missing the deadline.
     ``plain_only``: only candidates whose tensors cross as float32."""
     costs = costs_of(c, cond)
     chosen = _search(c, cond, costs, plain_only=plain_only)
     if isinstance(chosen, Decision):
         return chosen
-    _top, first, stop = c.rank[0]
-    fastest = first + int(np.argmin(costs[0][first:stop]))
-    anyway = plan_at(c, fastest, costs, cond) if c.uses_edge[fastest] else local_of(c, cond, costs)
-    return Infeasible(chosen.reason, anyway)
+    allowed = np.flatnonzero(c.plain) if plain_only else np.arange(c.exit.size)
+    fastest = int(allowed[np.argmin(costs[2][allowed])])
+    return Infeasible(f"{chosen.reason}; running the fastest predicted plan", plan_at(c, fastest, costs, cond))
 
 
 def fixed_plan(c: Candidates, cond: Conditions, exit_index: int, cut: int | frozenset[str],

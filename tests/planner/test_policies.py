@@ -51,13 +51,15 @@ def test_infeasible_is_its_own_type_with_what_edgent_runs_anyway(cands: core.Can
     decided = policies.make("edgent").decide(view)
     assert isinstance(decided, core.Infeasible) and not decided.feasible
     assert decided.to_json()["exit"] is None
-    # at 50 kbps the top exit is still fastest on the edge: that is run anyway, judged at the real deadline
-    anyway = decided.best_effort
-    assert isinstance(anyway, core.Decision) and anyway.where == "edge" and anyway.exit == 5 and not anyway.feasible
-    # at 5 kbps the upload alone takes seconds: the most accurate exit the device can finish
-    slow = _view(cands, 5e3, 0.001)
-    decided = policies.make("edgent").decide(slow)
-    assert isinstance(decided, core.Infeasible) and decided.best_effort == candidates.local_plan(cands, slow.conditions)
+    # what runs anyway is the plan predicted to finish first of all (exits, cuts, encodings, the device alone),
+    # judged at the real deadline: at 50 kbps exit 1 on the device; at 200 kbps exit 1 on the edge, encoded
+    for bps, where, exit_index in ((5e4, "device", 1), (2e5, "edge", 1)):
+        view = _view(cands, bps, 0.001)
+        anyway = policies.make("edgent").decide(view).best_effort
+        bound = candidates.costs_of(cands, view.conditions)[2]
+        assert isinstance(anyway, core.Decision) and not anyway.feasible
+        assert anyway.bound_s == pytest.approx(bound.min()) and (anyway.where, anyway.exit) == (where, exit_index)
+        assert anyway.where == "device" or anyway.encoding != "float32"  # never float32 when encoded is faster
     # the baseline that only runs locally has no best effort: the engine's own fastest local way
     exit_only = policies.make("exit_only").decide(view)
     assert isinstance(exit_only, core.Infeasible) and exit_only.best_effort is None
