@@ -8,6 +8,7 @@ import asyncio
 import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from deviced.errors import BrokerLost
 from deviced.service import Client, RemoteClient, RemoteError, build_device, run
 from deviced.stream import Stream, StreamError
 from models.bundle import load_bundle
-from models.data import CLASSES, read_idx
+from models.data import CLASSES, read_idx, read_inputs
 from models.errors import ModelError
 from models.loaders import load_fleet
 from planner.errors import PlannerError
@@ -37,8 +38,12 @@ EDGE_WAIT_S = 3.0  # `deviced infer`: how long to wait for the broker, then for 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deviced", description="coinfer device daemon and client")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    s = sub.add_parser("infer", help="co-infer images: an IDX file (optionally .gz) or a .npy array of uint8 28x28")
-    s.add_argument("file", type=Path)
+    s = sub.add_parser("infer", help="co-infer images (an IDX file, optionally .gz, or an .npy of uint8 28x28, for "
+                                     "the Fashion-MNIST bundles) or any bundle's model inputs (--inputs)")
+    s.add_argument("file", type=Path, nargs="?", help="Fashion-MNIST-style images (IDX or .npy of uint8 28x28)")
+    s.add_argument("--inputs", type=Path, help="model inputs as they are, for any bundle: an .npz with x (N x the "
+                                               "input shape) and optionally y (labels: accuracy is reported), or an "
+                                               ".npy of x")
     s.add_argument("--config", type=Path, help="TOML file with [deviced] and [broker] tables")
     s.add_argument("--deadline", default=None, help="e.g. 300ms (default: the config's default_deadline)")
     s.add_argument("--count", type=int, default=10, help="first N images of the file")
@@ -79,13 +84,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fleet = fleet.subset([fleet.source, *args.workers.split(",")])
             return asyncio.run(_stream(cfg, fleet, _read_images(args.file)[: args.count], args))
         deadline = parse_duration(args.deadline or cfg.default_deadline)
-        images = _read_images(args.file)[: args.count]
-        if args.via_daemon:  # the daemon has the model; the input tensors are made here
+        if (args.file is None) == (args.inputs is None):
+            raise ValueError("give images (FILE) or model inputs (--inputs FILE), one of them")
+        bundle = load_bundle(cfg.bundle)  # the input tensors are made here, whoever runs the model
+        if args.inputs:
+            x, y = read_inputs(args.inputs, bundle.input_shape)
+        else:
+            x, y = bundle.preprocess(_read_images(args.file)), None
+        x, y = x[: args.count], None if y is None else y[: args.count]
+        if args.via_daemon:
             client = (RemoteClient.from_config(args.config or DEPLOYED_CONFIG, app=args.app) if args.app else
                       RemoteClient(cfg.broker, cfg.device_id, prefix=cfg.topic_prefix))
-            return asyncio.run(_infer_remote(client, load_bundle(cfg.bundle).preprocess(images), deadline,
-                                             as_json=args.json))
-        return asyncio.run(_infer(cfg, images, deadline, as_json=args.json))
+            return asyncio.run(_infer_remote(client, x, y, deadline, as_json=args.json))
+        return asyncio.run(_infer(cfg, x, y, deadline, as_json=args.json))
     except (ConfigError, ModelError, PlannerError, ValueError, OSError, RemoteError, TimeoutError,
             session.BrokerRefused, BrokerLost, StreamError) as exc:
         print(f"deviced: error: {exc or type(exc).__name__}", file=sys.stderr)
@@ -113,9 +124,9 @@ def _read_images(path: Path) -> np.ndarray:
     return images
 
 
-async def _infer(cfg: config.DevicedConfig, images: np.ndarray, deadline: float, *, as_json: bool) -> int:
+async def _infer(cfg: config.DevicedConfig, x: np.ndarray, y: np.ndarray | None, deadline: float, *,
+                 as_json: bool) -> int:
     async with Client(cfg, daemon=False) as client:  # beside a running `deviced run`, never in its place
-        x = client.device.bundle.preprocess(images)
         try:
             await client.wait_connected(EDGE_WAIT_S)  # refused credentials raise: one line, exit 2
         except session.CredentialsRefused:
@@ -126,21 +137,42 @@ async def _infer(cfg: config.DevicedConfig, images: np.ndarray, deadline: float,
             if not await client.wait_for_edge(EDGE_WAIT_S):
                 print(f"deviced: no edge serving {client.device.bundle.name} answered within {EDGE_WAIT_S:g} s on "
                       f"{cfg.broker.host}:{cfg.broker.port}; answering on this device", file=sys.stderr)
+        records = []
         for i, xi in enumerate(x):
             o = await client.infer(xi, deadline=deadline)
-            _print(i, o.logits, o.record(), as_json=as_json)
+            records.append(_print(i, o.logits, o.record(), as_json=as_json))
+    _summary(records, y)
     return 0
 
 
-async def _infer_remote(client: RemoteClient, x: np.ndarray, deadline: float, *, as_json: bool) -> int:
+async def _infer_remote(client: RemoteClient, x: np.ndarray, y: np.ndarray | None, deadline: float, *,
+                        as_json: bool) -> int:
+    records = []
     async with client:
         for i, xi in enumerate(x):
             r = await client.infer(xi[None], deadline=deadline)
-            _print(i, r.outputs["logits"], {"request_id": r.request_id, "exit": r.exit, "where": r.where,
-                                            "edge_id": r.edge_id or None, "fallback": r.fallback or None,
-                                            "latency_s": round(r.latency_s, 6), "deadline_s": r.deadline_s,
-                                            "met": r.latency_s <= r.deadline_s}, as_json=as_json)
+            records.append(_print(i, r.outputs["logits"], {
+                "request_id": r.request_id, "exit": r.exit, "where": r.where, "edge_id": r.edge_id or None,
+                "fallback": r.fallback or None, "latency_s": round(r.latency_s, 6), "deadline_s": r.deadline_s,
+                "met": r.latency_s <= r.deadline_s}, as_json=as_json))
+    _summary(records, y)
     return 0
+
+
+def _summary(records: list[dict[str, Any]], y: np.ndarray | None) -> None:
+    """One line on stderr: how many met, latency percentiles, predicted vs measured, accuracy when labelled."""
+    if not records:
+        return
+    latency = np.array([r["latency_s"] for r in records]) * 1e3
+    predicted = [r["plan"]["predicted_s"] * 1e3 for r in records if "plan" in r]
+    where = Counter(r["where"] for r in records)
+    text = (f"{len(records)} inputs: met {np.mean([r['met'] for r in records]):.0%}, latency p50 "
+            f"{np.percentile(latency, 50):.1f} ms, p95 {np.percentile(latency, 95):.1f} ms"
+            + (f" (predicted mean {np.mean(predicted):.1f} ms, measured {latency.mean():.1f})" if predicted else "")
+            + "; " + ", ".join(f"{w} {n}" for w, n in where.most_common()))
+    if y is not None:
+        text += f"; accuracy {np.mean([r['class'] == int(label) for r, label in zip(records, y, strict=False)]):.4f}"
+    print(text, file=sys.stderr)
 
 
 async def _stream(cfg: config.DevicedConfig, fleet: Fleet, images: np.ndarray, args: argparse.Namespace) -> int:
@@ -182,15 +214,19 @@ async def _stream(cfg: config.DevicedConfig, fleet: Fleet, images: np.ndarray, a
     return 0 if len(ok) == len(results) else 1
 
 
-def _print(i: int, logits: np.ndarray, record: dict[str, Any], *, as_json: bool) -> None:
+def _print(i: int, logits: np.ndarray, record: dict[str, Any], *, as_json: bool) -> dict[str, Any]:
+    """Print one answer (a line, or a JSON record); returns the record with its class."""
     label = int(np.argmax(logits))
+    name = CLASSES[label] if logits.size == len(CLASSES) else f"class {label}"
+    record = {"index": i, "class": label, "name": name, **record}
     if as_json:
-        print(json.dumps({"index": i, "class": label, "name": CLASSES[label], **record}))
+        print(json.dumps(record))
     else:
         verdict = "met" if record["met"] else "MISSED"
-        print(f"{i:>4} {CLASSES[label]:<12} exit {record['exit']} on {record['where']:<8} "
+        print(f"{i:>4} {name:<12} exit {record['exit']} on {record['where']:<8} "
               f"{record['latency_s'] * 1e3:7.1f} ms ({verdict} {record['deadline_s'] * 1e3:.0f} ms) "
               f"{record['fallback'] or ''}")
+    return record
 
 
 if __name__ == "__main__":

@@ -79,3 +79,31 @@ def preprocess(images: npt.NDArray[np.uint8], upsample: int = 1) -> npt.NDArray[
         images = images.repeat(upsample, axis=-2).repeat(upsample, axis=-1)
     x = images.astype(np.float32) / 255.0
     return ((x - MEAN) / STD).reshape(-1, 1, *images.shape[-2:]).astype(np.float32)
+
+
+def read_inputs(path: Path, shape: tuple[int, ...] | None = None, *,
+                labels: bool = False) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64] | None]:
+    """Model inputs from a file, never unpickled: an ``.npz`` with ``x`` (N x the input shape without its batch)
+    and optionally ``y`` (N class indices; required with ``labels``), or an ``.npy`` of ``x`` alone. ``shape``:
+    the model's input shape (batch first), checked."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.ndarray):  # an .npy file
+            x, y = data, None
+        else:
+            with data:
+                x = np.asarray(data["x"])
+                y = np.asarray(data["y"], np.int64) if "y" in data.files else None
+    except (OSError, KeyError, ValueError) as exc:
+        raise DatasetError(f"{path}: expected an .npz with arrays x (and y) or an .npy of x ({exc})") from exc
+    if labels and y is None:
+        raise DatasetError(f"{path}: no labels: an .npz with arrays x and y is needed")
+    if shape is not None:
+        sample = tuple(shape[1:])
+        if x.shape == sample:
+            x = x[None]
+        if x.shape[1:] != sample:
+            raise DatasetError(f"{path}: x is {list(x.shape)}; the model takes N x {list(sample)} inputs")
+    if y is not None and len(y) != len(x):
+        raise DatasetError(f"{path}: {len(x)} inputs but {len(y)} labels")
+    return np.asarray(x, np.float32), y

@@ -185,7 +185,12 @@ def find_cut(model: onnx.ModelProto, name: str) -> Cut:
             return cut
     names = {t for n in model.graph.node for t in n.output}
     if name in names:
-        raise CutError(f"tensor {name!r} is not a cut: other tensors also cross from the nodes before it")
+        try:
+            _split_nodes(model, frozenset({name}))
+        except CutError as exc:  # it names the others that cross with it
+            raise CutError(f"tensor {name!r} is not a cut on its own: {exc}; cut at "
+                           f"{'+'.join(sorted({name, *_leaked(exc)}))} to send them all") from None
+        raise CutError(f"tensor {name!r} is not a cut")  # pragma: no cover - cuts() lists every single-tensor cut
     raise CutError(f"unknown cut {name!r}; `coinfer layers MODEL` lists the valid ones")
 
 
@@ -260,8 +265,20 @@ def _split_nodes(model: onnx.ModelProto, tensors: frozenset[str]) -> tuple[set[i
     outputs = {o.name for o in model.graph.output}
     leaked = sorted((crossing - tensors) | ({t for n in head for t in model.graph.node[n].output} & outputs - tensors))
     if leaked:
-        raise CutError(f"cut {sorted(tensors)} does not separate the graph: {leaked} also cross it")
+        raise _NotACut(f"cut {sorted(tensors)} does not separate the graph: {leaked} also cross it", leaked)
     return head, tail
+
+
+class _NotACut(CutError):
+    """A tensor set that leaves others crossing too (``leaked``)."""
+
+    def __init__(self, message: str, leaked: list[str]) -> None:
+        super().__init__(message)
+        self.leaked = leaked
+
+
+def _leaked(exc: CutError) -> list[str]:
+    return exc.leaked if isinstance(exc, _NotACut) else []
 
 
 def _dag(model: onnx.ModelProto) -> tuple[nx.DiGraph, dict[str, int]]:

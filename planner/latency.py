@@ -219,9 +219,11 @@ def fit(samples: Sequence[Sample], *, name: str, variables: Mapping[str, tuple[s
         x = np.array([[s.features.get(v, 0.0) for v in names] for s in group], dtype=np.float64)
         y = np.array([s.latency_s * 1e3 for s in group])  # fit in milliseconds
         weight = 1.0 / np.maximum(y, 1e-6)
-        if len(group) < len(names) + 1:
-            raise LatencyModelError(f"type {kind!r}: {len(group)} samples cannot fit {len(names)} variables")
         stats: dict[str, float | int | None] = {"n": len(group), "r2": None, "mdape": None, "n_test": 0}
+        if len(group) < len(names) + 1:  # too few samples for every variable: the ones that explain most
+            kept = _fewer_variables(x, y, len(group) - 1)
+            stats["reduced_from"] = len(names)
+            names, x = tuple(names[i] for i in kept), x[:, kept]
         if len(group) >= MIN_HOLDOUT_SAMPLES:
             order = rng.permutation(len(group))
             n_test = max(2, round(holdout * len(group)))
@@ -230,12 +232,26 @@ def fit(samples: Sequence[Sample], *, name: str, variables: Mapping[str, tuple[s
             pred = np.maximum(reg.predict(x[test]), 0.0)
             stats.update(r2=round(float(r2_score(y[test], pred)), 4), n_test=int(n_test),
                          mdape=round(float(np.median(np.abs(pred - y[test]) / np.maximum(y[test], 1e-9))), 4))
+        if not names:  # one sample: its time, whatever the layer
+            types[kind] = TypeModel(variables=(), coef=(), intercept=float(y.mean()), fit=stats)
+            continue
         reg = LinearRegression().fit(x, y, sample_weight=weight)
         types[kind] = TypeModel(variables=names, coef=tuple(float(c) for c in reg.coef_),
                                 intercept=float(reg.intercept_), fit=stats)
     return LatencyModel(name=name, types=types, unit="ms", stage_overhead=stage_overhead_s * 1e3,
                         meta=dict(meta or {}))
 
+
+
+def _fewer_variables(x: npt.NDArray[np.float64], y: npt.NDArray[np.float64], k: int) -> list[int]:
+    """The (at most ``k``) columns of ``x`` most correlated with ``y`` in absolute value, constant ones left out
+    (a regression with an intercept on ``k + 1`` samples fits ``k`` variables at most)."""
+    scores = []
+    for i in range(x.shape[1]):
+        col = x[:, i]
+        if np.ptp(col) > 0 and np.ptp(y) > 0:
+            scores.append((abs(float(np.corrcoef(col, y)[0, 1])), i))
+    return sorted(i for _, i in sorted(scores, reverse=True)[:max(k, 0)])
 
 
 def calibrate_stages(predicted_s: Sequence[float], measured_s: Sequence[float],

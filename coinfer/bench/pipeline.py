@@ -39,15 +39,20 @@ def load_chain(model: Path, exit_index: int | None = None) -> Chain:
 
 
 def format_plan(p: pipeline.PipelinePlan) -> str:
+    """The plan as a table; columns as wide as their longest entry (exported layer names run long)."""
+    rows = [(str(i), "+".join(s.workers), s.mode.value,
+             f"{s.first_layer}..{s.last_layer}" if s.stop - s.first > 1 else s.first_layer, s)
+            for i, s in enumerate(p.stages, start=1)]
+    workers = max([len("workers"), *(len(r[1]) for r in rows)])
+    blocks = max([len("blocks"), *(len(r[3]) for r in rows)])
     lines = [f"{p.model}: {p.frames_per_s:.2f} frames/s (period {p.period_s * 1e3:.1f} ms), latency "
              f"{p.latency_s * 1e3:.1f} ms, {len(p.stages)} stage(s) by {p.method}; bottleneck: {p.bottleneck}",
-             f"{'stage':<5} {'workers':<34} {'mode':<8} {'blocks':<26} {'thr':>3} {'compute':>8} {'receive':>8} "
-             f"{'send':>8} {'period':>8} {'memory':>8}"]
-    for i, s in enumerate(p.stages, start=1):
-        blocks = f"{s.first_layer}..{s.last_layer}" if s.stop - s.first > 1 else s.first_layer
+             f"{'stage':<5} {'workers':<{workers}} {'mode':<8} {'blocks':<{blocks}} {'thr':>3} {'compute':>8} "
+             f"{'receive':>8} {'send':>8} {'period':>8} {'memory':>8}"]
+    for i, names, mode, span, s in rows:
         extra = f" shares {'/'.join(f'{f:.2f}' for f in s.fractions)}" if s.fractions else ""
         extra += f" cores {','.join(map(str, s.cores))}" if s.cores else ""
-        lines.append(f"{i:<5} {'+'.join(s.workers):<34} {s.mode:<8} {blocks:<26} {s.threads:>3} "
+        lines.append(f"{i:<5} {names:<{workers}} {mode:<8} {span:<{blocks}} {s.threads:>3} "
                      f"{max(s.compute_s) * 1e3:>8.1f} {max(s.receive_s) * 1e3:>8.1f} {max(s.send_s) * 1e3:>8.1f} "
                      f"{s.period_s * 1e3:>8.1f} {max(s.memory_bytes) / 1e6:>6.1f}MB{extra}")
     if p.source_send_s:

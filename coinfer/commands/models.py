@@ -16,7 +16,7 @@ import onnx
 from coinfer.commands import Command
 from models import branchy, graph
 from models.bundle import BUNDLES_DIR, DEFAULT_BUNDLE, MANIFEST, describe, exit_accuracies, load_bundle, package
-from models.errors import ModelError
+from models.data import read_inputs
 from planner.errors import PlannerError
 from planner.latency import FIT_VARIABLES, TABLE_I_VARIABLES, Sample, fit
 
@@ -90,30 +90,40 @@ def _fit_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--table-i", action="store_true", help="use only Edgent's Table I variables (no FLOPs term)")
 
 
-def _model_arg(path: Path, output: str | None) -> onnx.ModelProto:
+def _model_arg(path: Path, output: str | None) -> tuple[onnx.ModelProto, str]:
+    """The model, or the sub-model computing ``output``; with several outputs and none named, the last (the deepest
+    exit: its cuts are what a plan of it can use). Returns it and a note saying which."""
     model = load_bundle(path).model if (path / MANIFEST).exists() else graph.load_model(path)
-    return graph.prepare(graph.extract_outputs(model, [output])) if output else model
+    outputs = [o.name for o in model.graph.output]
+    if output is None and len(outputs) > 1:
+        output = outputs[-1]
+        note = f" of the sub-model computing {output!r} (--output for another of {', '.join(outputs)})"
+    else:
+        note = f" of the sub-model computing {output!r}" if output else ""
+    return (graph.prepare(graph.extract_outputs(model, [output])) if output else model), note
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    model = _model_arg(Path(args.model), args.output)
+    model, note = _model_arg(Path(args.model), args.output)
     layers, cuts = graph.layers(model), graph.cuts(model)
     if args.json:
         print(json.dumps({"model": str(args.model), "layers": [lay.to_json() for lay in layers],
                           "cuts": [c.to_json() for c in cuts]}, indent=1))
         return 0
     cut_after = {c.index: c for c in cuts}
-    print(f"{'#':>3}  {'layer':<16} {'op':<12} {'type':<8} {'out bytes':>10} {'MFLOPs':>8}  cut after")
+    width = max((len(lay.name) for lay in layers), default=5)  # long exported names keep the columns
+    ops = max((len(lay.op_type) for lay in layers), default=2)
+    print(f"{'#':>3}  {'layer':<{width}} {'op':<{ops}} {'type':<8} {'out bytes':>10} {'MFLOPs':>8}  cut after")
     for lay in layers:
         cut = cut_after.get(lay.index + 1)
-        print(f"{lay.index:>3}  {lay.name:<16} {lay.op_type:<12} {lay.kind:<8} {lay.features['output_bytes']:>10.0f} "
-              f"{lay.features['flops'] / 1e6:>8.2f}  {cut.name if cut else ''}")
-    print(f"{len(layers)} layers, {len(cuts)} single-tensor cuts")
+        print(f"{lay.index:>3}  {lay.name:<{width}} {lay.op_type:<{ops}} {lay.kind:<8} "
+              f"{lay.features['output_bytes']:>10.0f} {lay.features['flops'] / 1e6:>8.2f}  {cut.name if cut else ''}")
+    print(f"{len(layers)} layers, {len(cuts)} single-tensor cuts{note}")
     return 0
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    model = _model_arg(Path(args.model), args.output)
+    model, _ = _model_arg(Path(args.model), args.output)
     head, tail = graph.split(model, graph.find_cut(model, args.at))
     onnx.save(head, str(args.head))
     onnx.save(tail, str(args.tail))
@@ -128,11 +138,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     accuracy = None
     count = 0
     if args.labels:
-        x, y = _labelled(args.labels)
-        shape = tuple(describe(model)["input"]["shape"][1:])
-        if x.shape[1:] != shape or len(x) != len(y):
-            raise ModelError(f"{args.labels}: x is {list(x.shape)} and y {list(y.shape)}; the model takes "
-                             f"N x {list(shape)} inputs, one label each")
+        x, y = read_inputs(args.labels, tuple(describe(model)["input"]["shape"]), labels=True)
+        assert y is not None
         outputs = [o.name for o in model.graph.output]
         accuracy, count = exit_accuracies(model, outputs, x, y), len(y)
     out = package(model, args.out, name=args.name or args.model.stem, accuracy=accuracy, test_images=count,
@@ -146,34 +153,28 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
-def _labelled(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) of a labelled-set .npz, never unpickled."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return np.asarray(data["x"], np.float32), np.asarray(data["y"], np.int64)
-    except (OSError, KeyError, ValueError) as exc:
-        raise ModelError(f"{path}: expected an .npz with arrays x and y ({exc})") from exc
-
-
 def cmd_encodings(args: argparse.Namespace) -> int:
     from models import encodings
 
     x = y = None
     if args.labels:
-        x, y = _labelled(args.labels)
-    summary = encodings.measure(args.bundle, x=x, y=y, images=args.images, progress=sys.stderr.isatty())
+        x, y = read_inputs(args.labels, load_bundle(args.bundle).input_shape, labels=True)
+    summary = encodings.measure(args.bundle, x=x, y=y, images=args.images, progress=True)  # long: shown on stderr
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
     print(f"{summary['bundle']}: {summary['crossing_sets']} crossing tensor sets measured on {summary['inputs']} "
-          "inputs; per exit, over its cuts: accuracy change (points) and bytes against float32")
+          "inputs; per exit, over its input and cuts: accuracy change (points) and bytes against float32")
     for e in summary["exits"]:
         cuts = [e["input"], *e["cuts"].values()]
         row = []
         for name in encodings.MEASURED:
             delta = [100 * (c[name]["accuracy"] - c["float32+zstd"]["accuracy"]) for c in cuts]
-            row.append(f"{name} {min(delta):+.2f}..{max(delta):+.2f}")
-        print(f"  exit {e['exit']} (float32 {e['accuracy']:.4f}): " + ", ".join(row))
+            # float16 is float32 cast to half the bytes, exactly: twice it is what crosses as float32
+            share = [c[name]["bytes"] / max(2 * c["float16"]["bytes"], 1.0) for c in cuts]
+            row.append(f"{name} {min(delta):+.2f}..{max(delta):+.2f} pts, {min(share):.0%}..{max(share):.0%} bytes")
+        accuracy = f"{e['accuracy']:.4f}" if e["accuracy"] else "unmeasured"
+        print(f"  exit {e['exit']} (float32 accuracy {accuracy}):\n    " + "\n    ".join(row))
     print(f"-> {args.bundle / 'manifest.json'}")
     return 0
 
@@ -268,7 +269,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         r2, mdape = tm.fit.get("r2"), tm.fit.get("mdape")
         print(f"{kind:<8} {tm.fit.get('n', 0):>5} {tm.fit.get('n_test', 0):>8} "
               f"{'-' if r2 is None else f'{r2:.3f}':>7} {'-' if mdape is None else f'{mdape:.1%}':>7}  "
-              f"{', '.join(tm.variables)}")
+              f"{', '.join(tm.variables) or 'none (a constant)'}"
+              + (f"  (only {len(tm.variables)} of {tm.fit['reduced_from']}: too few samples of this type; "
+                 f"profile more with --sweep)" if tm.fit.get("reduced_from") else ""))
     errors = [abs(sum(model.predict(lay["type"], lay) for lay in m["layers"]) - m["run_s"]) / m["run_s"]
               for doc in docs for m in doc["models"]]
     print(f"whole models ({len(errors)}): predicted vs measured run, median error {np.median(errors):.1%}, "

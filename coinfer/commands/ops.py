@@ -9,7 +9,9 @@ from typing import Any
 
 from coinfer.commands import Command
 from coinfer.lab.procs import REPO
-from planner import units
+from models import loaders
+from models.bundle import DEFAULT_BUNDLE
+from planner import policies, units
 
 
 def _demo_args(s: argparse.ArgumentParser) -> None:
@@ -17,6 +19,14 @@ def _demo_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--deadline", default="200ms")
     s.add_argument("--images", type=int, default=300)
     s.add_argument("--mosquitto-conf", type=Path, default=REPO / "mosquitto.conf")
+    s.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="the bundle edged and deviced serve")
+    s.add_argument("--inputs", type=Path, help="model inputs as they are: an .npz with x (N x the bundle's input "
+                                               "shape) and optionally y (labels: accuracy), or an .npy of x "
+                                               "(default: Fashion-MNIST test images, for the shipped bundles)")
+    s.add_argument("--policy", default=policies.DEFAULT, choices=sorted(set(policies.POLICIES) - {"fixed"}),
+                   help=f"deviced's planning policy (default {policies.DEFAULT}; mincut for a DAG model)")
+    s.add_argument("--device-model", type=Path, default=loaders.PI3_MODEL,
+                   help="the device's latency model (default: Edgent's Raspberry Pi 3; `coinfer fit` makes one)")
 
 
 def _testbed_args(s: argparse.ArgumentParser) -> None:
@@ -45,7 +55,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     links = args.links.split(",")
     demo.check_links(links)
     return demo.run_demo(links=links, deadline_s=units.parse_duration(args.deadline), images=args.images,
-                         mosquitto_conf=args.mosquitto_conf)
+                         mosquitto_conf=args.mosquitto_conf, bundle=args.bundle, inputs=args.inputs,
+                         policy=args.policy, device_model=args.device_model)
 
 
 def cmd_testbed(args: argparse.Namespace) -> int:

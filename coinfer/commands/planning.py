@@ -90,11 +90,16 @@ def _plan_row(label: str, p: Decision | Infeasible) -> str:
         return f"{v * 1e3:8.1f}"
 
     return (f"{label:<15} {'yes' if p.feasible else 'MISS':>10} {p.exit:>4} {p.cut:>3}/{p.n_layers:<3} {p.where:<6} "
-            f"{ms(p.predicted_s)} {ms(p.device_s)} {ms(p.transfer_s)} {ms(p.edge_s)} {p.accuracy:8.4f}")
+            f"{ms(p.predicted_s)} {ms(p.device_s)} {ms(p.transfer_s)} {ms(p.edge_s)} {_accuracy(p.accuracy)}")
+
+
+def _accuracy(value: float) -> str:
+    """An exit's accuracy, or "unmeasured" (a model packaged without a labelled set carries 0)."""
+    return f"{value:10.4f}" if value > 0 else f"{'unmeasured':>10}"
 
 
 HEADER = (f"{'method':<15} {'meets':>10} {'exit':>4} {'cut':>7} {'where':<6} {'total ms':>8} {'device':>8} "
-          f"{'transfer':>8} {'edge':>8} {'accuracy':>8}")
+          f"{'transfer':>8} {'edge':>8} {'accuracy':>10}")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -139,12 +144,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=1))
         return 0
     print(f"{name}: device {args.device_model.stem}, edge {args.edge_model.stem}")
-    print(f"{'uplink':>9} {'deadline':>9} {'exit':>5} {'cut':>7} {'where':<6} {'predicted ms':>12} {'accuracy':>8} "
+    print(f"{'uplink':>9} {'deadline':>9} {'exit':>5} {'cut':>7} {'where':<6} {'predicted ms':>12} {'accuracy':>10} "
           f"crossing as")
     for r in results:
         cut = f"{r['cut']}/{r['n_layers']}" if r["exit"] else "-"
         pred = f"{r['predicted_s'] * 1e3:12.1f}" if r["exit"] else f"{'infeasible':>12}"
-        acc = f"{r['accuracy']:8.4f}" if r["exit"] else f"{'-':>8}"
+        acc = _accuracy(r["accuracy"]) if r["exit"] else f"{'-':>10}"
         crossing = r.get("encoding", "-") if r["exit"] and r["where"] != "device" else "-"
         print(f"{units.format_bandwidth(r['bandwidth_bps']):>9} {r['deadline_s'] * 1e3:>7.0f}ms "
               f"{r['exit'] or '-':>5} {cut:>7} {r['where']:<6} {pred} {acc} {crossing}")

@@ -81,10 +81,15 @@ def test_fit_recovers_known_coefficients() -> None:
     assert model.predict("relu", {"input_bytes": 1e5}) == pytest.approx(1.1e-3)
 
 
-def test_fit_rejects_too_few_samples() -> None:
-    with pytest.raises(LatencyModelError, match="cannot fit"):
-        fit([Sample(kind="conv", features={"input_bytes": 1.0, "filter_term": 1.0}, latency_s=1.0)], name="x",
-            variables=TABLE_I_VARIABLES)
+def test_fit_with_too_few_samples_fits_fewer_variables_and_says_so() -> None:
+    """A bundle's own profile has two fc layers: three variables cannot be fitted, the one that explains most can."""
+    fc = [Sample(kind="fc", features={"input_bytes": b, "output_bytes": 40.0, "flops": f}, latency_s=ms * 1e-3)
+          for b, f, ms in ((1024.0, 5e3, 0.01), (512.0, 8e4, 0.05))]
+    one = [Sample(kind="conv", features={"input_bytes": 1.0, "filter_term": 1.0}, latency_s=2e-3)]
+    model = fit([*fc, *one], name="x")
+    assert model.types["fc"].variables == ("flops",) and model.types["fc"].fit["reduced_from"] == 3
+    assert model.predict("fc", {"input_bytes": 1024.0, "output_bytes": 40.0, "flops": 5e3}) == pytest.approx(1e-5)
+    assert model.types["conv"].variables == () and model.predict("conv", {}) == pytest.approx(2e-3)  # one sample
 
 
 def test_calibrate_stages_recovers_slowdown_and_overhead() -> None:
