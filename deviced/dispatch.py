@@ -89,8 +89,7 @@ class Dispatch:
         teaches the link estimate). Raises TimeoutError (no answer in time) or BrokerLost (no session, or it ended
         meanwhile)."""
         with self._calls.expect(request_id) as answer:
-            props = session.request_properties(response_topic=self.topics.device_responses(self.device_id),
-                                               correlation=request_id, expiry_s=max(expiry_s, 0.001))
+            props = self._request_properties(request_id, expiry_s)
             sending = asyncio.ensure_future(self._upload(self.topics.edge_request(edge_id, self.device_id), payload,
                                                          props))
             sending.add_done_callback(_seen)
@@ -102,16 +101,21 @@ class Dispatch:
         return reply
 
     async def probe(self, edge_id: str, padding: int) -> int:
-        """One probe of ``padding`` bytes there and back; returns the bytes sent (TimeoutError, BrokerLost)."""
+        """One probe of ``padding`` bytes there and back; returns the bytes it put on the uplink (TimeoutError,
+        BrokerLost)."""
         probe_id = self.new_id("p")
         payload = encode(Probe(probe_id=probe_id, device_id=self.device_id, padding=bytes(padding)))
+        topic, props = self.topics.edge_probe(edge_id, self.device_id), self._request_properties(probe_id,
+                                                                                                 PROBE_TIMEOUT_S)
         with self._calls.expect(probe_id) as answer:
-            await self._emulate_upload(len(payload))
-            props = session.request_properties(response_topic=self.topics.device_responses(self.device_id),
-                                               correlation=probe_id, expiry_s=PROBE_TIMEOUT_S)
-            await self._publish(self.topics.edge_probe(edge_id, self.device_id), payload, props)
+            await self._upload(topic, payload, props)
             await asyncio.wait_for(answer, timeout=PROBE_TIMEOUT_S)
-        return len(payload)
+        return session.wire_bytes(topic, len(payload), props)
+
+    def request_bytes(self, edge_id: str, request_id: str, payload: int) -> int:
+        """What a request of ``payload`` bytes puts on the uplink (MQTT and TCP/IP headers included)."""
+        return session.wire_bytes(self.topics.edge_request(edge_id, self.device_id), payload,
+                                  self._request_properties(request_id, 1.0))
 
     async def publish(self, topic: str, payload: bytes) -> None:
         """Publish one message (a pipeline stage's plan, frame, result or heartbeat); BrokerLost without a session."""
@@ -159,9 +163,13 @@ class Dispatch:
             self.detach(exc)
             raise BrokerLost(f"publish failed: {exc}") from exc
 
+    def _request_properties(self, correlation: str, expiry_s: float) -> Any:
+        return session.request_properties(response_topic=self.topics.device_responses(self.device_id),
+                                          correlation=correlation, expiry_s=max(expiry_s, 0.001))
+
     async def _upload(self, topic: str, payload: bytes, props: Any) -> None:
-        """The (emulated) uplink's transfer of ``payload``, then its publish."""
-        await self._emulate_upload(len(payload))
+        """The (emulated) uplink's transfer of what ``payload`` puts on the wire, then its publish."""
+        await self._emulate_upload(session.wire_bytes(topic, len(payload), props))
         await self._publish(topic, payload, props)
 
     async def _emulate_upload(self, nbytes: int) -> None:

@@ -140,6 +140,12 @@ class Device:
                                  emulated_uplink_bps=parse_bandwidth(cfg.emulate_uplink) if cfg.emulate_uplink else 0.0)
         # the quickest way to any answer, as modelled (at the device model's speed)
         self._fastest_local_s = float(self.local.device_s[~self.local.uses_edge].min())
+        # what a request carries besides its tensors, until requests measure it: an envelope around one number
+        envelope = encode(InferRequest(request_id=self.dispatch.new_id(), device_id=cfg.device_id,
+                                       bundle=bundle.digest, exit=1, cut=0,
+                                       tensors={bundle.input_name: np.zeros(1, np.float32)}, budget_s=1.0))
+        self.link.request_sent(self.dispatch.request_bytes(cfg.edge_id or "edge", self.dispatch.new_id(),
+                                                           len(envelope)), 4.0)
         self.actuator = Actuator(mode=cfg.compute_knob)  # applies a decision's CPU share and transmit rate
         # one device stage at a time, in arrival order (asyncio.Lock is FIFO): concurrent stages would share the
         # CPU and all finish late, and every latency model (Edgent's, the Lyapunov controller's) assumes a queue
@@ -238,7 +244,7 @@ class Device:
         if isinstance(reply, ErrorReply):
             return await self._fallback(req, tensors, decision, edge.edge_id, reply.code.value, head_s)
         edge_s = reply.queue_s + reply.compute_s
-        self.link.transfer(crossing + _nbytes(reply.outputs), time.monotonic() - sent_at - edge_s)
+        self.link.transfer(crossing, time.monotonic() - sent_at - edge_s)
         edge.speed = edge.speed.update(reply.compute_s, decision.modelled.tail_s)
         self.metrics.speed.labels(edge.edge_id).set(edge.speed.value)
         return self._done(req, next(iter(reply.outputs.values())), decision.exit, decision.where.value, decision,
@@ -281,8 +287,10 @@ class Device:
         payload = encode(InferRequest(request_id=req.request_id, device_id=self.cfg.device_id,
                                       bundle=self.bundle.digest, exit=decision.exit, cut=decision.cut,
                                       tensors=tensors, budget_s=max(left, 0.0), encoding=decision.encoding))
-        # the bytes that must cross before an answer can come: ours and what is still queued ahead of them
-        crossing = self.dispatch.uplink_backlog() + len(payload)
+        # the bytes that must cross before an answer can come: ours (on the wire) and what is still queued ahead
+        wire = self.dispatch.request_bytes(edge.edge_id, req.request_id, len(payload))
+        self.link.request_sent(wire, decision.modelled.up_bytes)
+        crossing = self.dispatch.uplink_backlog() + wire
         sent_at = time.monotonic()
         # the quickest local way out: the rest of this exit from the cut, or the fastest exit from scratch
         finish_local = min(decision.modelled.rest_s, self._fastest_local_s) * self.learning.device_speed.value
@@ -336,6 +344,7 @@ class Device:
         return Conditions(bandwidth_bps=link.bandwidth_bps, deadline_s=deadline_s, rtt_s=link.rtt_s,
                           edge_queue_s=edge.queue_wait_s if edge else 0.0,
                           uplink_backlog_bytes=self.dispatch.uplink_backlog(),
+                          message_bytes=self.link.message_bytes,
                           device_speed=self.learning.device_speed.value,
                           edge_speed=edge.speed.value if edge else 1.0,
                           device_margin_s=self.learning.device_margin.value,
@@ -382,9 +391,4 @@ class Device:
         self.metrics.accuracy.set(decision.accuracy)
 
     def _late_answer(self, result: InferResult) -> None:
-        self.link.late_answer(result.request_id, _nbytes(result.outputs), result.queue_s + result.compute_s,
-                              time.monotonic())
-
-
-def _nbytes(tensors: Mapping[str, npt.NDArray[Any]]) -> int:
-    return int(sum(v.nbytes for v in tensors.values()))
+        self.link.late_answer(result.request_id, result.queue_s + result.compute_s, time.monotonic())

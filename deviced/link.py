@@ -21,6 +21,7 @@ PROBE_IDLE_BYTES = 1500  # an uplink with no more than a packet of ours unacknow
 # this long, then the last measured estimate comes back and the edge is tried again.
 CAP_HOLD_S = 5.0
 LATE_REMEMBERED = 256  # given-up requests whose late answers still count as transfer samples
+MESSAGE_ALPHA = 0.2  # weight of a new request in the running mean of the bytes a request carries besides tensors
 
 # sends one probe with this much padding and waits for its reply; returns the bytes sent (TimeoutError: none)
 RoundTrip = Callable[[int], Awaitable[int]]
@@ -39,12 +40,24 @@ class LinkEstimator:
         self._cap_expires = 0.0
         # given-up requests: (bytes to cross, sent at); a late answer still times them
         self._late: dict[str, tuple[int, float]] = {}
+        self._message_bytes = 0.0  # what a request carries up besides its tensors, on the wire (learned)
         metrics.bandwidth.set(initial_bps)
 
     @property
     def estimate(self) -> bandwidth.LinkEstimate:
         """The estimate now (a timeout cap included)."""
         return self._estimate
+
+    @property
+    def message_bytes(self) -> float:
+        """The bytes a request carries up besides its tensors (envelope, MQTT and TCP/IP headers), as measured."""
+        return self._message_bytes
+
+    def request_sent(self, wire_bytes: int, tensor_bytes: float) -> None:
+        """A request put ``wire_bytes`` on the uplink for ``tensor_bytes`` of tensors (as costed by its plan)."""
+        extra = max(wire_bytes - tensor_bytes, 0.0)
+        self._message_bytes = extra if not self._message_bytes else \
+            (1 - MESSAGE_ALPHA) * self._message_bytes + MESSAGE_ALPHA * extra
 
     @property
     def capped(self) -> bandwidth.LinkEstimate | None:
@@ -63,9 +76,12 @@ class LinkEstimator:
         self._measured = None
         self._estimate = estimate
         self._metrics.bandwidth.set(estimate.bandwidth_bps)
+        self._metrics.message_seconds.set(estimate.rtt_s)
 
     def transfer(self, nbytes: int, wire_s: float) -> None:
-        """An answered request moved ``nbytes`` (both ways) in ``wire_s`` on the wire."""
+        """An answered request put ``nbytes`` on the uplink (its own and what was queued ahead of it) and its answer
+        came ``wire_s`` after it was sent (the edge's queue and compute taken out): the answer's way back is part
+        of the per-message cost (downlinks are the faster way)."""
         self.set(self._estimate.with_transfer(nbytes, wire_s))
 
     def unanswered(self, request_id: str, nbytes: int, sent_at: float, now: float) -> None:
@@ -76,13 +92,13 @@ class LinkEstimator:
         while len(self._late) > LATE_REMEMBERED:
             del self._late[next(iter(self._late))]
 
-    def late_answer(self, request_id: str, nbytes_back: int, edge_s: float, now: float) -> None:
+    def late_answer(self, request_id: str, edge_s: float, now: float) -> None:
         """An answer that came after we gave up still times its transfer: a rate sample from a slow link."""
         sent = self._late.pop(request_id, None)
         if sent is None:
             return
         nbytes, sent_at = sent
-        sample = (nbytes + nbytes_back, now - sent_at - edge_s)
+        sample = (nbytes, now - sent_at - edge_s)
         measured, expires = self._measured, self._cap_expires
         self.set(self._estimate.with_transfer(*sample))
         if measured is not None:

@@ -28,7 +28,11 @@ class DeviceMetrics:
                                  ["reason"], registry=r)
         self.app_errors = Counter("coinfer_device_app_errors_total", "Application requests answered with an error",
                                   ["code"], registry=r)
-        self.bandwidth = Gauge("coinfer_device_bandwidth_estimate_bps", "Uplink estimate", registry=r)
+        self.bandwidth = Gauge("coinfer_device_bandwidth_estimate_bps",
+                               "Uplink estimate: the rate at which a request's bytes cross", registry=r)
+        self.message_seconds = Gauge("coinfer_device_link_message_seconds",
+                                     "Uplink estimate: the per-message cost of a request's round trip, whatever its "
+                                     "size", registry=r)
         self.exit = Gauge("coinfer_device_plan_exit", "Exit of the last plan (1-based)", registry=r)
         self.cut = Gauge("coinfer_device_plan_cut", "Layers on the device in the last plan", registry=r)
         self.speed = Gauge("coinfer_device_speed_factor",

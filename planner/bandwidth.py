@@ -1,10 +1,13 @@
-"""Uplink estimates: active probes of two sizes (separating RTT from rate) and passive transfer samples."""
+"""Uplink estimates: a transfer takes a per-message cost plus its bytes over the rate, both learned from active
+probes of two sizes and from passive transfer samples of whatever sizes the requests had."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+
+import numpy as np
 
 from planner.errors import PlannerError
 
@@ -15,30 +18,58 @@ PASSIVE_ALPHA = 0.5
 # the estimate then sent a probe sized for that into a link that had dropped to 200 kbps.
 PASSIVE_HEADROOM = 2.0
 MIN_TRANSFER_S = 1e-5
+WINDOW = 16  # the recent passive transfers the per-message cost is fitted on
+SPREAD = 4.0  # transfers this far apart in size (largest / smallest) tell the per-message cost from the rate
+MIN_FIT = 4  # and at least this many of them
 
 
 @dataclass(frozen=True, slots=True)
 class LinkEstimate:
-    """The device's current belief about its uplink."""
+    """The device's current belief about its uplink: a transfer of B bytes (everything on the wire, both ways)
+    takes ``rtt_s + 8 B / bandwidth_bps``."""
 
     bandwidth_bps: float
-    rtt_s: float = 0.0
+    rtt_s: float = 0.0  # the per-message cost: a request's round trip whatever its size (propagation, broker hops)
     samples: int = 0
     probed_bps: float = 0.0  # the last actively measured rate (0: none yet), which bounds passive samples
+    recent: tuple[tuple[float, float], ...] = ()  # the last ``WINDOW`` passive transfers: (bytes, seconds)
 
     def __post_init__(self) -> None:
         if not self.bandwidth_bps > 0 or self.rtt_s < 0 or self.probed_bps < 0:
             raise PlannerError(f"bad link estimate {self.bandwidth_bps} bps, rtt {self.rtt_s} s")
 
     def with_transfer(self, nbytes: int, seconds: float, *, alpha: float = PASSIVE_ALPHA) -> LinkEstimate:
-        """Fold in one transfer of ``nbytes`` that took ``seconds`` on the wire (RTT included)."""
+        """Fold in one transfer of ``nbytes`` that took ``seconds`` on the wire (its per-message cost included).
+
+        The rate follows each sample (in log space, after the per-message cost); the per-message cost is refitted
+        whenever the recent transfers differ enough in size to separate the two (``fit_transfers``), and kept
+        otherwise (transfers of one size cannot tell a slower link from a costlier message)."""
         if nbytes <= 0 or seconds <= 0:
             return self
-        sample = 8.0 * nbytes / max(seconds - self.rtt_s, MIN_TRANSFER_S)
+        recent = (*self.recent, (float(nbytes), float(seconds)))[-WINDOW:]
+        fitted = fit_transfers(recent)
+        per_message = self.rtt_s if fitted is None else fitted[0]
+        sample = 8.0 * nbytes / max(seconds - per_message, MIN_TRANSFER_S)
         if self.probed_bps:
             sample = min(sample, PASSIVE_HEADROOM * self.probed_bps)
         log_bw = (1 - alpha) * math.log(self.bandwidth_bps) + alpha * math.log(sample)
-        return replace(self, bandwidth_bps=math.exp(log_bw), samples=self.samples + 1)
+        return replace(self, bandwidth_bps=math.exp(log_bw), rtt_s=per_message, samples=self.samples + 1,
+                       recent=recent)
+
+
+def fit_transfers(samples: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
+    """(per-message seconds, bits per second) fitted to (bytes, seconds) transfers by least squares on relative
+    errors; None unless there are ``MIN_FIT`` of them ``SPREAD`` apart in size (or the fit makes no sense)."""
+    b = np.array([x for x, _ in samples], dtype=np.float64)
+    t = np.array([y for _, y in samples], dtype=np.float64)
+    if len(samples) < MIN_FIT or b.max() < SPREAD * b.min():
+        return None
+    w = 1.0 / t
+    (per_message, slope), *_ = np.linalg.lstsq(np.stack([np.ones_like(b), b], axis=1) * w[:, None], t * w,
+                                               rcond=None)
+    if not slope > 0:
+        return None
+    return max(float(per_message), 0.0), 8.0 / float(slope)
 
 
 def from_probes(samples: Sequence[tuple[int, float]]) -> LinkEstimate:

@@ -131,7 +131,9 @@ def _wall(model: LatencyModel, compute_s: float, runs: bool) -> float:
 def latencies(c: Candidates, cond: Conditions) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """(end-to-end, transfer) predicted seconds of every candidate."""
     down = cond.downlink_bps or cond.bandwidth_bps
-    wire = cond.rtt_s + cond.uplink_backlog_bytes * 8.0 / cond.bandwidth_bps
+    # what any plan that uses the edge pays besides its tensors: the per-message cost, the request's own bytes, and
+    # our earlier uploads still ahead of it
+    wire = cond.rtt_s + (cond.uplink_backlog_bytes + cond.message_bytes) * 8.0 / cond.bandwidth_bps
     transfer = c.parts[:, :3] @ np.array([8.0 / cond.bandwidth_bps, 8.0 / down, wire])
     total = c.parts @ np.array([8.0 / cond.bandwidth_bps, 8.0 / down, wire + cond.edge_queue_s, cond.device_speed,
                                 cond.edge_speed])
@@ -221,4 +223,4 @@ def plan_at(c: Candidates, i: int, costs: Costs, cond: Conditions) -> Decision:
                     edge_s=float(c.edge_s[i] * cond.edge_speed + uses_edge * cond.edge_queue_s),
                     accuracy=float(c.accuracy[i]), encoding=c.encoding[i],
                     modelled=Modelled(head_s=float(c.head_s[i]), rest_s=float(c.rest_s[i]),
-                                      tail_s=float(c.edge_s[i])))
+                                      tail_s=float(c.edge_s[i]), up_bytes=float(c.up_bytes[i])))

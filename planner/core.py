@@ -193,7 +193,10 @@ class Conditions:
     bandwidth_bps: float  # uplink
     deadline_s: float
     downlink_bps: float | None = None  # defaults to the uplink
-    rtt_s: float = 0.0  # fixed cost of one round trip to the edge
+    rtt_s: float = 0.0  # the per-message cost of one round trip to the edge, whatever its size
+    # bytes a request carries up besides its tensors (envelope, MQTT and TCP/IP headers): at a slow uplink a few
+    # hundred bytes are tens of milliseconds
+    message_bytes: float = 0.0
     edge_queue_s: float = 0.0  # expected wait in the edge's queue (its advertised load)
     uplink_backlog_bytes: float = 0.0  # our own earlier uploads still ahead of this one on the uplink
     device_speed: float = 1.0  # measured / modelled stage times on the device now (``latency.SpeedFactor``)
@@ -210,7 +213,7 @@ class Conditions:
             raise PlannerError("bandwidth must be positive")
         if not self.deadline_s > 0:
             raise PlannerError("deadline must be positive")
-        if self.rtt_s < 0 or self.edge_queue_s < 0 or self.uplink_backlog_bytes < 0:
+        if self.rtt_s < 0 or self.edge_queue_s < 0 or self.uplink_backlog_bytes < 0 or self.message_bytes < 0:
             raise PlannerError("rtt, edge queue time and uplink backlog cannot be negative")
         if not (self.device_speed > 0 and self.edge_speed > 0):
             raise PlannerError("speed factors must be positive")
@@ -271,6 +274,7 @@ class Modelled:
     head_s: float = 0.0  # the device's stage (the head, or the whole exit), encoding excluded
     rest_s: float = 0.0  # the device finishing the exit from the cut (fallback); 0 for a device-only plan
     tail_s: float = 0.0  # the edge's stage, decoding included; 0 when the plan does not use the edge
+    up_bytes: float = 0.0  # the tensors' bytes that cross up, as costed (the message's own bytes not included)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

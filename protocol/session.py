@@ -179,6 +179,19 @@ def socket_unsent(sock: object) -> int:
     return max(int(struct.unpack("i", out)[0]), 0)
 
 
+TCP_IP_HEADER_BYTES = 52  # per segment: IPv4 (20) and TCP with timestamps (32)
+TCP_MSS = 1448
+
+
+def wire_bytes(topic: str, payload: int, properties: Properties | None = None) -> int:
+    """What one MQTT v5 PUBLISH (QoS 0) of ``payload`` bytes to ``topic`` puts on the wire: the packet (fixed
+    header, topic, properties, payload) and the TCP/IP headers of its segments."""
+    props = len(properties.pack()) if properties is not None else 1  # type: ignore[no-untyped-call]
+    body = 2 + len(topic.encode()) + props + payload
+    packet = 1 + (1 if body < 128 else 2 if body < 16_384 else 3 if body < 2_097_152 else 4) + body
+    return packet + TCP_IP_HEADER_BYTES * -(-packet // TCP_MSS)
+
+
 def request_properties(*, response_topic: str, correlation: str, expiry_s: float) -> Properties:
     """MQTT v5 publish properties of a request: where to answer, its id, and when it expires."""
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
