@@ -99,7 +99,8 @@ async def test_a_slow_uplink_never_waits_on_a_plan_that_cannot_work(own_bundle: 
     met = float(np.mean([o.met for o in outcomes]))
     print(f"\n50 kbps, {deadline_s * 1e3:.0f} ms, {'own' if own_model else 'Pi 3'} model: met {met:.0%}, p95 "
           f"{np.percentile(latency, 95) * 1e3:.0f} ms, predicted median "
-          f"{np.median([o.plan.predicted_s for o in outcomes]) * 1e3:.0f} ms, measured {np.median(latency) * 1e3:.0f} ms, "
+          f"{np.median([o.plan.predicted_s for o in outcomes]) * 1e3:.0f} ms, measured "
+          f"{np.median(latency) * 1e3:.0f} ms, "
           f"fallbacks {sum(o.fallback is not None for o in outcomes)}, "
           f"plans {sorted({(o.plan.exit, o.plan.where.value, o.plan.encoding) for o in outcomes})}")
     for o in outcomes:
