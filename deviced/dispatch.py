@@ -100,7 +100,7 @@ class Dispatch:
             raise MalformedMessage(f"a {reply.kind} message answered request {request_id}")
         return reply
 
-    async def probe(self, edge_id: str, padding: int) -> int:
+    async def probe(self, edge_id: str, padding: int, *, timeout_s: float = PROBE_TIMEOUT_S) -> int:
         """One probe of ``padding`` bytes there and back; returns the bytes it put on the uplink (TimeoutError,
         BrokerLost)."""
         probe_id = self.new_id("p")
@@ -109,7 +109,7 @@ class Dispatch:
                                                                                                  PROBE_TIMEOUT_S)
         with self._calls.expect(probe_id) as answer:
             await self._upload(topic, payload, props)
-            await asyncio.wait_for(answer, timeout=PROBE_TIMEOUT_S)
+            await asyncio.wait_for(answer, timeout=timeout_s)
         return session.wire_bytes(topic, len(payload), props)
 
     def request_bytes(self, edge_id: str, request_id: str, payload: int) -> int:

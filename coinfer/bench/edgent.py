@@ -263,9 +263,11 @@ class Experiments:
         groups = [[r for r in p["records"] if r["predicted_s"] is not None and not r["fallback"]]
                   for p in [*fig67["points"], *fig8["points"]]]
         wheres = sorted({r["where"] for g in groups for r in g})
+        kinds = sorted({_kind(r) for g in groups for r in g})
         return {"device_full_s": device_full, "fig6_deadline_s": deadline,
                 "prediction_error": {**_errors(groups), "by_where": {
-                    w: _errors([[r for r in g if r["where"] == w] for g in groups]) for w in wheres}},
+                    w: _errors([[r for r in g if r["where"] == w] for g in groups]) for w in wheres},
+                    "by_plan": {k: _errors([[r for r in g if _kind(r) == k] for g in groups]) for k in kinds}},
                 "oracle_ratio": {format_bandwidth(b): v["ratio"] for b, v in oracle.items()},
                 "fig9": fig9, "trace": trace}
 
@@ -467,6 +469,11 @@ def _errors(groups: list[list[dict[str, Any]]]) -> dict[str, Any]:
             "bias_ms": {k: float(np.median(v) * 1e3) for k, v in parts.items() if v}}
 
 
+def _kind(record: dict[str, Any]) -> str:
+    """A request's plan type: where it ran, and how its tensors crossed (device plans send none)."""
+    return record["where"] if record["where"] == "device" else f"{record['where']}/{record.get('encoding', 'float32')}"
+
+
 def _best_share(latencies: Sequence[float]) -> int:
     """How many of ``latencies`` one prediction can get within 10% of (the most that overlap)."""
     return max((sum(0.9 * m <= p <= 1.1 * m for m in latencies) for p in (0.9 * x for x in latencies)), default=0)
@@ -612,6 +619,10 @@ def _write_markdown(out: Path, summary: dict[str, Any], calib: Calibration) -> N
                 f"(best possible {v['within_10pct_best_possible']:.0%}; n={v['requests']}); median measured - "
                 f"predicted: " + ", ".join(f"{k} {b:+.1f} ms" for k, b in v["bias_ms"].items())
                 for w, v in pe["by_where"].items() if v["requests"]],
+              *[f"  - plans {k}: median {v['p50']:.1%}, within 10% {v['within_10pct']:.0%} (best possible "
+                f"{v['within_10pct_best_possible']:.0%}; n={v['requests']}); median measured - predicted: "
+                + ", ".join(f"{part} {b:+.1f} ms" for part, b in v["bias_ms"].items())
+                for k, v in pe.get("by_plan", {}).items() if v["requests"]],
               "- coinfer / oracle at equal accuracy: " + ", ".join(f"{k} {v:.2f}"
                                                                    for k, v in summary["oracle_ratio"].items()),
               "", "## Fig. 9 data: deadline-hit rate / accuracy", "",

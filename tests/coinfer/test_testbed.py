@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from coinfer.bench import edgent as experiments
 from coinfer.lab import testbed
+from coinfer.lab.procs import REPO
 
 
 def test_emulation_rejects_what_the_kernel_cannot_do() -> None:
@@ -136,3 +138,57 @@ def test_fleet_testbed_gives_each_member_its_quota_and_links_and_cleans_up() -> 
         quota = (cg / "cpu.max").read_text() if (cg / "cpu.max").exists() else (cg / "cpu.cfs_quota_us").read_text()
         assert quota.split()[0] == "1000"  # 5%: 1 ms per 20 ms
     assert not {testbed.NS_HUB, "coinfer-w0", "coinfer-w1"} & set(_netns())
+
+
+DEVICE_SIDE = """
+import asyncio, json, sys, time
+from deviced.config import DevicedConfig
+from deviced.service import Client
+from planner.bandwidth import LinkEstimate
+from protocol.session import BrokerConfig
+
+async def main():
+    cfg = DevicedConfig(device_id="pi-link", broker=BrokerConfig(host=sys.argv[1], port=int(sys.argv[2])),
+                        probe_interval_s=0)
+    async with Client(cfg, daemon=False) as client:
+        assert await client.wait_for_edge(20)
+        edge = client.device.edges.choose(time.monotonic())
+        estimate, samples = LinkEstimate(bandwidth_bps=1e6), []
+        for size in [300, 1000, 3000, 10_000, 30_000, 100_000, 300_000, 1_000_000] * 2:
+            start = time.monotonic()
+            wire = await client.device.dispatch.probe(edge.edge_id, size, timeout_s=30)
+            samples.append((wire, time.monotonic() - start))
+            estimate = estimate.with_transfer(*samples[-1])
+        print(json.dumps({"rate_bps": estimate.bandwidth_bps, "per_message_s": estimate.rtt_s, "samples": samples}))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the namespace testbed needs root (CI runs as root)")
+def test_the_link_estimate_is_the_shaped_rate_and_the_per_message_cost(tmp_path: Path) -> None:
+    """Messages of 300 B to 1 MB through mosquitto and edged on the tc-tbf-shaped uplink: the estimator's rate is
+    the tbf rate within 10%, its per-message cost that of the smallest message (its time less its bytes at the
+    tbf rate) within 1 ms."""
+    import json
+
+    from coinfer.lab.client import edged
+    from models.bundle import DEFAULT_BUNDLE
+    from models.loaders import DESKTOP_MODEL
+
+    rate = 4e6
+    script = tmp_path / "device_side.py"
+    script.write_text(DEVICE_SIDE)
+    with testbed.Testbed(testbed.Emulation(uplink_bps=rate, cpu_quota=1.0)) as bed, \
+            testbed.broker(tmp_path, bed.edge_host, bed.edge_argv), edged(bed, tmp_path, DESKTOP_MODEL, DEFAULT_BUNDLE):
+        done = subprocess.run(bed.device_argv([sys.executable, str(script), bed.edge_host, str(testbed.BROKER_PORT)]),
+                              capture_output=True, text=True, timeout=240, cwd=REPO, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    small = [t - 8 * b / rate for b, t in got["samples"] if b < 1000]  # the smallest messages' own cost
+    print(f"\nrate {got['rate_bps'] / 1e6:.3f} Mbps (tbf {rate / 1e6:g}), per-message {got['per_message_s'] * 1e3:.2f} "
+          f"ms (smallest messages: {[round(s * 1e3, 2) for s in small]} ms)")
+    for b, t in got["samples"]:
+        print(f"  {b:>8} B  {t * 1e3:8.1f} ms  model {(got['per_message_s'] + 8 * b / got['rate_bps']) * 1e3:8.1f}")
+    assert abs(got["rate_bps"] / rate - 1) <= 0.10
+    assert abs(got["per_message_s"] - float(np.median(small))) <= 0.001

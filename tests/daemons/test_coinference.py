@@ -162,7 +162,7 @@ async def test_a_late_answer_still_measures_the_link(broker: Broker, prefix: str
         assert outcome.fallback == "timeout" and outcome.plan.where == "edge"
         await _until(lambda: device.link.estimate.samples > samples, tries=100)
         assert device.link.estimate.samples == samples + 1
-        assert 100e3 < device.link.estimate.bandwidth_bps < 400e3, device.link.estimate
+        assert 100e3 < device.link.estimate.bandwidth_bps < 500e3, device.link.estimate  # from 10 Mbps, at 200 kbps
         # the timeout cap still holds, and the estimate it gives way to has learned the sample as well
         assert device.link.capped is not None and device.link.capped.samples == samples + 1
         assert device.link.capped.bandwidth_bps < 2e6, device.link.capped
