@@ -154,7 +154,7 @@ async def main():
         assert await client.wait_for_edge(20)
         edge = client.device.edges.choose(time.monotonic())
         estimate, samples = LinkEstimate(bandwidth_bps=1e6), []
-        for size in [300, 1000, 3000, 10_000, 30_000, 100_000, 300_000, 1_000_000] * 2:
+        for size in [300] * 6 + [300, 1000, 3000, 10_000, 30_000, 100_000, 300_000, 1_000_000] * 2:
             start = time.monotonic()
             wire = await client.device.dispatch.probe(edge.edge_id, size, timeout_s=30)
             samples.append((wire, time.monotonic() - start))
@@ -168,8 +168,9 @@ asyncio.run(main())
 @pytest.mark.skipif(os.geteuid() != 0, reason="the namespace testbed needs root (CI runs as root)")
 def test_the_link_estimate_is_the_shaped_rate_and_the_per_message_cost(tmp_path: Path) -> None:
     """Messages of 300 B to 1 MB through mosquitto and edged on the tc-tbf-shaped uplink: the estimator's rate is
-    the tbf rate within 10%, its per-message cost that of the smallest message (its time less its bytes at the
-    tbf rate) within 1 ms."""
+    the tbf rate within 10%, and its per-message cost within 1 ms of what the smallest messages took beyond their
+    bytes at that rate (larger ones under a few KB slip through on the token bucket's burst, faster than the rate:
+    the fitted line through the large ones starts below zero)."""
     import json
 
     from coinfer.lab.client import edged
@@ -185,10 +186,10 @@ def test_the_link_estimate_is_the_shaped_rate_and_the_per_message_cost(tmp_path:
                               capture_output=True, text=True, timeout=240, cwd=REPO, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
-    small = [t - 8 * b / rate for b, t in got["samples"] if b < 1000]  # the smallest messages' own cost
+    small = float(np.median([t - 8 * b / rate for b, t in got["samples"] if b < 1000]))
     print(f"\nrate {got['rate_bps'] / 1e6:.3f} Mbps (tbf {rate / 1e6:g}), per-message {got['per_message_s'] * 1e3:.2f} "
-          f"ms (smallest messages: {[round(s * 1e3, 2) for s in small]} ms)")
+          f"ms (the 300 B messages beyond their bytes: {small * 1e3:.2f} ms)")
     for b, t in got["samples"]:
         print(f"  {b:>8} B  {t * 1e3:8.1f} ms  model {(got['per_message_s'] + 8 * b / got['rate_bps']) * 1e3:8.1f}")
     assert abs(got["rate_bps"] / rate - 1) <= 0.10
-    assert abs(got["per_message_s"] - float(np.median(small))) <= 0.001
+    assert abs(got["per_message_s"] - small) <= 0.001
