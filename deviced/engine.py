@@ -344,7 +344,7 @@ class Device:
         return Conditions(bandwidth_bps=link.bandwidth_bps, deadline_s=deadline_s, rtt_s=link.rtt_s,
                           edge_queue_s=edge.queue_wait_s if edge else 0.0,
                           uplink_backlog_bytes=self.dispatch.uplink_backlog(),
-                          message_bytes=self.link.message_bytes,
+                          message_bytes=self.link.message_bytes, free_bytes=link.free_bytes,
                           device_speed=self.learning.device_speed.value,
                           edge_speed=edge.speed.value if edge else 1.0,
                           device_margin_s=self.learning.device_margin.value,

@@ -77,6 +77,7 @@ class LinkEstimator:
         self._estimate = estimate
         self._metrics.bandwidth.set(estimate.bandwidth_bps)
         self._metrics.message_seconds.set(estimate.rtt_s)
+        self._metrics.free_bytes.set(estimate.free_bytes)
 
     def transfer(self, nbytes: int, wire_s: float) -> None:
         """An answered request put ``nbytes`` on the uplink (its own and what was queued ahead of it) and its answer
@@ -138,7 +139,9 @@ class LinkEstimator:
             self._probe_bytes = min(PROBE_MAX_BYTES, self._probe_bytes * 4)
             return None
         estimate = bandwidth.from_probes(samples)
-        self.set(replace(estimate, samples=self._estimate.samples + len(samples)))
+        # the probes drained the link: its rate and per-message cost; what passive transfers learned stays
+        self.set(replace(estimate, samples=self._estimate.samples + len(samples), recent=self._estimate.recent,
+                         free_bytes=self._estimate.free_bytes))
         # next time, the large probe takes ~PROBE_TARGET_S at this rate
         self._probe_bytes = min(PROBE_MAX_BYTES, max(self._sizes[-1], int(estimate.bandwidth_bps / 8 * PROBE_TARGET_S)))
         log.info("link_probed", edge_id=edge_id, bandwidth_bps=round(estimate.bandwidth_bps), rtt_s=estimate.rtt_s)

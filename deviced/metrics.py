@@ -33,6 +33,9 @@ class DeviceMetrics:
         self.message_seconds = Gauge("coinfer_device_link_message_seconds",
                                      "Uplink estimate: the per-message cost of a request's round trip, whatever its "
                                      "size", registry=r)
+        self.free_bytes = Gauge("coinfer_device_link_free_bytes",
+                                "Uplink estimate: bytes a request crosses without waiting for the rate (a token "
+                                "bucket's burst)", registry=r)
         self.exit = Gauge("coinfer_device_plan_exit", "Exit of the last plan (1-based)", registry=r)
         self.cut = Gauge("coinfer_device_plan_cut", "Layers on the device in the last plan", registry=r)
         self.speed = Gauge("coinfer_device_speed_factor",

@@ -13,10 +13,6 @@ from planner.errors import PlannerError
 
 # Weight of a new passive sample, applied in log space: a 10x drop is within 2x after three samples.
 PASSIVE_ALPHA = 0.5
-# Passive samples may read at most this much above the last probe. A shaped link (a token bucket) lets a
-# transfer smaller than its burst through at line rate: a 12 KB request on a 10 Mbps link read as 55 Mbps, and
-# the estimate then sent a probe sized for that into a link that had dropped to 200 kbps.
-PASSIVE_HEADROOM = 2.0
 MIN_TRANSFER_S = 1e-5
 WINDOW = 16  # the recent passive transfers the per-message cost is fitted on
 SPREAD = 4.0  # transfers this far apart in size (largest / smallest) tell the per-message cost from the rate
@@ -33,6 +29,7 @@ class LinkEstimate:
     samples: int = 0
     probed_bps: float = 0.0  # the last actively measured rate (0: none yet), which bounds passive samples
     recent: tuple[tuple[float, float], ...] = ()  # the last ``WINDOW`` passive transfers: (bytes, seconds)
+    free_bytes: float = 0.0  # bytes a request crosses without waiting for the rate (a token bucket's burst)
 
     def __post_init__(self) -> None:
         if not self.bandwidth_bps > 0 or self.rtt_s < 0 or self.probed_bps < 0:
@@ -41,20 +38,30 @@ class LinkEstimate:
     def with_transfer(self, nbytes: int, seconds: float, *, alpha: float = PASSIVE_ALPHA) -> LinkEstimate:
         """Fold in one transfer of ``nbytes`` that took ``seconds`` on the wire (its per-message cost included).
 
-        The rate follows each sample (in log space, after the per-message cost); the per-message cost is refitted
-        whenever the recent transfers differ enough in size to separate the two (``fit_transfers``), and kept
-        otherwise (transfers of one size cannot tell a slower link from a costlier message)."""
+        The per-message cost is refitted whenever the recent transfers differ enough in size to separate it from
+        the rate (``fit_transfers``), and kept otherwise (transfers of one size cannot tell a slower link from a
+        costlier message). Once probes have measured the rate (on a drained link), a transfer faster than its
+        bytes allow at that rate measures the link's free bytes (a token bucket's burst, refilled between
+        requests), and only slower ones lower the rate (a probe raises it again); before, every transfer moves the
+        rate (in log space, on the bytes beyond the free ones)."""
         if nbytes <= 0 or seconds <= 0:
             return self
         recent = (*self.recent, (float(nbytes), float(seconds)))[-WINDOW:]
         fitted = fit_transfers(recent)
         per_message = self.rtt_s if fitted is None else fitted[0]
-        sample = 8.0 * nbytes / max(seconds - per_message, MIN_TRANSFER_S)
+        wire_s = max(seconds - per_message, MIN_TRANSFER_S)
+        free, bandwidth = self.free_bytes, self.bandwidth_bps
         if self.probed_bps:
-            sample = min(sample, PASSIVE_HEADROOM * self.probed_bps)
-        log_bw = (1 - alpha) * math.log(self.bandwidth_bps) + alpha * math.log(sample)
-        return replace(self, bandwidth_bps=math.exp(log_bw), rtt_s=per_message, samples=self.samples + 1,
-                       recent=recent)
+            implied = min(max(nbytes - wire_s * self.bandwidth_bps / 8.0, 0.0), float(nbytes))
+            free = (1 - alpha) * self.free_bytes + alpha * implied
+        sample = 8.0 * max(nbytes - free, 1.0) / wire_s
+        if self.probed_bps:
+            # after probes, a transfer faster than the rate is the burst's (its free bytes, above), and only a slower
+            # one moves the rate: the link slowed down
+            sample = min(sample, self.bandwidth_bps) if nbytes > free else self.bandwidth_bps
+        bandwidth = math.exp((1 - alpha) * math.log(self.bandwidth_bps) + alpha * math.log(sample))
+        return replace(self, bandwidth_bps=bandwidth, rtt_s=per_message, samples=self.samples + 1, recent=recent,
+                       free_bytes=free)
 
 
 def fit_transfers(samples: Sequence[tuple[float, float]]) -> tuple[float, float] | None:

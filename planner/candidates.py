@@ -135,8 +135,10 @@ def latencies(c: Candidates, cond: Conditions) -> tuple[npt.NDArray[np.float64],
     # our earlier uploads still ahead of it
     wire = cond.rtt_s + (cond.uplink_backlog_bytes + cond.message_bytes) * 8.0 / cond.bandwidth_bps
     transfer = c.parts[:, :3] @ np.array([8.0 / cond.bandwidth_bps, 8.0 / down, wire])
-    total = c.parts @ np.array([8.0 / cond.bandwidth_bps, 8.0 / down, wire + cond.edge_queue_s, cond.device_speed,
-                                cond.edge_speed])
+    if cond.free_bytes:  # a token bucket's burst: that many of a request's bytes cross without waiting for the rate
+        sent = c.up_bytes + cond.uplink_backlog_bytes + cond.message_bytes
+        transfer = transfer - np.minimum(sent, cond.free_bytes) * 8.0 / cond.bandwidth_bps * c.uses_edge
+    total = transfer + c.parts[:, 2:] @ np.array([cond.edge_queue_s, cond.device_speed, cond.edge_speed])
     return total, transfer
 
 

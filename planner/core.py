@@ -197,6 +197,7 @@ class Conditions:
     # bytes a request carries up besides its tensors (envelope, MQTT and TCP/IP headers): at a slow uplink a few
     # hundred bytes are tens of milliseconds
     message_bytes: float = 0.0
+    free_bytes: float = 0.0  # bytes a request crosses without waiting for the rate (a token bucket's burst)
     edge_queue_s: float = 0.0  # expected wait in the edge's queue (its advertised load)
     uplink_backlog_bytes: float = 0.0  # our own earlier uploads still ahead of this one on the uplink
     device_speed: float = 1.0  # measured / modelled stage times on the device now (``latency.SpeedFactor``)
@@ -213,7 +214,8 @@ class Conditions:
             raise PlannerError("bandwidth must be positive")
         if not self.deadline_s > 0:
             raise PlannerError("deadline must be positive")
-        if self.rtt_s < 0 or self.edge_queue_s < 0 or self.uplink_backlog_bytes < 0 or self.message_bytes < 0:
+        if (self.rtt_s < 0 or self.edge_queue_s < 0 or self.uplink_backlog_bytes < 0 or self.message_bytes < 0
+                or self.free_bytes < 0):
             raise PlannerError("rtt, edge queue time and uplink backlog cannot be negative")
         if not (self.device_speed > 0 and self.edge_speed > 0):
             raise PlannerError("speed factors must be positive")

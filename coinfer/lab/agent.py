@@ -141,7 +141,7 @@ async def _probe(client: Client, repeats: int) -> dict[str, Any]:
         return {"bandwidth_bps": device.link.estimate.bandwidth_bps, "rtt_s": device.link.estimate.rtt_s, "probes": 0}
     bps = statistics.median(e.bandwidth_bps for e in found)
     estimate = LinkEstimate(bandwidth_bps=bps, rtt_s=statistics.median(e.rtt_s for e in found), samples=len(found),
-                            probed_bps=bps)
+                            probed_bps=bps, free_bytes=device.link.estimate.free_bytes)
     device.link.set(estimate)
     return {"bandwidth_bps": estimate.bandwidth_bps, "rtt_s": estimate.rtt_s, "probes": len(found)}
 
