@@ -57,8 +57,8 @@ class LinkEstimate:
         sample = 8.0 * max(nbytes - free, 1.0) / wire_s
         if self.probed_bps:
             # after probes, a transfer faster than the rate is the burst's (its free bytes, above), and only a slower
-            # one moves the rate: the link slowed down
-            sample = min(sample, self.bandwidth_bps) if nbytes > free else self.bandwidth_bps
+            # one moves the rate (the link slowed down), when most of its bytes waited for the rate
+            sample = min(sample, self.bandwidth_bps) if nbytes > 2 * free else self.bandwidth_bps
         bandwidth = math.exp((1 - alpha) * math.log(self.bandwidth_bps) + alpha * math.log(sample))
         return replace(self, bandwidth_bps=bandwidth, rtt_s=per_message, samples=self.samples + 1, recent=recent,
                        free_bytes=free)

@@ -82,8 +82,10 @@ def compile_candidates(exits: Sequence[ExitInfo], device: LatencyModel, edge: La
             plain.append((p, n, ex.accuracy, dev_s, edge_s, nbytes if on_edge else 0, tensors, PLAIN, local))
             for e in encodings if on_edge else ():
                 enc_s, dec_s = encoding_cost_s(e.name, nbytes, device, edge)
-                encoded.append((p, n, min(e.accuracy, ex.accuracy), _wall(device, head_s + enc_s, True),
-                                _wall(edge, rest_s + dec_s, True), e.bytes, tensors, e.name, local))
+                # encoding runs with the head (one stage), or alone before an edge-only upload: no stage of its own
+                enc_wall = _wall(device, head_s + enc_s, True) if p else float(device.stage_s(enc_s, overhead=False))
+                encoded.append((p, n, min(e.accuracy, ex.accuracy), enc_wall, _wall(edge, rest_s + dec_s, True),
+                                e.bytes, tensors, e.name, local))
         first = len(cols["exit"])
         rank.append((ex.index, first, first + len(plain)))
         for p, n, accuracy, dev_s, edge_s, up, tensors, enc, (head_wall, rest) in [

@@ -129,9 +129,10 @@ class LatencyModel:
     def stage_overhead_s(self) -> float:
         return self.stage_overhead * UNIT_SECONDS[self.unit]
 
-    def stage_s(self, compute_s: npt.ArrayLike) -> npt.NDArray[np.float64]:
-        """Wall seconds of whole stages whose layers' predictions sum to ``compute_s`` (plus the overhead)."""
-        busy = np.asarray(compute_s, dtype=np.float64) + self.stage_overhead_s
+    def stage_s(self, compute_s: npt.ArrayLike, *, overhead: bool = True) -> npt.NDArray[np.float64]:
+        """Wall seconds of whole stages whose layers' predictions sum to ``compute_s`` (plus the per-stage overhead;
+        ``overhead=False``: work outside a stage, such as encoding the input of an edge-only plan)."""
+        busy = np.asarray(compute_s, dtype=np.float64) + (self.stage_overhead_s if overhead else 0.0)
         return self.cpu_quota.wall_s(busy) if self.cpu_quota else busy
 
     def scaled(self, factor: float, stage_overhead_s: float, *, name: str, meta: Mapping[str, Any],

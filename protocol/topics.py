@@ -130,17 +130,16 @@ class Topics:
 
     def dev_topic(self, topic: str) -> tuple[str, str] | None:
         """(device id, what) of a ``.../dev/<id>/<what>/...`` topic, else None."""
-        parts = topic.split("/")
-        base = self.prefix.count("/") + 1
-        if len(parts) < base + 3 or parts[base] != "dev":
-            return None
-        return parts[base + 1], parts[base + 2]
+        return self._under("dev", topic)
 
     def edge_topic(self, topic: str) -> tuple[str, str] | None:
         """(edge id, what) of a ``.../edge/<id>/<what>`` topic, else None."""
+        return self._under("edge", topic)
+
+    def _under(self, root: str, topic: str) -> tuple[str, str] | None:
         parts = topic.split("/")
         base = self.prefix.count("/") + 1
-        if len(parts) < base + 3 or parts[base] != "edge":
+        if len(parts) < base + 3 or parts[base] != root:
             return None
         return parts[base + 1], parts[base + 2]
 
