@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -30,6 +31,18 @@ class Connection(Enum):
 
     DOWN = "down"
     UP = "up"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outgoing:
+    """A request or probe ready to send: its id, topic, payload, MQTT properties, and the bytes it puts on the uplink
+    (MQTT and TCP/IP headers included), computed once."""
+
+    correlation: str
+    topic: str
+    payload: bytes
+    properties: Any
+    wire_bytes: int
 
 
 class Dispatch:
@@ -82,16 +95,17 @@ class Dispatch:
         return f"{self._prefix}-{tag}{next(self._ids)}"
 
     # ---- outgoing ---------------------------------------------------------------------------------
-    async def infer(self, request_id: str, payload: bytes, edge_id: str, *, expiry_s: float,
-                    timeout_s: float) -> InferResult | ErrorReply:
-        """Send an encoded ``InferRequest`` to ``edge_id`` and wait for its answer at most ``timeout_s``, the upload
-        included (it goes on if the wait ends first: bytes handed to the link are sent, and a late answer still
-        teaches the link estimate). Raises TimeoutError (no answer in time) or BrokerLost (no session, or it ended
-        meanwhile)."""
+    def request(self, edge_id: str, request_id: str, payload: bytes, *, expiry_s: float) -> Outgoing:
+        """An encoded ``InferRequest`` for ``edge_id``, ready to send (and what it will put on the uplink)."""
+        return self._outgoing(self.topics.edge_request(edge_id, self.device_id), request_id, payload, expiry_s)
+
+    async def infer(self, request: Outgoing, *, timeout_s: float) -> InferResult | ErrorReply:
+        """Send ``request`` and wait for its answer at most ``timeout_s``, the upload included (it goes on if the
+        wait ends first: bytes handed to the link are sent, and a late answer still teaches the link estimate).
+        Raises TimeoutError (no answer in time) or BrokerLost (no session, or it ended meanwhile)."""
+        request_id = request.correlation
         with self._calls.expect(request_id) as answer:
-            props = self._request_properties(request_id, expiry_s)
-            sending = asyncio.ensure_future(self._upload(self.topics.edge_request(edge_id, self.device_id), payload,
-                                                         props))
+            sending = asyncio.ensure_future(self._upload(request))
             sending.add_done_callback(_seen)
             async with asyncio.timeout(max(timeout_s, 0.0)):
                 await asyncio.shield(sending)
@@ -105,17 +119,11 @@ class Dispatch:
         BrokerLost)."""
         probe_id = self.new_id("p")
         payload = encode(Probe(probe_id=probe_id, device_id=self.device_id, padding=bytes(padding)))
-        topic, props = self.topics.edge_probe(edge_id, self.device_id), self._request_properties(probe_id,
-                                                                                                 PROBE_TIMEOUT_S)
+        probe = self._outgoing(self.topics.edge_probe(edge_id, self.device_id), probe_id, payload, PROBE_TIMEOUT_S)
         with self._calls.expect(probe_id) as answer:
-            await self._upload(topic, payload, props)
+            await self._upload(probe)
             await asyncio.wait_for(answer, timeout=timeout_s)
-        return session.wire_bytes(topic, len(payload), props)
-
-    def request_bytes(self, edge_id: str, request_id: str, payload: int) -> int:
-        """What a request of ``payload`` bytes puts on the uplink (MQTT and TCP/IP headers included)."""
-        return session.wire_bytes(self.topics.edge_request(edge_id, self.device_id), payload,
-                                  self._request_properties(request_id, 1.0))
+        return probe.wire_bytes
 
     async def publish(self, topic: str, payload: bytes) -> None:
         """Publish one message (a pipeline stage's plan, frame, result or heartbeat); BrokerLost without a session."""
@@ -163,14 +171,16 @@ class Dispatch:
             self.detach(exc)
             raise BrokerLost(f"publish failed: {exc}") from exc
 
-    def _request_properties(self, correlation: str, expiry_s: float) -> Any:
-        return session.request_properties(response_topic=self.topics.device_responses(self.device_id),
-                                          correlation=correlation, expiry_s=max(expiry_s, 0.001))
+    def _outgoing(self, topic: str, correlation: str, payload: bytes, expiry_s: float) -> Outgoing:
+        props = session.request_properties(response_topic=self.topics.device_responses(self.device_id),
+                                           correlation=correlation, expiry_s=max(expiry_s, 0.001))
+        return Outgoing(correlation=correlation, topic=topic, payload=payload, properties=props,
+                        wire_bytes=session.wire_bytes(topic, len(payload), props))
 
-    async def _upload(self, topic: str, payload: bytes, props: Any) -> None:
-        """The (emulated) uplink's transfer of what ``payload`` puts on the wire, then its publish."""
-        await self._emulate_upload(session.wire_bytes(topic, len(payload), props))
-        await self._publish(topic, payload, props)
+    async def _upload(self, out: Outgoing) -> None:
+        """The (emulated) uplink's transfer of what ``out`` puts on the wire, then its publish."""
+        await self._emulate_upload(out.wire_bytes)
+        await self._publish(out.topic, out.payload, out.properties)
 
     async def _emulate_upload(self, nbytes: int) -> None:
         """With an emulated uplink: wait out the transfer of ``nbytes``, behind any queued before them."""

@@ -52,6 +52,7 @@ from planner.fleet import Fleet, chain_from_exit
 from planner.latency import LatencyModel
 from planner.units import parse_bandwidth
 from protocol.messages import (
+    STAGE_INBOX,
     STREAM_INBOX,
     Advert,
     ErrorReply,
@@ -60,10 +61,7 @@ from protocol.messages import (
     ProbeReply,
     StageAck,
     StageError,
-    StageFrame,
-    StagePlan,
     StageResult,
-    StageStop,
     Status,
     encode,
 )
@@ -144,8 +142,8 @@ class Device:
         envelope = encode(InferRequest(request_id=self.dispatch.new_id(), device_id=cfg.device_id,
                                        bundle=bundle.digest, exit=1, cut=0,
                                        tensors={bundle.input_name: np.zeros(1, np.float32)}, budget_s=1.0))
-        self.link.request_sent(self.dispatch.request_bytes(cfg.edge_id or "edge", self.dispatch.new_id(),
-                                                           len(envelope)), 4.0)
+        self.link.request_sent(self.dispatch.request(cfg.edge_id or "edge", self.dispatch.new_id(), envelope,
+                                                     expiry_s=1.0).wire_bytes, 4.0)
         self.actuator = Actuator(mode=cfg.compute_knob)  # applies a decision's CPU share and transmit rate
         # one device stage at a time, in arrival order (asyncio.Lock is FIFO): concurrent stages would share the
         # CPU and all finish late, and every latency model (Edgent's, the Lyapunov controller's) assumes a queue
@@ -159,7 +157,7 @@ class Device:
         self.router.on(Channel.EDGE_STATUS, Status, handler=self.edges.on_status)
         self.router.on(Channel.EDGE_ADVERT, Advert, handler=self.edges.on_advert)
         self.router.on(Channel.RESPONSES, InferResult, ErrorReply, ProbeReply, handler=self.dispatch.on_reply)
-        self.router.on(Channel.STAGE, StagePlan, StageFrame, StageStop, handler=self.stages.on_message)
+        self.router.on(Channel.STAGE, *STAGE_INBOX, handler=self.stages.on_message)
         self.router.on_reject(Channel.STAGE, self.stages.on_rejected)
         self.router.on(Channel.STREAM, *STREAM_INBOX, handler=self.on_stream_message)
         self.router.on(Channel.DEVICE_STATUS, Status, handler=self.on_device_status)
@@ -288,9 +286,9 @@ class Device:
                                       bundle=self.bundle.digest, exit=decision.exit, cut=decision.cut,
                                       tensors=tensors, budget_s=max(left, 0.0), encoding=decision.encoding))
         # the bytes that must cross before an answer can come: ours (on the wire) and what is still queued ahead
-        wire = self.dispatch.request_bytes(edge.edge_id, req.request_id, len(payload))
-        self.link.request_sent(wire, decision.modelled.up_bytes)
-        crossing = self.dispatch.uplink_backlog() + wire
+        request = self.dispatch.request(edge.edge_id, req.request_id, payload, expiry_s=left)
+        self.link.request_sent(request.wire_bytes, decision.modelled.up_bytes)
+        crossing = self.dispatch.uplink_backlog() + request.wire_bytes
         sent_at = time.monotonic()
         # the quickest local way out: the rest of this exit from the cut, or the fastest exit from scratch
         finish_local = min(decision.modelled.rest_s, self._fastest_local_s) * self.learning.device_speed.value
@@ -304,7 +302,7 @@ class Device:
         # the wait covers the upload too: the request's own bytes count against its deadline
         wait = (cutoff if elapsed < cutoff and cutoff > due else last) - elapsed
         try:
-            reply = await self.dispatch.infer(req.request_id, payload, edge.edge_id, expiry_s=left, timeout_s=wait)
+            reply = await self.dispatch.infer(request, timeout_s=wait)
         except TimeoutError:  # evidence too: these bytes did not make it there and back in the time waited
             self.link.unanswered(req.request_id, crossing, sent_at, time.monotonic())
             raise

@@ -21,13 +21,13 @@ MIN_FIT = 4  # and at least this many of them
 
 @dataclass(frozen=True, slots=True)
 class LinkEstimate:
-    """The device's current belief about its uplink: a transfer of B bytes (everything on the wire, both ways)
-    takes ``rtt_s + 8 B / bandwidth_bps``."""
+    """The device's current belief about its uplink: a request of B bytes on the wire gets its answer
+    ``rtt_s + 8 max(B - free_bytes, 0) / bandwidth_bps`` after it is sent."""
 
     bandwidth_bps: float
     rtt_s: float = 0.0  # the per-message cost: a request's round trip whatever its size (propagation, broker hops)
     samples: int = 0
-    probed_bps: float = 0.0  # the last actively measured rate (0: none yet), which bounds passive samples
+    probed_bps: float = 0.0  # the last actively measured rate (0: none yet): after it, fast transfers are the burst
     recent: tuple[tuple[float, float], ...] = ()  # the last ``WINDOW`` passive transfers: (bytes, seconds)
     free_bytes: float = 0.0  # bytes a request crosses without waiting for the rate (a token bucket's burst)
 

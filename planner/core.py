@@ -116,11 +116,9 @@ class ExitInfo:
         raise PlannerError(f"exit {self.index} has no cut at {sorted(tensors)}")
 
     def cut_through(self, tensors: frozenset[str]) -> CutPoint:
-        """The interior cut where exactly ``tensors`` cross: the listed one, or one found from the graph (its head
-        is every layer they depend on). ``PlannerError`` when the rest of the exit would need more than them."""
-        for c in self.cuts:
-            if c.tensors == tensors:
-                return c
+        """The interior cut where exactly ``tensors`` cross, found from the graph (its head is every layer they
+        depend on), for a cut the exit does not list (``cut`` finds those). ``PlannerError`` when the rest of the
+        exit would need more than them."""
         producer = {t: lay for lay in self.layers for t in lay.outputs}
         if not tensors or not tensors <= producer.keys():
             raise PlannerError(f"exit {self.index}: {sorted(tensors)} are not all made by its layers (the cut of a "
