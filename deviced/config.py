@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +11,7 @@ from typing import Any
 from models.bundle import DEFAULT_BUNDLE
 from models.loaders import PI3_MODEL
 from planner import policies
-from planner.core import Planner
+from planner.core import ExitInfo, Planner
 from planner.errors import PlannerError
 from planner.units import parse_bandwidth, parse_duration
 from protocol.config import load_daemon
@@ -54,8 +54,8 @@ class DevicedConfig:
     emulate_uplink: str = ""  # e.g. "500kbps": delay each upload as if sent at this rate
     emulate_slowdown: float = 1.0  # stretch local compute by this factor (a Pi-class device)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
-    # the ``[planner]`` table: ``policy`` (a name in ``planner.policies``, default edgent) and that policy's own
-    # parameters
+    # the ``[planner]`` table: ``policy`` (a name in ``planner.policies``; default auto: the min-cut for a DAG
+    # bundle, Edgent's for a chain) and that policy's own parameters
     planner: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -80,12 +80,12 @@ class DevicedConfig:
             raise ValueError("probe_sizes needs two different sizes")
         self.make_policy()  # an unknown policy or bad parameters fail at start-up
 
-    def make_policy(self) -> Planner:
-        """A new instance of the configured planning policy."""
+    def make_policy(self, exits: Sequence[ExitInfo] = ()) -> Planner:
+        """A new instance of the configured planning policy (``auto``: the one for ``exits``)."""
         params = dict(self.planner)
         name = params.pop("policy", policies.DEFAULT)
         try:
-            return policies.make(str(name), **params)
+            return policies.make(str(name), exits, **params)
         except PlannerError as exc:
             raise ValueError(f"[planner] {exc}") from exc
 

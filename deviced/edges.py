@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import structlog
@@ -32,6 +35,7 @@ class EdgeView:
     prepared: Prepared | None = None  # what the configured policy prepared for it
     overrides: dict[Planner, Prepared] = field(default_factory=dict)  # what other policies prepared for it
     model_key: str = ""
+    pending_key: str = ""  # a newer latency model being prepared off the loop (the current one serves meanwhile)
     suspect_until: float = 0.0  # a request timed out: avoid this edge until then
     unanswered: int = 0  # requests in a row that timed out with nothing heard from the edge
     queue_depth: int = 0  # the advert's, less our requests answered since
@@ -56,6 +60,9 @@ class EdgeDirectory:
         self.device_model = device_model
         self.wanted = wanted
         self.edges: dict[str, EdgeView] = {}
+        # an edge's new latency model is prepared here, never on the event loop (a min-cut over a DAG of hundreds
+        # of layers takes long enough to stall every other message); one at a time, leaving the loop a core
+        self._preparing: ThreadPoolExecutor | None = None
 
     def on_status(self, inbound: Inbound) -> None:
         edge_id, status = inbound.sender, inbound.message
@@ -72,15 +79,55 @@ class EdgeDirectory:
         view = self.edges.setdefault(edge_id, EdgeView(edge_id))
         view.advert, view.queue_depth = advert, advert.queue_depth
         key = json.dumps(advert.latency_model, sort_keys=True)
-        if key != view.model_key:
-            view.overrides.clear()
-            try:
-                view.model = LatencyModel.from_json(advert.latency_model)
-                view.prepared = self.policy.compile(self.exits, self.device_model, view.model)
-                view.model_key, view.speed = key, SpeedFactor()  # a new model: its own speed is unknown
-            except PlannerError as exc:
-                view.model = view.prepared = None
-                log.warning("edge_advert_unusable", edge_id=edge_id, error=str(exc))
+        if key in (view.model_key, view.pending_key):
+            return
+        try:
+            model = LatencyModel.from_json(advert.latency_model)
+        except PlannerError as exc:
+            self._unusable(view, exc)
+            return
+        view.pending_key = key
+        started = time.monotonic()
+        if self._preparing is None:
+            self._preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coinfer-prepare")
+        job = self._preparing.submit(self.policy.compile, self.exits, self.device_model, model)
+        loop = asyncio.get_running_loop()
+        def finished(done: Future[Prepared]) -> None:  # in the worker: hand the result to the loop
+            if not done.cancelled() and not loop.is_closed():
+                loop.call_soon_threadsafe(self._install, view, key, model, done, started)
+
+        job.add_done_callback(finished)
+
+    def _install(self, view: EdgeView, key: str, model: LatencyModel, job: Future[Prepared], started: float) -> None:
+        """On the loop: what the worker prepared for ``key``, unless a newer advert superseded it."""
+        if view.pending_key != key:
+            return
+        view.pending_key = ""
+        try:
+            prepared = job.result()
+        except PlannerError as exc:
+            self._unusable(view, exc)
+            return
+        view.overrides.clear()
+        view.model, view.prepared = model, prepared
+        view.model_key, view.speed = key, SpeedFactor()  # a new model: its own speed is unknown
+        log.info("edge_prepared", edge_id=view.edge_id, seconds=round(time.monotonic() - started, 3),
+                 candidates=int(prepared.candidates.exit.size))
+
+    @staticmethod
+    def _unusable(view: EdgeView, exc: PlannerError) -> None:
+        view.model = view.prepared = None
+        view.model_key = view.pending_key = ""
+        view.overrides.clear()
+        log.warning("edge_advert_unusable", edge_id=view.edge_id, error=str(exc))
+
+    def close(self) -> None:
+        """Stop preparing (a preparation under way is abandoned; a later advert starts a new worker)."""
+        if self._preparing is not None:
+            self._preparing.shutdown(wait=False, cancel_futures=True)
+            self._preparing = None
+        for view in self.edges.values():
+            view.pending_key = ""
 
     def prepared(self, view: EdgeView, policy: Planner) -> Prepared | None:
         """What ``policy`` prepared for ``view``'s latency model (prepared now for a policy other than the

@@ -125,7 +125,7 @@ class Device:
         self.runner = runner
         self.topics = Topics(cfg.topic_prefix)
         self.metrics = metrics or DeviceMetrics()
-        self.policy = cfg.make_policy()
+        self.policy = cfg.make_policy(bundle.exits)
         # the device's own plans (no edge, or a local finish): every exit, costed on the device alone
         self.local = candidates.compile_candidates(bundle.exits, device_model, device_model)
         self.edges = EdgeDirectory(digest=bundle.digest, exits=allow_encodings(bundle.exits, cfg.encodings),

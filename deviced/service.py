@@ -113,6 +113,7 @@ async def run(device: Device, *, shutdown: asyncio.Event, connected: asyncio.Eve
                 await session.sleep_unless(shutdown, delay)
         finally:
             device.dispatch.detach()
+    device.edges.close()
     device.actuator.restore()
     if fatal is not None:
         raise fatal

@@ -90,7 +90,7 @@ def load_bundle(path: Path | str = DEFAULT_BUNDLE) -> Bundle:
             if sha256_file(file_path) != meta["sha256"]:
                 raise BundleError(f"{file_path}: sha256 mismatch (corrupt or modified bundle)")
         try:
-            model = graph.load_model(path / manifest["model"])
+            model = graph.load_model(path / manifest["model"], normalise=False)  # written normalised
         except ModelLoadError as exc:
             raise BundleError(str(exc)) from exc
         layers = {lay.name: lay for lay in graph.layers(model)}

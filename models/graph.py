@@ -7,6 +7,7 @@ inception blocks) also have cuts of several tensors, which ``split`` handles the
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,30 +61,57 @@ class Cut:
         return {"name": self.name, "tensors": sorted(self.tensors), "index": self.index, "bytes": self.bytes}
 
 
-def load_model(path: Path | str) -> onnx.ModelProto:
-    """Read and check an ONNX file; a missing, corrupt or invalid file raises ``ModelLoadError``."""
+def load_model(path: Path | str, *, normalise: bool = True) -> onnx.ModelProto:
+    """Read, check and ``normalise`` an ONNX file; a missing, corrupt or invalid file raises ``ModelLoadError``."""
     path = Path(path)
     try:
-        model = onnx.load(str(path))
+        model = _modern_ir(onnx.load(str(path)))
         onnx.checker.check_model(model)
     except FileNotFoundError as exc:
         raise ModelLoadError(f"model file {path} not found") from exc
     except (OSError, DecodeError, onnx.checker.ValidationError) as exc:
         raise ModelLoadError(f"{path} is not a valid ONNX model: {exc}") from exc
-    return prepare(model)
+    return prepare(normalised(model) if normalise else model)
+
+
+def normalised(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What onnxruntime runs: the model after its basic graph optimisations (constants folded, so that weights made
+    by Constant nodes become initializers; BatchNormalization fused into the Conv before it; Identity and Dropout
+    removed), written out by onnxruntime itself (``optimized_model_filepath``). Only ONNX-domain operators come out
+    of that level, so the result is a standard model that head and tail extraction can cut anywhere."""
+    from models.ort import onnxruntime as ort  # models/ imports onnxruntime only where it runs models
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    with tempfile.TemporaryDirectory(prefix="coinfer-normalise-") as tmp:
+        opts.optimized_model_filepath = str(Path(tmp) / "model.onnx")
+        try:
+            ort.InferenceSession(_modern_ir(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            out = onnx.load(opts.optimized_model_filepath)
+        except Exception as exc:  # onnxruntime's own errors are its Fail/InvalidGraph/... classes
+            raise ModelLoadError(f"onnxruntime cannot run this model: {exc}") from exc
+    out.graph.name = model.graph.name
+    return _modern_ir(out)
+
+
+def _modern_ir(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Before IR 4 every initializer must also be a graph input; a head or tail extracted from such a model (or
+    onnxruntime's optimised copy, which adds initializers without listing them) breaks that rule, so such models
+    become IR 4 (same opsets) with their initializers no longer listed as inputs."""
+    if model.ir_version >= IR_INITIALIZERS_OPTIONAL:
+        return model
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inits = {t.name for t in model.graph.initializer}
+    kept = [i for i in model.graph.input if i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    model.ir_version = IR_INITIALIZERS_OPTIONAL
+    return model
 
 
 def prepare(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
     """Name unnamed nodes, fix symbolic dimensions to ``batch`` and infer every tensor's shape."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    if model.ir_version < IR_INITIALIZERS_OPTIONAL:
-        # before IR 4 every initializer is also a graph input; a head or tail extracted from such a model lists
-        # weights it does not take as inputs, which the checker refuses: such models become IR 4 (same opsets)
-        inits = {t.name for t in model.graph.initializer}
-        kept = [i for i in model.graph.input if i.name not in inits]
-        del model.graph.input[:]
-        model.graph.input.extend(kept)
-        model.ir_version = IR_INITIALIZERS_OPTIONAL
+    model = onnx.ModelProto.FromString(_modern_ir(model).SerializeToString())
     used = {n.name for n in model.graph.node if n.name}
     for i, node in enumerate(model.graph.node):
         if not node.name:

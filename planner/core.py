@@ -123,13 +123,7 @@ class ExitInfo:
         if not tensors or not tensors <= producer.keys():
             raise PlannerError(f"exit {self.index}: {sorted(tensors)} are not all made by its layers (the cut of a "
                                "graph needs a bundle that names each layer's inputs and outputs)")
-        head: set[str] = set()
-        todo = [producer[t] for t in tensors]
-        while todo:
-            lay = todo.pop()
-            if lay.name not in head:
-                head.add(lay.name)
-                todo.extend(producer[t] for t in lay.inputs if t in producer)
+        head = self.ancestors(tensors)
         made = {t for lay in self.layers if lay.name in head for t in lay.outputs} | {self.input}
         needed = {t for lay in self.layers if lay.name not in head for t in lay.inputs if t in made}
         if needed - tensors or self.output in made:
@@ -137,6 +131,40 @@ class ExitInfo:
                                f"{sorted((needed - tensors) | ({self.output} & made))}")
         nbytes = sum(producer[t].features.get("output_bytes", 0.0) / len(producer[t].outputs) for t in tensors)
         return CutPoint(tensors=tensors, index=len(head), bytes=round(nbytes), head=frozenset(head))
+
+    @property
+    def is_chain(self) -> bool:
+        """Every layer reads at most one activation and every activation is read at most once (or the bundle
+        names no tensors, as the chain bundles of old): no cut of several tensors exists."""
+        made = {t for lay in self.layers for t in lay.outputs} | {self.input}
+        reads = [t for lay in self.layers for t in lay.inputs if t in made]
+        return len(reads) == len(set(reads)) and all(sum(t in made for t in lay.inputs) <= 1 for lay in self.layers)
+
+    def ancestors(self, tensors: frozenset[str]) -> frozenset[str]:
+        """The layers that ``tensors`` depend on (those making them included): a cut's head."""
+        producer = {t: lay for lay in self.layers for t in lay.outputs}
+        head: set[str] = set()
+        todo = [producer[t] for t in tensors if t in producer]
+        while todo:
+            lay = todo.pop()
+            if lay.name not in head:
+                head.add(lay.name)
+                todo.extend(producer[t] for t in lay.inputs if t in producer)
+        return frozenset(head)
+
+    def with_graph_heads(self) -> ExitInfo:
+        """The exit with each listed cut's head found from the graph where it is not the first ``index`` layers:
+        in a DAG, a layer that reads no activation (a Constant making weights, a node onnxruntime would fold) may
+        come early in the file yet belong to the rest; costing such a cut by its prefix is wrong."""
+        if not all(lay.outputs for lay in self.layers):
+            return self  # a chain bundle without graph information: its cuts are prefixes
+        names = [lay.name for lay in self.layers]
+        cuts = []
+        for c in self.cuts:
+            head = self.ancestors(c.tensors) if c.head is None else c.head
+            prefix = c.head is None and head == frozenset(names[:c.index]) and len(head) == c.index
+            cuts.append(c if prefix else replace(c, index=len(head), head=head))
+        return replace(self, cuts=tuple(cuts))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -398,7 +426,7 @@ def exits_from_manifest(manifest: Mapping[str, Any]) -> tuple[ExitInfo, ...]:
             exits.append(ExitInfo(index=int(e["index"]), output=str(e["output"]), input=input_name,
                                   accuracy=float(e["accuracy"]), layers=layers, cuts=cuts, input_bytes=input_bytes,
                                   result_bytes=int(layers[-1].features["output_bytes"]),
-                                  input_encodings=_encodings(e.get("input_encodings", {}))))
+                                  input_encodings=_encodings(e.get("input_encodings", {}))).with_graph_heads())
     except (KeyError, TypeError, ValueError) as exc:
         raise PlannerError(f"malformed bundle manifest: {exc!r}") from exc
     if [e.index for e in exits] != list(range(1, len(exits) + 1)):

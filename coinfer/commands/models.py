@@ -1,4 +1,4 @@
-"""Model tools: ``layers``, ``split``, ``bundle``, ``encodings``, ``train``, ``profile``, ``fit``."""
+"""Model tools: ``layers``, ``split``, ``bundle``, ``encodings``, ``train``, ``profile``, ``fit``, ``corpus``."""
 
 from __future__ import annotations
 
@@ -280,6 +280,26 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _corpus_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("names", nargs="*", help="corpus models to build (default: all)")
+    s.add_argument("--cache", type=Path, default=None, help="where the ONNX files go (default ~/.cache/coinfer/corpus)")
+
+
+def cmd_corpus(args: argparse.Namespace) -> int:
+    from models import corpus
+
+    cache = args.cache or corpus.CACHE_DIR
+    names = args.names or [e.name for e in corpus.CORPUS]
+    for i, name in enumerate(names):
+        print(f"[{i + 1}/{len(names)}] {name}", file=sys.stderr, flush=True)
+        path = corpus.build(name, cache)
+        model = graph.load_model(path)
+        raw_nodes = len(onnx.load(str(path), load_external_data=False).graph.node)
+        print(f"{name:<16} {corpus.BY_NAME[name].style:<13} {raw_nodes:>4} nodes, {len(model.graph.node):>4} as "
+              f"onnxruntime runs it, {len(graph.cuts(model)):>3} single-tensor cuts  {path}")
+    return 0
+
+
 COMMANDS = (
     Command("layers", "list a model's layers and valid cut points", _layers_args, cmd_layers),
     Command("split", "split a model at a cut into head and tail ONNX files", _split_args, cmd_split),
@@ -291,4 +311,6 @@ COMMANDS = (
             cmd_train),
     Command("profile", "measure per-layer latency on this host", _profile_args, cmd_profile),
     Command("fit", "fit per-layer-type latency models from profiles", _fit_args, cmd_fit),
+    Command("corpus", "export the standard ImageNet topologies (ResNet-50, DenseNet-121, ...; random weights) to "
+                      "ONNX, once (needs torch)", _corpus_args, cmd_corpus),
 )

@@ -25,8 +25,9 @@ def _request_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--edge-model", type=Path, default=loaders.DESKTOP_MODEL)
     s.add_argument("--rtt", default=None, help="fixed round-trip cost, e.g. 5ms (default 0)")
     s.add_argument("--json", action="store_true")
-    s.add_argument("--policy", default=policies.DEFAULT, choices=sorted(set(policies.POLICIES) - {"fixed"}),
-                   help=f"planning policy (default {policies.DEFAULT})")
+    s.add_argument("--policy", default=policies.DEFAULT,
+                   choices=[policies.AUTO, *sorted(set(policies.POLICIES) - {"fixed"})],
+                   help="planning policy (default auto: mincut for a DAG model, edgent for a chain)")
 
 
 def _plan_args(s: argparse.ArgumentParser) -> None:
@@ -59,6 +60,7 @@ def _pipeline_args(pipe: argparse.ArgumentParser) -> None:
 @dataclass(frozen=True, slots=True)
 class _Setup:
     name: str
+    policy_name: str  # what ran (``auto`` resolved)
     policy: Planner
     prepared: Prepared  # by the policy
     single: Candidates  # every single-tensor cut: what the chain planner searches
@@ -76,9 +78,10 @@ def _setup(args: argparse.Namespace) -> _Setup:
         name, exits = path.name, exits_from_manifest(describe(graph.load_model(path)))
     device = loaders.load_latency_model(args.device_model)
     edge = loaders.load_latency_model(args.edge_model)
-    policy = policies.make(args.policy)
+    policy_name = policies.resolve(args.policy, exits)
+    policy = policies.make(policy_name)
     rtt = units.parse_duration(args.rtt) if args.rtt else 0.0
-    return _Setup(name=name, policy=policy, prepared=policy.compile(exits, device, edge),
+    return _Setup(name=name, policy_name=policy_name, policy=policy, prepared=policy.compile(exits, device, edge),
                   single=candidates.compile_candidates(exits, device, edge), rtt_s=rtt)
 
 
@@ -113,19 +116,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         shown = chosen if isinstance(chosen, Decision) else chosen.best_effort
         c = setup.prepared.candidates
         n_candidates = int((c.exit == shown.exit).sum()) if shown else int(c.exit.size)
-        print(json.dumps({**chosen.to_json(), "policy": args.policy, "n_candidates": n_candidates,
+        print(json.dumps({**chosen.to_json(), "policy": setup.policy_name, "n_candidates": n_candidates,
                           "bandwidth_bps": cond.bandwidth_bps, "deadline_s": cond.deadline_s,
                           "best_single_cut": single.to_json(),
                           "baselines": {k: v.to_json() for k, v in base.items()}}, indent=1))
         return 0
     print(f"{setup.name}: uplink {args.bandwidth}, deadline {args.deadline or 'none'}")
     print(HEADER)
-    print(_plan_row(args.policy, chosen))
+    print(_plan_row(setup.policy_name, chosen))
     print(_plan_row("best_single_cut", single))
     for k, v in base.items():
         print(_plan_row(k, v))
     if isinstance(chosen, Decision) and len(chosen.cut_tensors) > 1:
-        print(f"{args.policy} crosses {len(chosen.cut_tensors)} tensors: {', '.join(sorted(chosen.cut_tensors))}")
+        print(f"{setup.policy_name} crosses {len(chosen.cut_tensors)} tensors: {', '.join(sorted(chosen.cut_tensors))}")
     return 0 if chosen.feasible else 1
 
 
@@ -139,11 +142,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     policy = setup.policy
     for bw, dl in rows:
         view = View(prepared=prepared, conditions=Conditions(bandwidth_bps=bw, deadline_s=dl, rtt_s=rtt))
-        results.append({"bandwidth_bps": bw, "deadline_s": dl, **policy.decide(view).to_json()})
+        results.append({"bandwidth_bps": bw, "deadline_s": dl, "policy": setup.policy_name,
+                        **policy.decide(view).to_json()})
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
-    print(f"{name}: device {args.device_model.stem}, edge {args.edge_model.stem}")
+    print(f"{name}: device {args.device_model.stem}, edge {args.edge_model.stem}, policy {setup.policy_name}")
     print(f"{'uplink':>9} {'deadline':>9} {'exit':>5} {'cut':>7} {'where':<6} {'predicted ms':>12} {'accuracy':>10} "
           f"crossing as")
     for r in results:

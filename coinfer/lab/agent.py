@@ -109,7 +109,7 @@ async def _command(client: Client, cmd: dict[str, Any], x: np.ndarray, y: np.nda
         return await _probe(client, int(cmd.get("repeats", 5)))
     if op == "run":
         deadline = float(cmd["deadline_s"])
-        policy, exec_deadline = _policy(cmd, deadline, client.device.cfg.planner)
+        policy, exec_deadline = _policy(cmd, deadline, client.device.cfg.planner, client.device.bundle.exits)
         if policy is not None:  # an override prepares for the edge before the timed requests, not in the first
             await device.prepare(policy)
         records = []
@@ -168,7 +168,8 @@ def _nearest(indices: Iterable[int], target: int) -> int:
     return min(indices, key=lambda i: abs(i - target))
 
 
-def _policy(cmd: dict[str, Any], deadline: float, planner: Mapping[str, Any]) -> tuple[Planner | None, float]:
+def _policy(cmd: dict[str, Any], deadline: float, planner: Mapping[str, Any],
+            exits: Sequence[ExitInfo]) -> tuple[Planner | None, float]:
     """(policy, execution deadline) of a ``run`` command: deviced's own (its ``planner`` table) for coinfer, else
     the registered policy of that name (``fixed`` takes the command's exit and cut) judged at ``deadline`` and run
     to completion. The same command gets the same policy object again, and with it what that prepared."""
@@ -181,7 +182,7 @@ def _policy(cmd: dict[str, Any], deadline: float, planner: Mapping[str, Any]) ->
     made: tuple[Planner, float]
     if method == "coinfer_float32":  # deviced's policy, its cut tensors never encoded
         own = dict(planner)
-        made = policies.make(str(own.pop("policy", policies.DEFAULT)), **own, encodings=False), deadline
+        made = policies.make(str(own.pop("policy", policies.DEFAULT)), exits, **own, encodings=False), deadline
     else:
         params: dict[str, Any] = {"exit": int(cmd["exit"])} if "exit" in cmd else {}
         if "cut" in cmd:  # a chain's layer count, or the tensors that cross (unambiguous on a DAG)
