@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import onnx
 from onnx import helper, numpy_helper, version_converter
@@ -56,6 +57,7 @@ CORPUS = (
     Entry("squeezenet1_1", Style.INITIALIZERS, small=True),
 )
 BY_NAME = {e.name: e for e in CORPUS}
+NAMES = tuple(BY_NAME)
 
 
 def path_of(name: str, cache: Path = CACHE_DIR) -> Path:
@@ -91,20 +93,39 @@ def export(entry: Entry) -> onnx.ModelProto:
     from models import zoo
 
     torch.manual_seed(0)
-    net = zoo.ARCHITECTURES[entry.name]().eval()
-    x = torch.randn(1, 3, entry.side, entry.side)
+    model = _export(zoo.ARCHITECTURES[entry.name]().eval(), entry.side, entry.style)
+    model.graph.name = entry.name
+    return model
+
+
+def random_net(seed: int) -> onnx.ModelProto:
+    """``models.zoo.RandomNet(seed)`` exported (never part of the corpus: what latency models are fitted on)."""
+    import torch
+
+    from models import zoo
+
+    torch.manual_seed(seed)
+    net = zoo.RandomNet(seed).eval()
+    model = _export(net, net.side, Style.INITIALIZERS)
+    model.graph.name = f"random_net_{seed}"
+    return model
+
+
+def _export(net: Any, side: int, style: Style) -> onnx.ModelProto:
+    import torch
+
+    x = torch.randn(1, 3, side, side)
     buf = io.BytesIO()
-    opset = 9 if entry.style is Style.IR3 else OPSET
-    mode = torch.onnx.TrainingMode.PRESERVE if entry.style is Style.UNFUSED_BN else torch.onnx.TrainingMode.EVAL
+    opset = 9 if style is Style.IR3 else OPSET
+    mode = torch.onnx.TrainingMode.PRESERVE if style is Style.UNFUSED_BN else torch.onnx.TrainingMode.EVAL
     with warnings.catch_warnings():  # the legacy exporter's deprecation notes: it is the one that takes opset 8-9
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (x,), buf, dynamo=False, opset_version=opset,  # type: ignore[arg-type]
                           training=mode, input_names=["input"], output_names=["logits"])  # (a file object works)
     model: onnx.ModelProto = onnx.load_from_string(buf.getvalue())
-    model.graph.name = entry.name
-    if entry.style is Style.CONSTANTS:
+    if style is Style.CONSTANTS:
         return weights_as_constants(model)
-    if entry.style is Style.IR3:
+    if style is Style.IR3:
         return as_ir3(model)
     return model
 

@@ -22,10 +22,17 @@ from onnx import helper, shape_inference
 from models.errors import CutError, ModelLoadError, UnknownTensorError
 
 IR_INITIALIZERS_OPTIONAL = 4  # from this IR version on, an initializer need not be a graph input
+# Layer kinds: Edgent's Table I types, and the kinds real ImageNet models need besides (each its own regression in
+# a fitted latency model; a model without an entry for a kind costs it by its "other" fallback)
 KIND_OF_OP = {
     "Conv": "conv", "ConvTranspose": "conv", "Relu": "relu", "MaxPool": "pool", "AveragePool": "pool",
-    "GlobalAveragePool": "pool", "GlobalMaxPool": "pool", "LRN": "lrn", "Dropout": "dropout",
-    "Gemm": "fc", "MatMul": "fc",
+    "GlobalAveragePool": "pool", "GlobalMaxPool": "pool", "LRN": "lrn", "Dropout": "dropout", "Gemm": "fc",
+    "MatMul": "matmul", "Add": "add", "Sub": "add", "Mul": "add", "Div": "add", "Concat": "concat",
+    "Split": "concat", "Slice": "concat", "Softmax": "softmax", "BatchNormalization": "norm",
+    "LayerNormalization": "norm", "InstanceNormalization": "norm", "Clip": "act", "HardSwish": "act",
+    "HardSigmoid": "act", "LeakyRelu": "act", "Sigmoid": "act_exp", "Gelu": "act_exp", "Erf": "act_exp",
+    "Tanh": "act_exp", "Elu": "act_exp", "Reshape": "reshape", "Transpose": "reshape", "Flatten": "reshape",
+    "Squeeze": "reshape", "Unsqueeze": "reshape",
 }
 
 
@@ -168,8 +175,16 @@ def layers(model: onnx.ModelProto) -> list[Layer]:
         }
         if node.op_type in ("Conv", "ConvTranspose"):
             feats["filter_term"] = float(_filter_term(node, shapes))
-        result.append(Layer(index=i, name=node.name, op_type=node.op_type,
-                            kind=KIND_OF_OP.get(node.op_type, "other"),
+            # the work as if on the input's grid: a strided depthwise conv costs more per FLOP than one of stride 1
+            feats["strided_flops"] = feats["flops"] * int(np.prod(_ints(node, "strides", [1])))
+            # groups x kernel area: a depthwise conv pays per channel and kernel tap besides its FLOPs (a 5x5 one on
+            # a 7x7 map of a thousand channels costs several times what its FLOPs say)
+            feats["kernel_groups"] = float(_ints(node, "group", [1])[0] * int(np.prod(_ints(node, "kernel_shape",
+                                                                                              [1]))))
+        kind = KIND_OF_OP.get(node.op_type, "other")
+        if kind == "conv" and _ints(node, "group", [1])[0] > 1:
+            kind = "dwconv"  # depthwise or grouped: a few FLOPs per byte, unlike a dense convolution
+        result.append(Layer(index=i, name=node.name, op_type=node.op_type, kind=kind,
                             inputs=tuple(acts), outputs=tuple(t for t in node.output if t), features=feats))
     return result
 

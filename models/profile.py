@@ -16,6 +16,8 @@ import onnx
 
 from models import graph
 from models.ort import onnxruntime as ort
+from planner.errors import PlannerError
+from planner.latency import Sample
 
 FORMAT = "coinfer.profile/1"
 # Every node is timed as itself (no fusion), as Edgent profiles each layer; the level is recorded.
@@ -105,3 +107,19 @@ def _node_times(blob: bytes, feed: dict[str, np.ndarray], *, threads: int, warmu
             times.setdefault(ev["name"].removesuffix("_kernel_time"), []).append(ev["dur"] * 1e-6)
     # drop the warm-up runs, which the profiler records too
     return {k: v[warmup:] if len(v) > warmup else v for k, v in times.items()}
+
+
+def samples_from_profiles(docs: Sequence[dict[str, Any]]) -> tuple[list[Sample], float]:
+    """Layer samples (plus one "load" sample per model) and the median per-run overhead."""
+    samples, overheads = [], []
+    for doc in docs:
+        if doc.get("format") != FORMAT:
+            raise PlannerError(f"not a {FORMAT} document")
+        for m in doc["models"]:
+            for lay in m["layers"]:
+                feats = {k: float(v) for k, v in lay.items() if isinstance(v, (int, float))}
+                samples.append(Sample(kind=lay["type"], features=feats, latency_s=float(lay["latency_s"])))
+            samples.append(Sample(kind="load", features={"model_bytes": float(m["model_bytes"])},
+                                  latency_s=float(m["load_s"])))
+            overheads.append(m["run_s"] - sum(lay["latency_s"] for lay in m["layers"]))
+    return samples, max(0.0, statistics.median(overheads)) if overheads else 0.0

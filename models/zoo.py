@@ -6,6 +6,7 @@ GoogLeNet (Szegedy et al., without the auxiliary heads), MobileNetV2 (Sandler et
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -234,6 +235,68 @@ class ViT(nn.Module):
         x = self.embed(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
         out: torch.Tensor = self.head(self.norm(self.blocks(x))[:, 0])
+        return out
+
+
+class RandomNet(nn.Module):
+    """A random stack of the blocks real models are made of (the corpus's block types at random widths, strides
+    and input sizes): dense, depthwise and grouped convolutions, ReLU / ReLU6 / SiLU / HardSwish / GELU,
+    squeeze-excitation, residual adds, concatenations, channel shuffles, pre-activation BatchNorm and an attention
+    block (LayerNorm, MatMul, Softmax). Never a corpus model: what a latency model is fitted on before it predicts
+    the corpus."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+
+        def pick(options: tuple[int, ...] | tuple[type[nn.Module], ...]) -> Any:
+            return options[int(torch.randint(len(options), (1,), generator=g))]
+
+        self.side = pick((32, 48, 56, 64, 96, 112))
+        c = pick((8, 16, 24, 32, 48))
+        act = pick((nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU))
+        stride = pick((1, 2))
+        self.stem = conv_bn(3, c, 3, stride, act=act)
+        h = (self.side + stride - 1) // stride
+        blocks: list[nn.Module] = []
+        for _ in range(pick((2, 3, 4, 5))):
+            kind, stride = pick((0, 1, 2, 3, 4, 5, 6)), pick((1, 1, 2)) if h >= 8 else 1
+            out = pick((16, 24, 32, 48, 64, 96, 128, 160))
+            if kind == 0:  # MobileNetV2's block
+                blocks.append(InvertedResidual(c, out, stride, pick((1, 3, 6))))
+            elif kind == 1:  # EfficientNet's: squeeze-excitation, SiLU
+                blocks.append(MBConv(c, out, pick((3, 5)), stride, pick((1, 4, 6))))
+            elif kind == 2:  # SqueezeNet's
+                stride, out = 1, 2 * max(c // 2, 8)
+                blocks.append(Fire(c, max(c // 4, 4), out // 2))
+            elif kind == 3 and out % 4 == 0:  # ShuffleNetV2's: split, shuffle (Reshape, Transpose), concat
+                blocks.append(ShuffleBlock(c, out, 2) if stride == 2 or c != out else ShuffleBlock(c, out, 1))
+                stride = 2 if stride == 2 or c != out else 1
+            elif kind == 4:  # ResNet's bottleneck
+                blocks.append(Bottleneck(c, max(out // 4, 4), stride))
+                out = max(out // 4, 4) * 4
+            elif kind == 5:  # DenseNet's layer: pre-activation BatchNorm (not fused), concatenation
+                stride, out = 1, c + 32
+                blocks.append(DenseLayer(c))
+            else:
+                blocks.append(conv_bn(c, out, pick((1, 3, 5)), stride, g=pick((1, 1, 2)) if c % 2 == 0 == out % 2
+                                      else 1, act=act))
+            c, h = out, (h + stride - 1) // stride
+        self.blocks = nn.Sequential(*blocks)
+        # attention over a ViT-like number of tokens (about 7x7 or 14x14 of them), or none
+        self.tokens = nn.AvgPool2d(max(1, h // pick((7, 14))))
+        self.attend = EncoderBlock(c, pick((1, 2)) if c % 2 == 0 else 1) if pick((0, 1)) else None
+        width = pick((0, 0, 512, 1024, 1280))  # MobileNet-like last 1x1 conv: a classifier of megabytes of weights
+        self.last = conv_bn(c, width, act=act) if width else nn.Identity()
+        self.pool, self.head = nn.AdaptiveAvgPool2d(1), nn.Linear(width or c, pick((10, 100, 1000)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        if self.attend is not None:
+            x = self.tokens(x)
+            n, c, h, w = x.shape
+            x = self.attend(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(n, c, h, w)
+        out: torch.Tensor = self.head(self.pool(self.last(x)).flatten(1))
         return out
 
 

@@ -36,7 +36,18 @@ TABLE_I_VARIABLES: dict[str, tuple[str, ...]] = {
 FIT_VARIABLES: dict[str, tuple[str, ...]] = {
     **TABLE_I_VARIABLES,
     "conv": ("input_bytes", "filter_term", "flops"),
-    "fc": ("input_bytes", "output_bytes", "flops"),
+    "fc": ("input_bytes", "output_bytes", "flops", "param_bytes"),  # one row: reading the weights is the cost
+    # what real ImageNet models add (``models.graph.KIND_OF_OP``): a depthwise or grouped conv and a MatMul are
+    # priced by their FLOPs and bytes; the rest move or touch every element once
+    "dwconv": ("input_bytes", "output_bytes", "flops", "strided_flops", "kernel_groups"),
+    "matmul": ("input_bytes", "output_bytes", "flops"),
+    "add": ("input_bytes", "output_bytes"),
+    "concat": ("input_bytes", "output_bytes"),
+    "softmax": ("input_bytes",),
+    "norm": ("input_bytes",),
+    "act": ("input_bytes",),  # a clip or a piecewise-linear function per element
+    "act_exp": ("input_bytes",),  # an exponential or error function per element (sigmoid, GELU's erf, tanh)
+    "reshape": ("input_bytes",),
 }
 MIN_HOLDOUT_SAMPLES = 8
 PHASES = 64  # points at which ``CpuQuota.wall_s`` averages over where in a period an idle host starts
@@ -201,7 +212,8 @@ class Sample:
 def fit(samples: Sequence[Sample], *, name: str, variables: Mapping[str, tuple[str, ...]] = FIT_VARIABLES,
         holdout: float = 0.25, seed: int = 0, stage_overhead_s: float = 0.0,
         meta: Mapping[str, Any] | None = None) -> LatencyModel:
-    """Fit one least-squares regression per layer type; types without variables pool into "other".
+    """Fit one least-squares regression per layer type; types without variables pool into "other" (when there are
+    none, "other" is fitted on every layer, so that a layer of any type can be costed).
 
     Least squares weighted by 1/latency, so that small layers are fitted in relative rather than only
     absolute terms. Fit quality is measured on a random held-out share of each type's samples (R²,
@@ -213,6 +225,10 @@ def fit(samples: Sequence[Sample], *, name: str, variables: Mapping[str, tuple[s
     groups: dict[str, list[Sample]] = {}
     for s in samples:
         groups.setdefault(s.kind if s.kind in variables else FALLBACK, []).append(s)
+    if FALLBACK not in groups and FALLBACK in variables:  # every layer a known type: the fallback pools them all,
+        groups[FALLBACK] = [s for s in samples if s.kind != "load"]  # so that a model of other types still plans
+        if not groups[FALLBACK]:
+            del groups[FALLBACK]
     rng = np.random.default_rng(seed)
     types = {}
     for kind, group in sorted(groups.items()):

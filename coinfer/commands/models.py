@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -18,7 +15,7 @@ from models import branchy, graph
 from models.bundle import BUNDLES_DIR, DEFAULT_BUNDLE, MANIFEST, describe, exit_accuracies, load_bundle, package
 from models.data import read_inputs
 from planner.errors import PlannerError
-from planner.latency import FIT_VARIABLES, TABLE_I_VARIABLES, Sample, fit
+from planner.latency import FIT_VARIABLES, TABLE_I_VARIABLES, fit
 
 RESNETS = ("fmnist-branchy-resnet", "fmnist56-branchy-resnet")  # models.resnet.ARCHS, named here: torch only to train
 
@@ -234,30 +231,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def samples_from_profiles(docs: Sequence[dict[str, Any]]) -> tuple[list[Sample], float]:
-    """Layer samples (plus one "load" sample per model) and the median per-run overhead."""
-    samples, overheads = [], []
-    for doc in docs:
-        if doc.get("format") != "coinfer.profile/1":
-            raise PlannerError("not a coinfer.profile/1 document")
-        for m in doc["models"]:
-            for lay in m["layers"]:
-                feats = {k: float(v) for k, v in lay.items() if isinstance(v, (int, float))}
-                samples.append(Sample(kind=lay["type"], features=feats, latency_s=float(lay["latency_s"])))
-            samples.append(Sample(kind="load", features={"model_bytes": float(m["model_bytes"])},
-                                  latency_s=float(m["load_s"])))
-            overheads.append(m["run_s"] - sum(lay["latency_s"] for lay in m["layers"]))
-    return samples, max(0.0, statistics.median(overheads)) if overheads else 0.0
-
-
 def cmd_fit(args: argparse.Namespace) -> int:
+    from models import profile
+
     docs = []
     for path in args.profiles:
         try:
             docs.append(json.loads(path.read_text()))
         except (OSError, ValueError) as exc:
             raise PlannerError(f"cannot read profile {path}: {exc}") from exc
-    samples, overhead = samples_from_profiles(docs)
+    samples, overhead = profile.samples_from_profiles(docs)
     host = docs[0].get("host", {})
     model = fit(samples, name=args.name or f"{host.get('hostname', 'host')}-{docs[0].get('threads', 1)}t",
                 variables=TABLE_I_VARIABLES if args.table_i else FIT_VARIABLES,

@@ -113,13 +113,20 @@ def test_plan_any_onnx_model_with_the_min_cut(tmp_path: Path, capsys: pytest.Cap
 def test_bench_dag_the_min_cut_never_loses_to_a_single_cut(tmp_path: Path) -> None:
     from coinfer.bench import dag
 
-    doc = dag.run(tmp_path, requests=50, log=lambda _: None)
+    doc = dag.run(tmp_path, requests=50, cache=tmp_path / "corpus", names=["squeezenet1_1"], fit_nets=3, runs=2,
+                  log=lambda _: None)
     assert (tmp_path / "dag.json").exists() and (tmp_path / "dag.png").stat().st_size > 0
-    assert {"residual_net", "inception_net", "reduction_net"} <= set(doc["models"])
+    assert (tmp_path / "host-latency.json").exists()
+    assert {"squeezenet1_1", "residual_net", "inception_net", "reduction_net"} <= set(doc["models"])
     for entry in doc["models"].values():
         assert entry["exact"]["max_abs_diff"] <= 1e-5  # every multi-tensor cut chosen computes the whole model
         for device in entry["devices"].values():
             assert all(r["mincut_s"] <= r["single_cut_s"] * (1 + 1e-12) for r in device["rows"])
+            assert device["exactness"]["slower_than_single_cut"] == device["exactness"]["slower_than_min_cut"] == 0
+    squeeze = doc["models"]["squeezenet1_1"]
+    assert squeeze["prediction"]["measured_run_s"] > 0 and squeeze["raw_nodes"] >= squeeze["nodes"]
+    assert set(squeeze["prediction"]) >= {"before", "after", "by_kind"}
+    assert doc["loop_stall"]["model"] == "squeezenet1_1" and doc["loop_stall"]["ticks"] >= 1
     # the reduction modules' few-channel branches: crossing all three beats any single tensor at a slow uplink
     gains = [r["gain"] for r in doc["models"]["reduction_net"]["devices"]["pi3"]["rows"]]
     assert max(gains) > 1.05

@@ -136,3 +136,25 @@ def test_an_ir3_model_splits_at_every_cut() -> None:
     assert [c.name for c in cuts] == ["h", "r"]
     for cut in cuts:
         _assert_split_composes(model, cut, feed, whole)
+
+
+def test_real_models_layer_kinds_and_features() -> None:
+    """A depthwise conv, its strided work and its groups x taps; an element-wise Add; a MatMul; a Sigmoid."""
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((8, 1, 5, 5)).astype(np.float32), "w")
+    m = onnx.numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "m")
+    nodes = [onnx.helper.make_node("Conv", ["x", "w"], ["d"], name="dw", group=8, strides=[2, 2], pads=[2] * 4,
+                                   kernel_shape=[5, 5]),
+             onnx.helper.make_node("Sigmoid", ["d"], ["s"], name="sig"),
+             onnx.helper.make_node("Add", ["s", "d"], ["a"], name="add"),
+             onnx.helper.make_node("MatMul", ["a", "m"], ["y"], name="mm")]
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        nodes, "kinds", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 4, 3])], [w, m]),
+        opset_imports=[onnx.helper.make_opsetid("", 17)])
+    lay = {x.name: x for x in graph.layers(graph.prepare(model))}
+    assert {n: x.kind for n, x in lay.items()} == {"dw": "dwconv", "sig": "act_exp", "add": "add", "mm": "matmul"}
+    dw = lay["dw"].features
+    assert dw["flops"] == 2 * 8 * 4 * 4 * 25 and dw["strided_flops"] == 4 * dw["flops"]
+    assert dw["kernel_groups"] == 8 * 25 and dw["param_bytes"] == 8 * 25 * 4
+    assert lay["mm"].features["flops"] == 2 * (8 * 4 * 3) * 4

@@ -81,14 +81,27 @@ def test_fit_recovers_known_coefficients() -> None:
     assert model.predict("relu", {"input_bytes": 1e5}) == pytest.approx(1.1e-3)
 
 
+def test_a_fit_without_other_layers_still_costs_any_layer() -> None:
+    """Every profiled layer of a known type: the fallback is fitted on all of them, so a model of other types
+    (a Resize, a custom op) can still be planned."""
+    rng = np.random.default_rng(4)
+    samples = [Sample(kind="relu", features={"input_bytes": x, "output_bytes": x, "flops": x / 4},
+                      latency_s=(1e-5 * x + 0.1) * 1e-3) for x in rng.uniform(1e3, 1e6, 40)]
+    model = fit(samples, name="relu-only", variables=TABLE_I_VARIABLES)
+    assert set(model.types) == {"relu", "other"} and model.types["other"].fit["n"] == 40
+    assert model.predict("resize", {"input_bytes": 1e5, "output_bytes": 1e5, "flops": 2.5e4}) == pytest.approx(
+        1.1e-3, rel=0.01)
+
+
 def test_fit_with_too_few_samples_fits_fewer_variables_and_says_so() -> None:
-    """A bundle's own profile has two fc layers: three variables cannot be fitted, the one that explains most can."""
-    fc = [Sample(kind="fc", features={"input_bytes": b, "output_bytes": 40.0, "flops": f}, latency_s=ms * 1e-3)
-          for b, f, ms in ((1024.0, 5e3, 0.01), (512.0, 8e4, 0.05))]
+    """A bundle's own profile has two fc layers: four variables cannot be fitted, the one that explains most can."""
+    fc = [Sample(kind="fc", features={"input_bytes": b, "output_bytes": 40.0, "flops": f, "param_bytes": 4e3},
+                 latency_s=ms * 1e-3) for b, f, ms in ((1024.0, 5e3, 0.01), (512.0, 8e4, 0.05))]
     one = [Sample(kind="conv", features={"input_bytes": 1.0, "filter_term": 1.0}, latency_s=2e-3)]
     model = fit([*fc, *one], name="x")
-    assert model.types["fc"].variables == ("flops",) and model.types["fc"].fit["reduced_from"] == 3
-    assert model.predict("fc", {"input_bytes": 1024.0, "output_bytes": 40.0, "flops": 5e3}) == pytest.approx(1e-5)
+    assert model.types["fc"].variables == ("flops",) and model.types["fc"].fit["reduced_from"] == 4
+    assert model.predict("fc", {"input_bytes": 1024.0, "output_bytes": 40.0, "flops": 5e3, "param_bytes": 4e3}
+                         ) == pytest.approx(1e-5)
     assert model.types["conv"].variables == () and model.predict("conv", {}) == pytest.approx(2e-3)  # one sample
 
 
