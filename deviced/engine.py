@@ -217,6 +217,15 @@ class Device:
         if edge is None or prepared is None:
             return await self._finish_local(req, self._local_plan(req.conditions), None, "no_edge")
         decision = policy.decide(View(prepared=prepared, conditions=req.conditions))
+        while isinstance(decision, Decision) and decision.actuation is not None and decision.actuation.hold_s:
+            # the policy holds the request (to send it with later ones): wait, then have it decide again
+            await asyncio.sleep(decision.actuation.hold_s)
+            self.metrics.held.inc(decision.actuation.hold_s)
+            now = time.monotonic()
+            link = self.link.current(now)
+            req = replace(req, link=link, conditions=replace(self._conditions(now, max(req.left_s(), 1e-3), link, edge),
+                                                             held_s=now - req.start))
+            decision = policy.decide(View(prepared=prepared, conditions=req.conditions))
         if isinstance(decision, Infeasible):  # nothing meets the deadline: what the policy runs anyway
             decision = decision.best_effort or self._local_plan(req.conditions)
         if not decision.feasible:  # said: counted, and the outcome's plan is marked so

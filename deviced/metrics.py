@@ -49,6 +49,8 @@ class DeviceMetrics:
         self.cpu_share = Gauge("coinfer_device_cpu_share",
                                "CPU share the policy set (1: full; the compute_knob applies it)", registry=r)
         self.tx_rate = Gauge("coinfer_device_tx_rate_bps", "Transmit rate the policy paced the uplink to", registry=r)
+        self.held = Counter("coinfer_device_held_seconds_total",
+                            "Seconds requests waited because the policy held them (to send them together)", registry=r)
 
         # pipelined streams: this device as a worker (stage) and as a stream's owner (stream)
         self.stage_queued = Gauge("coinfer_stage_queued_frames", "Frames waiting on this worker's stages", registry=r)

@@ -234,6 +234,7 @@ class Conditions:
     device_margin_s: float = 0.0
     remote_margin: float = 1.0
     now_s: float | None = None  # the caller's monotonic clock, for policies that work in time slots
+    held_s: float = 0.0  # > 0: a request a policy held (``Actuation.hold_s``) decided again, this long after it came
 
     def __post_init__(self) -> None:
         if not self.bandwidth_bps > 0 or (self.downlink_bps is not None and not self.downlink_bps > 0):
@@ -245,6 +246,8 @@ class Conditions:
             raise PlannerError("rtt, edge queue time and uplink backlog cannot be negative")
         if not (self.device_speed > 0 and self.edge_speed > 0):
             raise PlannerError("speed factors must be positive")
+        if self.held_s < 0:
+            raise PlannerError("held_s cannot be negative")
         if not (self.device_margin_s >= 0 and self.remote_margin >= 1):
             raise PlannerError("margins add time: device_margin_s >= 0, remote_margin >= 1")
 
@@ -292,6 +295,9 @@ class Actuation:
 
     cpu_share: float | None = None  # of the device's CPU, 0..1
     tx_rate_bps: float | None = None  # uplink transmit rate
+    # hold the request this long, then decide again (``Conditions.held_s`` > 0): the energy controller keeps frames
+    # to send them together, where the radio's tail makes each wake dear
+    hold_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -343,7 +349,8 @@ class Decision:
                 "edge_s": self.edge_s, "accuracy": self.accuracy, "encoding": self.encoding,
                 "route": [{"host": s.host, "inputs": sorted(s.segment.inputs), "outputs": sorted(s.segment.outputs)}
                           for s in self.route],
-                **({"actuation": {"cpu_share": self.actuation.cpu_share, "tx_rate_bps": self.actuation.tx_rate_bps}}
+                **({"actuation": {"cpu_share": self.actuation.cpu_share, "tx_rate_bps": self.actuation.tx_rate_bps,
+                                  **({"hold_s": self.actuation.hold_s} if self.actuation.hold_s else {})}}
                    if self.actuation else {})}
 
 

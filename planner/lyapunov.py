@@ -41,7 +41,17 @@ import numpy as np
 import numpy.typing as npt
 
 from planner.candidates import Stateless, compile_candidates, fixed_plan
-from planner.core import Actuation, Candidates, Decision, ExitInfo, Infeasible, Observation, Prepared, View
+from planner.core import (
+    Actuation,
+    Candidates,
+    Conditions,
+    Decision,
+    ExitInfo,
+    Infeasible,
+    Observation,
+    Prepared,
+    View,
+)
 from planner.energy import DEFAULT_PROFILE, PROFILES, EnergyProfile
 from planner.errors import PlannerError
 from planner.latency import LatencyModel
@@ -49,6 +59,7 @@ from planner.latency import LatencyModel
 RATE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # transmit rates tried, as shares of the bandwidth estimate
 ARRIVAL_TAU_S = 60.0  # time constant of the arrival-rate estimate (Little's law needs the long-run rate)
 TINY = 1e-9
+MIN_HOLD_S = 0.001  # a hold lasts at least this long (the next slot may start any moment)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +89,11 @@ class Actions:
     edge_s: npt.NDArray[np.float64]
     input_bits: float
 
+    @property
+    def hold(self) -> int:
+        """The index of the action that neither computes nor sends this slot (frames wait for a later one)."""
+        return int(self.head_s.size)
+
     @classmethod
     def of_exit(cls, c: Candidates, exit_index: int) -> Actions:
         # the exit's plain candidates: the controller trades energy for backlog, not for accuracy
@@ -99,6 +115,7 @@ class Queues:
     throughput: float = 0.0  # Y
     arrival_rate: float = 0.0  # frames/s, estimated
     quiet_s: float = 1e9  # since the radio last sent (its tail energy)
+    elapsed_s: float = 0.0  # since the first slot: the arrival rate is a plain mean until ARRIVAL_TAU_S has passed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,9 +137,19 @@ def choose(s: Settings, profile: EnergyProfile, acts: Actions, q: Queues, bandwi
     """The (cut, setting, rate) minimising V x energy + drift for one slot (``arrivals`` frames expected)."""
     settings = np.asarray(profile.settings)[::-1]  # fastest first: a tie (e.g. V = 0) goes to the fastest
     rates = np.sort(np.asarray(s.rate_fractions))[::-1] * max(bandwidth_bps, 0.0)
-    cut, setting, rate = np.meshgrid(np.arange(acts.head_s.size), settings, rates, indexing="ij")
+    cut, setting, rate = np.meshgrid(np.arange(acts.hold + 1), settings, rates, indexing="ij")
     ev = _evaluate(s, profile, acts, q, cut, setting, rate, bandwidth_bps, arrivals, device_speed)
-    best = np.unravel_index(int(np.argmin(s.v * (ev["compute"] + ev["radio_cost"]) + ev["drift"])), cut.shape)
+    objective = s.v * (ev["compute"] + ev["radio_cost"]) + ev["drift"]
+    # holding frames saves energy only by sending them together later (fewer wakes of the radio, or letting it
+    # sleep between batches): an option on a radio with a tail, where the best other action sends or computes on
+    # the device slower than frames arrive (they will be sent in the end); not where the device keeps up (a frame
+    # costs it the same later), nor on a radio without a tail (sending costs the same per bit whenever)
+    others = np.where(cut == acts.hold, np.inf, objective)
+    best_other = np.unravel_index(int(np.argmin(others)), cut.shape)
+    best = np.unravel_index(int(np.argmin(objective)), cut.shape)
+    keeps_up = ev["capacity"][best_other] >= q.arrival_rate * s.slot_s
+    if cut[best] == acts.hold and (profile.radio_tail_s <= 0 or (ev["sent"][best_other] <= 0 and keeps_up)):
+        best = best_other
     return _choice(ev, best, int(cut[best]), float(setting[best]), float(rate[best]))
 
 
@@ -138,11 +165,13 @@ def _evaluate(s: Settings, profile: EnergyProfile, acts: Actions, q: Queues, cut
               setting: npt.NDArray[np.float64], rate: npt.NDArray[np.float64], bandwidth_bps: float,
               arrivals: float, device_speed: float) -> dict[str, npt.NDArray[np.float64]]:
     """The queue updates and energies of actions (arrays of cut index, setting, rate): the module's equations."""
-    head = acts.head_s[cut] * device_speed
-    capacity = np.where(head > 0, s.slot_s * setting / np.maximum(head, TINY), np.inf)
+    hold = cut == acts.hold
+    at = np.minimum(cut, acts.hold - 1)
+    head = acts.head_s[at] * device_speed
+    capacity = np.where(hold, 0.0, np.where(head > 0, s.slot_s * setting / np.maximum(head, TINY), np.inf))
     served = np.minimum(q.frames, capacity)
-    ready = q.bits + served * acts.bits[cut]
-    sent = np.minimum(ready, rate * s.slot_s)
+    ready = q.bits + served * acts.bits[at]
+    sent = np.where(hold, 0.0, np.minimum(ready, rate * s.slot_s))
     frames = q.frames - served + arrivals
     bits = ready - sent
     arrival_rate = max(q.arrival_rate, arrivals / s.slot_s, 1.0 / ARRIVAL_TAU_S)
@@ -152,19 +181,29 @@ def _evaluate(s: Settings, profile: EnergyProfile, acts: Actions, q: Queues, cut
     compute = profile.compute_j(served * head, setting)
     busy = sent > 0
     tx_s = np.where(busy, sent / np.maximum(rate, 1.0), 0.0)
-    # a send keeps the radio up for its tail: charged when sent, as the tail it adds (the radio would otherwise
-    # be asleep ``quiet_s`` after its last send), so that the sum over slots is the tail energy spent
+    # the radio's energy as spent, given its state: a send keeps the radio up for a whole tail from now, which
+    # adds min(quiet, tail) seconds to the time it is up (the radio was up, or asleep, ``quiet_s`` after its last
+    # send): while it is up a send costs the tail it extends, waking it costs the whole tail. Summed over slots it
+    # is the tail energy spent (the last tail aside)
     sending = np.where(busy, profile.send_j(sent, np.maximum(rate, 1.0)), 0.0)
     tail = np.where(busy, profile.radio_tail_w * np.minimum(q.quiet_s, profile.radio_tail_s), 0.0)
-    batch = sent / acts.input_bits  # frames' worth going out now
-    share = batch / np.maximum(batch + q.arrival_rate * profile.radio_tail_s, TINY)
+    # what keeping the radio up is worth while frames come faster than the device could afford them: each frame
+    # expected within the extension would cost the device ``local_j`` instead of being sent (a one-slot view sees
+    # the extension's cost and not this, and computes frames on the device that are cheaper to send)
+    local = acts.bits == 0
+    local_j = float(np.min(profile.compute_j(float(acts.head_s[local].min()) * device_speed,
+                                             np.asarray(profile.settings)))) if local.any() else 0.0
+    worth_w = min(max(q.arrival_rate * local_j - profile.radio_tail_w, 0.0), profile.radio_tail_w)
+    tail_cost = tail * (1.0 - worth_w / profile.radio_tail_w) if profile.radio_tail_w > 0 else tail
     drift = 0.5 * ((frames + bits / acts.input_bits) ** 2 + z**2 + y**2)
-    alpha = min(s.slot_s / ARRIVAL_TAU_S, 1.0)
+    # the mean rate so far while the run is young (a minute-long average starting from 0 would read a steady
+    # 1 frame/s as a trickle for its first minute), then a moving average over ARRIVAL_TAU_S
+    alpha = min(max(s.slot_s / ARRIVAL_TAU_S, s.slot_s / (q.elapsed_s + s.slot_s)), 1.0)
     new_rate = (1 - alpha) * q.arrival_rate + alpha * arrivals / s.slot_s
     return {"served": served, "sent": sent, "frames": frames, "bits": bits, "z": z, "y": y, "compute": compute,
-            "radio": sending + tail, "radio_cost": sending + tail * share, "drift": drift,
+            "radio": sending + tail, "radio_cost": sending + tail_cost, "drift": drift, "capacity": capacity,
             "quiet": np.where(busy, s.slot_s - tx_s, q.quiet_s + s.slot_s),
-            "arrival_rate": np.full_like(served, new_rate)}
+            "arrival_rate": np.full_like(served, new_rate), "elapsed": np.full_like(served, q.elapsed_s + s.slot_s)}
 
 
 def _choice(ev: dict[str, npt.NDArray[np.float64]], at: tuple[Any, ...], action: int, setting: float,
@@ -173,7 +212,7 @@ def _choice(ev: dict[str, npt.NDArray[np.float64]], at: tuple[Any, ...], action:
                   sent_bits=float(ev["sent"][at]), compute_j=float(ev["compute"][at]), radio_j=float(ev["radio"][at]),
                   next=Queues(frames=float(ev["frames"][at]), bits=float(ev["bits"][at]), latency=float(ev["z"][at]),
                               throughput=float(ev["y"][at]), arrival_rate=float(ev["arrival_rate"][at]),
-                              quiet_s=float(ev["quiet"][at])))
+                              quiet_s=float(ev["quiet"][at]), elapsed_s=float(ev["elapsed"][at])))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -207,29 +246,40 @@ class Lyapunov(Stateless):
         return LyapunovPrepared(candidates=c, exit=exit_index, actions=Actions.of_exit(c, exit_index))
 
     def decide(self, view: View) -> Decision | Infeasible:
+        """This slot's action for the request: a route with its CPU share and rate, or a hold until the next slot
+        (the request is decided again then, ``Conditions.held_s`` > 0; it is not a new arrival)."""
         prepared, cond = view.prepared, view.conditions
         if not isinstance(prepared, LyapunovPrepared):
             raise PlannerError("lyapunov decides over what its own compile prepared")
         c, exit_index, acts = prepared.candidates, prepared.exit, prepared.actions
-        now = cond.now_s
+        now, arrival = cond.now_s, cond.held_s == 0
         if now is None or self._slot_start is None or now >= self._slot_start + self.settings.slot_s \
                 or self._choice is None:
             slots = 1 if now is None or self._slot_start is None else max(
                 1, math.floor((now - self._slot_start) / self.settings.slot_s))
             # the slots that passed without a request count as slots with no arrivals (and no sending)
             idle = (1 - min(self.settings.slot_s / ARRIVAL_TAU_S, 1.0)) ** (slots - 1)
-            # the frame queue: the requests decided and not yet finished, and this one
-            q = replace(self.queues, frames=float(self._in_flight + 1), bits=cond.uplink_backlog_bytes * 8.0,
+            # the frame queue: the requests decided (or held) and not yet finished, and this one if it is new
+            q = replace(self.queues, frames=float(self._in_flight + arrival), bits=cond.uplink_backlog_bytes * 8.0,
                         arrival_rate=self.queues.arrival_rate * idle,
-                        quiet_s=self.queues.quiet_s + (slots - 1) * self.settings.slot_s)
+                        quiet_s=self.queues.quiet_s + (slots - 1) * self.settings.slot_s,
+                        elapsed_s=self.queues.elapsed_s + (slots - 1) * self.settings.slot_s)
             self._choice = choose(self.settings, self.profile, acts, q, cond.bandwidth_bps, float(self._arrivals),
                                   device_speed=cond.device_speed)
             self.queues = self._choice.next
             self._slot_start = now
             self._arrivals = 0
-        self._arrivals += 1
-        self._in_flight += 1
+        if arrival:
+            self._arrivals += 1
+            self._in_flight += 1
         ch = self._choice
+        if ch.action == acts.hold:
+            wait = self.settings.slot_s if now is None or self._slot_start is None else max(
+                self._slot_start + self.settings.slot_s - now, MIN_HOLD_S)
+            fastest = _fastest(c, cond, exit_index, acts)
+            if wait + fastest.bound_s <= cond.deadline_s:  # held to go with the frames of a later slot
+                return replace(fastest, actuation=Actuation(hold_s=wait))
+            return replace(fastest, actuation=Actuation(cpu_share=1.0, tx_rate_bps=None))  # it cannot wait
         plan = fixed_plan(c, cond, exit_index, c.tensors[int(acts.rows[ch.action])])
         slower = plan.device_s * (1 / ch.setting - 1)  # its device part at the chosen share of the CPU
         return replace(plan, device_s=plan.device_s + slower, predicted_s=plan.predicted_s + slower,
@@ -238,3 +288,10 @@ class Lyapunov(Stateless):
 
     def observe(self, outcome: Observation) -> None:
         self._in_flight = max(self._in_flight - 1, 0)
+
+
+def _fastest(c: Candidates, cond: Conditions, exit_index: int, acts: Actions) -> Decision:
+    """The controlled exit's plan with the lowest predicted latency now, at full speed and rate (Edgent's choice
+    for that exit): what a request that cannot be held runs."""
+    plans = [fixed_plan(c, cond, exit_index, c.tensors[int(r)]) for r in acts.rows]
+    return min(plans, key=lambda p: p.predicted_s)

@@ -42,6 +42,7 @@ class Run:
     max_frames: float
     max_bits: float
     max_latency_queue: float
+    max_throughput_queue: float
     unfinished: float
     series: dict[str, list[float]]
 
@@ -57,7 +58,7 @@ def simulate(policy: SlotRule, name: str, s: Settings, profile: EnergyProfile, a
     dev: deque[list[float]] = deque()  # [arrived at, frames]
     tx: deque[list[float]] = deque()  # [arrived at, bits left, bits per frame, edge seconds]
     lat: list[tuple[float, float]] = []  # (latency, frames)
-    maxima = [0.0, 0.0, 0.0]  # frames, bits, latency queue (all non-negative)
+    maxima = [0.0, 0.0, 0.0, 0.0]  # frames, bits, latency queue, throughput queue (all non-negative)
     compute_j = radio_j = 0.0
     prev = 0.0
     series: dict[str, list[float]] = {"t": [], "frames": [], "bits": [], "latency_queue": [], "bandwidth": []}
@@ -67,12 +68,13 @@ def simulate(policy: SlotRule, name: str, s: Settings, profile: EnergyProfile, a
         action, setting, rate = policy(q, bw, prev)
         ch = lyapunov.apply(s, profile, acts, q, action, setting, rate, bw, float(a))
         end = now + s.slot_s
-        served, bits = ch.served, float(acts.bits[action])
+        held = action == acts.hold  # nothing computed or sent this slot
+        served, bits = ch.served, 0.0 if held else float(acts.bits[action])
         while served > 1e-9 and dev:  # heads computed this slot join the uplink's queue (or finish: device-only)
             chunk = dev[0]
             part = min(served, chunk[1])
             if bits > 0:
-                tx.append([chunk[0], part * bits, bits, float(acts.edge_s[action])])
+                tx.append([chunk[0], part * bits, bits, float(acts.edge_s[min(action, acts.hold - 1)])])
             else:
                 lat.append((end - chunk[0], part))
             chunk[1] -= part
@@ -97,7 +99,7 @@ def simulate(policy: SlotRule, name: str, s: Settings, profile: EnergyProfile, a
             for k, v in (("t", now), ("frames", q.frames), ("bits", q.bits), ("latency_queue", q.latency),
                          ("bandwidth", bw)):
                 series[k].append(round(float(v), 4))
-        maxima = [max(m, v) for m, v in zip(maxima, (q.frames, q.bits, q.latency), strict=True)]
+        maxima = [max(m, v) for m, v in zip(maxima, (q.frames, q.bits, q.latency, q.throughput), strict=True)]
     duration = len(arrived) * s.slot_s
     total = float(arrived.sum())
     values = np.array([v for v, _ in lat]) if lat else np.zeros(1)
@@ -111,6 +113,7 @@ def simulate(policy: SlotRule, name: str, s: Settings, profile: EnergyProfile, a
                compute_w=compute_j / duration, radio_w=radio_j / duration, throughput=done / duration,
                latency_mean_s=float((values * weights).sum() / done) if done else math.inf, latency_p95_s=p95,
                deadline_hit=hit, max_frames=maxima[0], max_bits=maxima[1], max_latency_queue=maxima[2],
+               max_throughput_queue=maxima[3],
                unfinished=total - done, series=series)
 
 
@@ -148,40 +151,76 @@ class Scenario:
     rate: float  # frames/s
 
 
-def bench(out: Path, *, duration_s: float = 1800.0, slot_s: float = 0.25, latency_target_s: float = 10.0,
-          seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """``coinfer bench energy``: the controller over a sweep of V against Edgent, device-only, edge-only and the
-    best fixed (cut, setting, rate), on each scenario; JSON, the traces, and PNGs."""
+SCENARIOS = (("steady", "poisson", 0.1), ("hsdpa", "poisson", 0.1), ("hsdpa", "bursty", 0.1),
+             ("hsdpa", "poisson", 1.0), ("wifi", "poisson", 0.1), ("wifi", "poisson", 1.0))
+THROUGHPUT_V = (10.0, 1000.0)  # the throughput-target curves, at these V
+THROUGHPUT_TARGETS = (0.0, 0.5, 0.8, 0.9, 0.95, 1.0, 1.05)  # minimum throughput, as shares of the arrival rate
+THROUGHPUT_SCENARIOS = ("steady-lte-poisson-0.1fps", "hsdpa-lte-poisson-1fps")  # sparse and dense LTE
+
+
+def controlled() -> tuple[str, Actions]:
+    """The exit the benchmark controls (the 28x28 branchy AlexNet's deepest, Edgent's Pi 3 and desktop models)."""
     from models import loaders
     from models.bundle import load_bundle
     from planner import candidates
+
+    bundle = load_bundle()
+    cands = candidates.compile_candidates(bundle.exits, loaders.load_latency_model(loaders.PI3_MODEL),
+                                          loaders.load_latency_model(loaders.DESKTOP_MODEL))
+    return f"{bundle.name} exit {len(bundle.exits)}", Actions.of_exit(cands, len(bundle.exits))
+
+
+def scenarios(duration_s: float, seed: int) -> list[Scenario]:
+    """The shipped scenarios: each trace with its radio's profile and its arrivals."""
     from planner.energy import PROFILES
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "traces").mkdir(exist_ok=True)
-    bundle = load_bundle()  # the 28x28 branchy AlexNet, its deepest exit; Edgent's Pi 3 and desktop models
-    cands = candidates.compile_candidates(bundle.exits, loaders.load_latency_model(loaders.PI3_MODEL),
-                                      loaders.load_latency_model(loaders.DESKTOP_MODEL))
-    acts = Actions.of_exit(cands, len(bundle.exits))
     traces = {"steady": steady(duration_s, seed=seed), "hsdpa": hsdpa(duration_s, seed=seed),
               "wifi": wifi(duration_s, seed=seed)}
-    for t in traces.values():
+    return [Scenario(name=f"{t}-lte-{arr}-{rate:g}fps" if t != "wifi" else f"{t}-{arr}-{rate:g}fps",
+                     trace=traces[t], profile=PROFILES["pi3b-wifi" if t == "wifi" else "pi3b-lte"], arrival=arr,
+                     rate=rate) for t, arr, rate in SCENARIOS]
+
+
+def bench(out: Path, *, duration_s: float = 1800.0, slot_s: float = 0.25, latency_target_s: float = 10.0,
+          seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``coinfer bench energy``: the controller over a sweep of V against Edgent, device-only, edge-only and the
+    best fixed (cut, setting, rate), on each scenario; the throughput-target curves; JSON, the traces, PNGs."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "traces").mkdir(exist_ok=True)
+    model, acts = controlled()
+    shipped = scenarios(duration_s, seed)
+    for t in {sc.trace.name: sc.trace for sc in shipped}.values():
         (out / "traces" / f"{t.name}.json").write_text(json.dumps(t.to_json()) + "\n")
-    scenarios = [Scenario(name=f"{t}-lte-{arr}-{rate:g}fps" if t != "wifi" else f"{t}-{arr}-{rate:g}fps",
-                          trace=traces[t], profile=PROFILES["pi3b-wifi" if t == "wifi" else "pi3b-lte"],
-                          arrival=arr, rate=rate)
-                 for t, arr, rate in (("steady", "poisson", 0.1), ("hsdpa", "poisson", 0.1), ("hsdpa", "bursty", 0.1),
-                                      ("hsdpa", "poisson", 1.0), ("wifi", "poisson", 0.1), ("wifi", "poisson", 1.0))]
-    doc: dict[str, Any] = {"model": f"{bundle.name} exit {len(bundle.exits)}", "device_model": "edgent2018 Pi 3",
+    doc: dict[str, Any] = {"model": model, "device_model": "edgent2018 Pi 3",
                            "edge_model": "edgent2018 desktop", "duration_s": duration_s, "slot_s": slot_s,
                            "latency_target_s": latency_target_s, "deadline_s": latency_target_s, "seed": seed,
                            "v_sweep": list(V_SWEEP), "scenarios": {}}
-    for sc in scenarios:
+    for sc in shipped:
         log(f"{sc.name}: {sc.profile.name}, {sc.arrival} arrivals at {sc.rate:g} frames/s")
         doc["scenarios"][sc.name] = _scenario(sc, acts, slot_s, latency_target_s, seed, log)
+        if sc.name in THROUGHPUT_SCENARIOS:
+            doc["scenarios"][sc.name]["throughput_curves"] = _throughput(sc, acts, slot_s, latency_target_s, seed, log)
     (out / "energy.json").write_text(json.dumps(doc, indent=1) + "\n")
     _plot(doc, out)
     return doc
+
+
+def _throughput(sc: Scenario, acts: Actions, slot_s: float, target_s: float, seed: int,
+                log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Power against the minimum-throughput target (the throughput virtual queue active), at each of
+    ``THROUGHPUT_V``: where holding frames to save energy stops being allowed."""
+    slots = int(len(sc.trace.rates_bps) * sc.trace.step_s / slot_s)
+    arrived = arrivals(sc.arrival, sc.rate, slots, slot_s, seed)
+    curves = []
+    for v in THROUGHPUT_V:
+        for share in THROUGHPUT_TARGETS:
+            s = Settings(v=v, slot_s=slot_s, latency_target_s=target_s, min_throughput=share * sc.rate)
+            r = simulate(controller(s, sc.profile, acts), f"lyapunov V={v:g} min throughput {share:g}x", s,
+                         sc.profile, acts, sc.trace, arrived, deadline_s=target_s)
+            curves.append({"v": v, "target_share": share, "min_throughput": share * sc.rate, **r.summary()})
+            log(f"  V={v:<6g} min throughput {share:4.2f} x {sc.rate:g}/s: power {r.power_w:.3f} W, latency mean "
+                f"{r.latency_mean_s:.2f} s, max throughput queue {r.max_throughput_queue:.1f}")
+    return curves
 
 
 def _scenario(sc: Scenario, acts: Actions, slot_s: float, target_s: float, seed: int,
@@ -229,8 +268,14 @@ def _scenario(sc: Scenario, acts: Actions, slot_s: float, target_s: float, seed:
     if point:
         log(f"  operating point V={point['v']:g}: {point['saved']:.1%} less power than Edgent's policy at its "
             f"deadline-hit rate and throughput")
+    # drift-plus-penalty's bounds: power within O(1/V) of the optimum, queues O(V). The optimum is not known: the
+    # reference is the cheapest of the fixed actions and the controller's own power at the largest V
+    floor = min([r["power_w"] for r in fixed_runs if r["unfinished"] <= 1.0] + [curve[-1]["power_w"]])
+    bounds = [{"v": c["v"], "gap_w": c["power_w"] - floor, "max_frames": c["max_frames"],
+               "max_latency_queue": c["max_latency_queue"]} for c in curve]
     return {"trace": sc.trace.name, "profile": sc.profile.to_json(), "arrival": sc.arrival, "rate": sc.rate,
-            "curve": curve, "baselines": baselines, "operating_point": point}
+            "curve": curve, "baselines": baselines, "operating_point": point,
+            "bounds": {"reference_power_w": floor, "rows": bounds}}
 
 
 def _plot(doc: dict[str, Any], out: Path) -> None:
@@ -277,4 +322,44 @@ def _plot(doc: dict[str, Any], out: Path) -> None:
     axes2[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "queues.png", dpi=100)
+    plt.close(fig)
+    _plot_axes(doc, out, plt)
+
+
+def _plot_axes(doc: dict[str, Any], out: Path, plt: Any) -> None:
+    """``throughput.png``: power and latency against the throughput target (the third axis); ``bounds.png``: the
+    gap to the reference power (1/V) and the queues' maxima (V) over V."""
+    with_curves = [(n, sc) for n, sc in doc["scenarios"].items() if "throughput_curves" in sc]
+    if with_curves:
+        fig, axes = plt.subplots(2, len(with_curves), figsize=(5 * len(with_curves), 6), squeeze=False)
+        for col, (name, sc) in enumerate(with_curves):
+            for v in sorted({c["v"] for c in sc["throughput_curves"]}):
+                rows = [c for c in sc["throughput_curves"] if c["v"] == v]
+                axes[0][col].plot([c["min_throughput"] for c in rows], [c["power_w"] for c in rows], "o-",
+                                  label=f"V={v:g}")
+                axes[1][col].plot([c["min_throughput"] for c in rows], [c["latency_mean_s"] for c in rows], "o-",
+                                  label=f"V={v:g}")
+            axes[0][col].axhline(sc["baselines"]["edgent"]["power_w"], color="tab:red", ls=":", label="edgent")
+            axes[0][col].set_title(f"{name} (arrivals {sc['rate']:g}/s)", fontsize=9)
+            axes[1][col].set_xlabel("minimum throughput target (frames/s)")
+        axes[0][0].set_ylabel("average power (W)")
+        axes[1][0].set_ylabel("mean latency (s)")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "throughput.png", dpi=100)
+        plt.close(fig)
+    fig, (gap, queue) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, sc in doc["scenarios"].items():
+        rows = [r for r in sc["bounds"]["rows"] if r["v"] > 0]
+        gap.plot([r["v"] for r in rows], [max(r["gap_w"], 1e-4) for r in rows], "o-", label=name)
+        queue.plot([r["v"] for r in rows], [r["max_frames"] for r in rows], "o-", label=name)
+    vs = np.array(doc["v_sweep"][1:])
+    gap.plot(vs, 0.3 / vs, "k:", label="1/V")
+    queue.plot(vs, 4 * vs ** 0.5, "k--", label="4 sqrt(V)")
+    for ax, title in ((gap, "power above the reference (W)"), (queue, "frame queue maximum")):
+        ax.set(xscale="log", yscale="log", xlabel="V", title=title)
+    gap.legend(fontsize=6)
+    queue.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "bounds.png", dpi=100)
     plt.close(fig)

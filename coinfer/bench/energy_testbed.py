@@ -28,7 +28,7 @@ from coinfer.lab.procs import REPO
 from coinfer.lab.testbed import BROKER_PORT, Emulation, Testbed, broker
 from models import loaders
 from models.bundle import BUNDLES_DIR, load_bundle
-from planner import lyapunov
+from planner import candidates, lyapunov
 from planner.core import Candidates, Conditions, Decision, Observation, Prepared, View, Where
 from planner.energy import PROFILES, EnergyProfile
 
@@ -37,28 +37,30 @@ BUNDLE = BUNDLES_DIR / "fmnist56-branchy-alexnet"  # its stages span many period
 CALIBRATED = REPO / "docs" / "results" / "edgent"  # the testbed's device and edge latency models (bench edgent)
 
 
-def run(out: Path, *, duration_s: float = 300.0, rate: float = 0.7, v: float = 10.0, slot_s: float = 0.1,
+def run(out: Path, *, duration_s: float = 300.0, rate: float = 1.0, v: float = 10.0, slot_s: float = 0.1,
         latency_target_s: float = 10.0, profile: str = "pi3b-lte", cpu_quota: float = 0.1, seed: int = 0,
-        outages_per_hour: float = 0.0, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """One run; ``outages_per_hour`` > 0 adds the HSDPA trace's outages (deviced then times out and falls back,
-    which the fluid simulation does not model)."""
+        outages_per_hour: float = 0.0, policy: str = "lyapunov", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """One run of ``policy`` in deviced (``lyapunov``, compared with its simulation; or ``edgent``, float32 only:
+    the same requests for reference, its energy modelled the same way); ``outages_per_hour`` > 0 adds the HSDPA
+    trace's outages (deviced then times out and falls back, which the fluid simulation does not model)."""
     out.mkdir(parents=True, exist_ok=True)
     trace = traces.hsdpa(duration_s + 10, seed=seed, outages_per_hour=outages_per_hour)
     rng = np.random.default_rng(seed + 7)
     offsets = np.cumsum(rng.exponential(1.0 / rate, int(duration_s * rate * 1.5)))
     offsets = offsets[offsets < duration_s]
     device_model, edge_model = CALIBRATED / "device-latency-model.json", CALIBRATED / "edge-latency-model.json"
-    params = {"v": v, "slot": slot_s, "latency_target": latency_target_s, "profile": profile}
+    params: dict[str, Any] = ({"v": v, "slot": slot_s, "latency_target": latency_target_s, "profile": profile}
+                              if policy == "lyapunov" else {"encodings": False})
     bed = Testbed(Emulation(uplink_bps=trace.rates_bps[0], cpu_quota=cpu_quota))
     log(f"testbed: hsdpa trace (seed {seed}, {outages_per_hour:g} outages an hour) over {duration_s:.0f} s, "
         f"Poisson arrivals at {rate:g}/s "
-        f"({len(offsets)} requests), lyapunov {params}, CPU quota {cpu_quota:.0%} of a core as the compute knob")
+        f"({len(offsets)} requests), {policy} {params}, CPU quota {cpu_quota:.0%} of a core as the compute knob")
     with tempfile.TemporaryDirectory() as tmpdir, ExitStack() as stack:
         tmp = Path(tmpdir)
         stack.enter_context(bed)
         stack.enter_context(broker(tmp, bed.edge_host, bed.edge_argv))
         stack.enter_context(edged(bed, tmp, edge_model, BUNDLE))
-        agent = stack.enter_context(_agent(bed, device_model, params))
+        agent = stack.enter_context(_agent(bed, device_model, policy, params))
         stop = threading.Event()
         player = threading.Thread(target=_play, args=(bed, trace, stop), daemon=True)
         player.start()
@@ -71,16 +73,40 @@ def run(out: Path, *, duration_s: float = 300.0, rate: float = 0.7, v: float = 1
             stop.set()
             player.join()
         described = bed.describe()
+    if policy != "lyapunov":
+        return _reference(out / f"testbed-{policy}.json", records, trace, duration_s, params, profile, device_model,
+                          edge_model, described, log)
     name = "testbed.json" if outages_per_hour == 0 else "testbed-outages.json"
     return _compare(out / name, records, trace, offsets, duration_s, params, profile, device_model, edge_model,
                     described, log)
 
 
+def _reference(path: Path, records: list[dict[str, Any]], trace: traces.Trace, duration_s: float,
+               params: dict[str, Any], profile_name: str, device_model: Path, edge_model: Path,
+               described: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """Another policy on the same requests: measured latency and throughput, energy modelled as for the controller
+    (its device stages at full share, the speed they ran at)."""
+    profile = PROFILES[profile_name]
+    cands = candidates.compile_candidates(load_bundle(BUNDLE).exits, loaders.load_latency_model(device_model),
+                                          loaders.load_latency_model(edge_model))
+    ratios = [r["stage_s"] / float(cands.device_s[cands.index(
+        r["plan_exit"], frozenset(r["cut_tensors"]) if r["where"] == "split" else frozenset())])
+        for r in records if r["where"] in ("device", "split")]
+    speed = float(np.median(ratios)) if ratios else 1.0
+    measured = {**account(records, cands, profile, trace, duration_s, speed), "device_speed": speed}
+    path.write_text(json.dumps({"emulation": described, "params": params, "profile": profile.to_json(),
+                                "trace": trace.to_json(), "measured": measured, "records": records}, indent=1) + "\n")
+    log(f"  measured: {measured['requests']} requests, {measured['throughput']:.3f}/s, latency mean "
+        f"{measured['latency_mean_s']:.3f} s p95 {measured['latency_p95_s']:.3f} s, modelled power "
+        f"{measured['power_w']:.3f} W; where {measured['where']}")
+    return {"measured": measured}
+
+
 @contextmanager
-def _agent(bed: Testbed, model: Path, params: dict[str, Any]) -> Iterator[Agent]:
+def _agent(bed: Testbed, model: Path, policy: str, params: dict[str, Any]) -> Iterator[Agent]:
     argv = [sys.executable, "-m", "coinfer.lab.agent", "--broker-host", bed.edge_host, "--broker-port",
             str(BROKER_PORT), "--device-model", str(model), "--bundle", str(BUNDLE.resolve()), "--policy",
-            "lyapunov", "--planner", json.dumps(params), "--compute-knob", "cgroup"]
+            policy, "--planner", json.dumps(params), "--compute-knob", "cgroup"]
     with run_agent(bed, argv) as agent:
         yield agent
 
@@ -178,23 +204,35 @@ def replay(policy: lyapunov.Lyapunov, prepared: Prepared, trace: traces.Trace, o
            step_s: float = REPLAY_STEP_S) -> list[dict[str, Any]]:
     """What deviced does with these requests, simulated in steps of ``step_s``: the same ``Lyapunov`` policy decides
     each request as it arrives (its route fixed then, its CPU share and transmit rate applied to the whole device
-    from then on, as the actuator does); stages run one at a time, first come first served, at ``speed`` times their
-    model over the share in force; sends queue on an uplink at the trace's rate (or the paced one, if lower); the
-    edge answers after its modelled time. Returns records shaped like the testbed's."""
+    from then on, as the actuator does; a request it holds is decided again when the hold ends); stages run one at
+    a time, first come first served, at ``speed`` times their model over the share in force; sends queue on an
+    uplink at the trace's rate (or the paced one, if lower); the edge answers after its modelled time. Returns
+    records shaped like the testbed's."""
     cands = prepared.candidates
     share, rate, t, i = 1.0, math.inf, 0.0, 0
     cpu: deque[list[Any]] = deque()  # [request, full-speed seconds left]
     air: deque[list[Any]] = deque()  # [request, bits left]
     edge: list[tuple[float, dict[str, Any]]] = []  # (answer at, request)
+    held: list[tuple[float, float]] = []  # (decide again at, arrived at): requests the policy held
     records: list[dict[str, Any]] = []
-    while i < len(offsets) or cpu or air or edge:
-        while i < len(offsets) and offsets[i] <= t:
-            cond = Conditions(bandwidth_bps=trace.at(t), deadline_s=policy.settings.latency_target_s,
-                              uplink_backlog_bytes=sum(b for _, b in air) / 8, device_speed=speed, now_s=t)
+    while i < len(offsets) or cpu or air or edge or held:
+        due = [h for h in held if h[0] <= t]
+        for h in due:
+            held.remove(h)
+        arrived = [(float(o), 0.0) for o in offsets[i:] if o <= t]
+        i += len(arrived)
+        for came, again in [(h[1], t - h[1]) for h in due] + arrived:
+            left = policy.settings.latency_target_s - again
+            cond = Conditions(bandwidth_bps=trace.at(t), deadline_s=max(left, 1e-3),
+                              uplink_backlog_bytes=sum(b for _, b in air) / 8, device_speed=speed, now_s=t,
+                              held_s=max(again, 1e-9) if again else 0.0)
             d = policy.decide(View(prepared=prepared, conditions=cond))
             assert isinstance(d, Decision) and d.actuation is not None
+            if d.actuation.hold_s:  # deviced sleeps this long and asks again, as here
+                held.append((t + d.actuation.hold_s, came))
+                continue
             share, rate = d.actuation.cpu_share or 1.0, d.actuation.tx_rate_bps or math.inf
-            r = {"t": float(offsets[i]), "decision": d, "where": d.where.value, "plan_exit": d.exit,
+            r = {"t": came, "decision": d, "where": d.where.value, "plan_exit": d.exit,
                  "exit": d.exit, "cut_tensors": sorted(d.cut_tensors), "cpu_share": share,
                  "tx_rate_bps": d.actuation.tx_rate_bps, "fallback": None, "stage_s": 0.0}
             c = cands.index(d.exit, d.cut_tensors)
@@ -203,7 +241,6 @@ def replay(policy: lyapunov.Lyapunov, prepared: Prepared, trace: traces.Trace, o
                 air.append([r, r["bits"]])
             else:
                 cpu.append([r, float(cands.device_s[c]) * speed])
-            i += 1
         if cpu:
             cpu[0][1] -= step_s * share
             cpu[0][0]["stage_s"] += step_s

@@ -53,9 +53,11 @@ def _energy(args: argparse.Namespace) -> None:
     if args.testbed:
         from coinfer.bench import energy_testbed
 
-        for outages in (0.0, 30.0):
-            energy_testbed.run(args.out, outages_per_hour=outages, log=_log)
-        print(f"-> {args.out / 'testbed.json'}, {args.out / 'testbed-outages.json'}")
+        ours = energy_testbed.run(args.out, log=_log)  # the controller at 1 frame/s, against its simulation
+        theirs = energy_testbed.run(args.out, policy="edgent", log=_log)  # Edgent's policy on the same requests
+        _log(f"modelled power on the same requests: lyapunov {ours['measured']['power_w']:.3f} W, edgent "
+             f"{theirs['measured']['power_w']:.3f} W")
+        print(f"-> {args.out / 'testbed.json'}, {args.out / 'testbed-edgent.json'}")
         return
     from coinfer.bench import energy
 

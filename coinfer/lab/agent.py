@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=500)
     p.add_argument("--emulate-uplink", default="", help="loopback mode only")
     p.add_argument("--emulate-slowdown", type=float, default=1.0, help="loopback mode only")
-    p.add_argument("--policy", default=policies.DEFAULT, choices=sorted(policies.POLICIES),
+    p.add_argument("--policy", default=policies.DEFAULT, choices=[policies.AUTO, *sorted(policies.POLICIES)],
                    help="deviced's planning policy (method `coinfer`)")
     p.add_argument("--planner", default="{}", help="the policy's parameters, a JSON object")
     p.add_argument("--compute-knob", default="none", help="deviced's compute_knob (cgroup: the testbed's quota)")

@@ -1,5 +1,6 @@
 """Bandwidth traces with their stated statistics, and the trace-driven simulation of the energy controller."""
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -96,3 +97,26 @@ def test_the_replay_answers_every_request_as_deviced_would(bundle: Bundle, pi3: 
     assert [r["t"] for r in finished] == sorted(r["t"] for r in on_device)  # first come, first served
     summary = energybed.account(records, cands, PROFILES["pi3b-lte"], trace, 120.0, 2.0)
     assert summary["requests"] == len(offsets) and summary["power_w"] > PROFILES["pi3b-lte"].idle_w
+
+
+def test_power_is_never_above_edgents_policy_and_never_rises_with_v() -> None:
+    """Every shipped scenario (30 simulated minutes each): the controller's average power at every V is at most
+    Edgent's policy's on the same arrivals and trace, and does not rise as V grows (0.2% slack: a run is one
+    sample path); V = 0 is the least backlog."""
+    _, acts = energy.controlled()
+    for sc in energy.scenarios(1800.0, seed=0):
+        slots = int(len(sc.trace.rates_bps) * sc.trace.step_s / 0.25)
+        arrived = traces.arrivals(sc.arrival, sc.rate, slots, 0.25, 0)
+        base = lyapunov.Settings(slot_s=0.25, latency_target_s=10.0)
+        ref = energy.simulate(energy.edgent_like(acts), "edgent", base, sc.profile, acts, sc.trace, arrived,
+                              deadline_s=10.0)
+        runs = []
+        for v in (0.0, 1.0, 10.0, 100.0, 1000.0):
+            s = lyapunov.Settings(v=v, slot_s=0.25, latency_target_s=10.0)
+            runs.append(energy.simulate(energy.controller(s, sc.profile, acts), f"V={v:g}", s, sc.profile, acts,
+                                        sc.trace, arrived, deadline_s=10.0))
+        power = [r.power_w for r in runs]
+        assert all(p <= ref.power_w * 1.002 for p in power), (sc.name, ref.power_w, power)
+        assert all(b <= a * 1.002 for a, b in itertools.pairwise(power)), (sc.name, power)
+        assert runs[0].latency_mean_s <= min(r.latency_mean_s for r in runs) + 1e-9, sc.name
+        assert all(r.max_frames < 100 for r in runs), sc.name  # the backlog V buys stays bounded

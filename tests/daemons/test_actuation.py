@@ -1,6 +1,7 @@
 """A policy's actuation on the device: the compute knob Linux offers (cpufreq, a cgroup quota, none) and uplink
 pacing on the MQTT socket; the Lyapunov controller run by deviced."""
 
+import asyncio
 import socket
 from pathlib import Path
 
@@ -87,3 +88,23 @@ async def test_deviced_runs_the_lyapunov_controller(broker: Broker, prefix: str,
     assert paced == int(max(device.actuator.rate_bps, 64e3) / 8)
     assert 0 < device.metrics.cpu_share._value.get() <= 1  # prometheus_client has no public getter
     assert np.all([o.logits.shape == (1, 10) for o in outcomes])
+
+
+async def test_deviced_holds_what_the_controller_holds(broker: Broker, prefix: str, edge: EdgeProcess) -> None:
+    """Planned means run: where the controller holds frames (LTE, frames faster than the device, the radio asleep,
+    a large V), deviced waits and asks it again; every request is answered, none past its deadline, the wait shows
+    in ``coinfer_device_held_seconds_total``, and each request counts once."""
+    x = preprocess(load_fashion_mnist("test")[0][:6])
+    cfg = DevicedConfig(device_id="pi-hold", topic_prefix=prefix, broker=broker.config, probe_interval_s=0,
+                        compute_knob="none", planner={"policy": "lyapunov", "v": 1000.0, "slot": 0.1,
+                                                      "profile": "pi3b-lte"})
+    async with Client(cfg) as client:
+        assert await client.wait_for_edge(5)
+        policy = client.device.policy
+        assert isinstance(policy, lyapunov.Lyapunov)
+        policy.queues = lyapunov.Queues(arrival_rate=3.0, elapsed_s=600.0)  # as after ten minutes at 3 frames/s
+        outcomes = await asyncio.gather(*(client.infer(xi, deadline=2.0) for xi in x))
+        held_s = client.device.metrics.held._value.get()  # prometheus_client has no public getter
+    assert held_s > 0 and policy._in_flight == 0
+    assert len(outcomes) == len(x) and all(o.logits.shape == (1, 10) for o in outcomes)
+    assert all(o.latency_s <= 2.0 + 0.5 for o in outcomes)  # held only while the deadline allowed

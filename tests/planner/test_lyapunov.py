@@ -102,3 +102,32 @@ def test_the_controller_is_a_policy_behind_the_seam(bundle: Bundle, pi3: Latency
         policies.make("lyapunov", profile="nope")
     with pytest.raises(Exception, match="need v >= 0"):
         policies.make("lyapunov", v=-1)
+
+
+def test_the_controller_holds_frames_to_send_them_together(bundle: Bundle, pi3: LatencyModel,
+                                                           desktop: LatencyModel) -> None:
+    """LTE, frames faster than the device can compute them and the radio asleep: at a large V the controller holds
+    the request to send it with later ones (a hold, not a route), decides it again in a later slot without counting
+    it as a new arrival, and never holds a request that could then no longer meet its deadline."""
+    policy = policies.make("lyapunov", v=1000.0, slot=0.25, profile="pi3b-lte")
+    assert isinstance(policy, lyapunov.Lyapunov)
+    prepared = policy.compile(bundle.exits, pi3, desktop)
+    policy.queues = lyapunov.Queues(arrival_rate=2.0, elapsed_s=600.0)  # two frames a second for ten minutes
+    held = policy.decide(core.View(prepared=prepared, conditions=core.Conditions(
+        bandwidth_bps=1.3e6, deadline_s=30.0, now_s=100.0)))
+    assert isinstance(held, core.Decision) and held.actuation is not None and held.actuation.hold_s
+    assert 0 < held.actuation.hold_s <= 0.25 and policy._in_flight == 1
+    again = policy.decide(core.View(prepared=prepared, conditions=core.Conditions(
+        bandwidth_bps=1.3e6, deadline_s=29.7, now_s=100.3, held_s=0.3)))
+    assert isinstance(again, core.Decision) and policy._in_flight == 1  # the same request, not a new one
+    urgent = policy.decide(core.View(prepared=prepared, conditions=core.Conditions(
+        bandwidth_bps=1.3e6, deadline_s=0.1, now_s=100.35)))
+    assert isinstance(urgent, core.Decision) and urgent.actuation is not None and not urgent.actuation.hold_s
+    assert policy._in_flight == 2
+    # on Wi-Fi (no tail) holding saves nothing: never held
+    wifi = policies.make("lyapunov", v=1000.0, slot=0.25, profile="pi3b-wifi")
+    assert isinstance(wifi, lyapunov.Lyapunov)
+    wifi.queues = lyapunov.Queues(arrival_rate=2.0, elapsed_s=600.0)
+    d = wifi.decide(core.View(prepared=wifi.compile(bundle.exits, pi3, desktop), conditions=core.Conditions(
+        bandwidth_bps=1.3e6, deadline_s=30.0, now_s=100.0)))
+    assert isinstance(d, core.Decision) and d.actuation is not None and not d.actuation.hold_s
