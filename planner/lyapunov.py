@@ -9,12 +9,17 @@ Queues, in a slot of ``slot_s`` seconds (the fluid model the simulation and the 
     rate     Y' = max(Y + min throughput x slot - served, 0)                                      (frames)
 
 (a head computed in a slot is sent in the same slot; W' is Little's law: the backlog in frames over the
-arrival rate, the mean time a frame now waits). Radio energy is the sending power and, when a send wakes or
-keeps up the radio, the tail it adds (``planner.energy``). In the objective a send bears only its share of
-that tail: the frames expected to go out while the radio stays up (those sent now, and those arriving within
-the tail) share it. Charged whole to the first frame, waking the radio would always look dearer than computing
-on the device, and a controller that saw only one slot would keep the radio asleep even where frames come
-often enough to keep it up cheaply.
+arrival rate, the mean time a frame now waits). Besides every (cut, setting, rate) a slot may *hold*: compute
+and send nothing, the frames waiting to go with a later slot's.
+
+Radio energy is the energy spent, given the radio's state (``Queues.quiet_s``, the time since its last send):
+a send costs its time on the air and the tail it adds, min(quiet, tail) x tail power (``planner.energy``): its
+extension while the radio is up, the whole tail when it wakes it. Two things keep the one-slot view from
+misjudging that. Holding is the only way to wait for free (without it the cheapest wait was computing a sliver
+of a frame on the device, which burnt energy while frames piled up); it is an option only on a radio with a
+tail, where the best other action sends or computes slower than frames arrive. And while frames come faster than
+the device could afford them, the radio being up is worth their arrival rate x the device's cheapest frame less
+the tail power: a send's extension is charged less that (never below nothing).
 
 Each slot every (cut, setting, rate) of the exit is costed with numpy and the one minimising
 
