@@ -36,14 +36,19 @@ import structlog
 from deviced.calls import PendingCalls
 from deviced.errors import DevicedError
 from planner import pipeline
-from planner.fleet import Chain, Fleet, PipelineError
+from planner.errors import LatencyModelError
+from planner.fleet import Chain, Fleet, PipelineError, Worker
 from protocol.errors import ErrorCode
 from protocol.messages import StageAck, StageError, StageFrame, StagePlan, StageResult, StageStop, Status, encode
 from protocol.topics import Topics
 
 log = structlog.get_logger()
 STALL_S = 3.0  # a worker silent this long (6 missed heartbeats) is left out
-ACK_TIMEOUT_S = 20.0  # for a worker to build its stage and take a plan
+# a worker's time to take a plan: the round trip and a session's fixed start, and its latency model's "load" time for
+# the stage's bytes (Edgent's Table II has one), ACK_LOAD_FACTOR times over (a busy or throttled worker)
+ACK_BASE_S = 5.0
+ACK_LOAD_FACTOR = 4.0
+ACK_FALLBACK_BPS = 20e6  # bytes a second a session loads at where the latency model has no "load" entry
 FRAME_TIMEOUT_MIN_S = 5.0  # a frame without an answer this long (or 4x its planned latency + queue) is re-sent
 MAX_ATTEMPTS = 5  # sends of one frame (re-plans re-send what is in flight) before it ends with an error
 DRIFT = 1.5  # measured / planned compute beyond this (or below its inverse) corrects the worker's speed
@@ -430,11 +435,14 @@ class Stream:
                         await self._publish(self.topics.stage_inbox(worker, self.owner), encode(doc))
                     except Exception as exc:
                         self._acks.fail(worker, StreamError(f"cannot send the plan: {exc}"))
+            by_name = {w.name: w for w in self.fleet.workers}
+            builds = {w: ack_timeout_s(by_name[w], stage.memory_bytes[i]) if w in by_name else ACK_BASE_S
+                      for stage in plan.stages for i, w in enumerate(stage.workers)}
             for worker, future in acks.items():
                 try:
-                    await asyncio.wait_for(asyncio.shield(future), max(0.0, ACK_TIMEOUT_S))
+                    await asyncio.wait_for(asyncio.shield(future), builds[worker])
                 except TimeoutError:
-                    refused[worker] = f"no answer in {ACK_TIMEOUT_S:.0f} s"
+                    refused[worker] = f"no answer in {builds[worker]:.1f} s"
                 except StreamError as exc:
                     refused[worker] = str(exc)
         return refused
@@ -448,6 +456,16 @@ class Stream:
     def _members(self) -> set[str]:
         return {w for s in self.plan.stages for w in s.workers} if self.plan is not None else set()
 
+
+
+def ack_timeout_s(worker: Worker, stage_bytes: float) -> float:
+    """How long ``worker`` may take to acknowledge a plan whose stage holds ``stage_bytes`` (weights and buffers):
+    ``ACK_BASE_S`` and ``ACK_LOAD_FACTOR`` times the session build its latency model predicts at its speed."""
+    try:
+        load_s = worker.latency.predict("load", {"model_bytes": stage_bytes}) / worker.speed
+    except LatencyModelError:  # no "load" entry and an "other" fallback that needs other variables
+        load_s = stage_bytes / ACK_FALLBACK_BPS / worker.speed
+    return ACK_BASE_S + ACK_LOAD_FACTOR * load_s
 
 
 def _window(plan: pipeline.PipelinePlan) -> int:

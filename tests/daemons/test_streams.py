@@ -20,6 +20,7 @@ from models import loaders
 from models.bundle import load_bundle
 from models.data import load_fashion_mnist, preprocess
 from planner.fleet import Fleet, Worker
+from planner.latency import LatencyModel
 from protocol.errors import ErrorCode, MalformedMessage
 from protocol.messages import StageError, StageFrame, StagePlan, decode, encode
 from protocol.topics import Topics
@@ -251,3 +252,18 @@ def test_a_worker_offline_outside_the_plan_is_left_out_until_it_is_online_again(
     stream.on_status("intruder", Status(state="offline", sender="intruder"))  # not of the fleet: ignored
     stream.on_status("w1", Status(state="online", sender="w1"))
     assert used() == {"cam", "w1", "w2"}
+
+
+def test_a_plans_acknowledgement_waits_as_long_as_its_stage_takes_to_build(pi3: LatencyModel) -> None:
+    """Not a fixed 20 s: the base, and four times the session build the worker's latency model predicts for the
+    stage's bytes at its speed (a model without a "load" entry: a plain load rate)."""
+    from deviced.stream import ACK_BASE_S, ack_timeout_s
+
+    pi = Worker(name="pi", latency=pi3, memory_bytes=1e9, uplink_bps=1e7, downlink_bps=1e7)
+    slow = Worker(name="slow", latency=pi3, memory_bytes=1e9, uplink_bps=1e7, downlink_bps=1e7, speed=0.25)
+    small, large = ack_timeout_s(pi, 1e6), ack_timeout_s(pi, 200e6)
+    assert ACK_BASE_S < small < large and large == pytest.approx(ACK_BASE_S + 4 * (0.842136 + 4.49e-9 * 200e6))
+    assert ack_timeout_s(slow, 200e6) == pytest.approx(ACK_BASE_S + 4 * (large - ACK_BASE_S))
+    bare = Worker(name="bare", latency=LatencyModel(name="no-load", types={}), memory_bytes=1e9, uplink_bps=1e7,
+                  downlink_bps=1e7)
+    assert ack_timeout_s(bare, 40e6) == pytest.approx(ACK_BASE_S + 4 * 2.0)
