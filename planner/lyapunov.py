@@ -45,11 +45,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from planner.candidates import Stateless, compile_candidates, fixed_plan
+from planner.candidates import Stateless, compile_candidates, costs_of, plan_at
 from planner.core import (
     Actuation,
     Candidates,
-    Conditions,
     Decision,
     ExitInfo,
     Infeasible,
@@ -256,7 +255,7 @@ class Lyapunov(Stateless):
         prepared, cond = view.prepared, view.conditions
         if not isinstance(prepared, LyapunovPrepared):
             raise PlannerError("lyapunov decides over what its own compile prepared")
-        c, exit_index, acts = prepared.candidates, prepared.exit, prepared.actions
+        c, acts = prepared.candidates, prepared.actions
         now, arrival = cond.now_s, cond.held_s == 0
         if now is None or self._slot_start is None or now >= self._slot_start + self.settings.slot_s \
                 or self._choice is None:
@@ -277,15 +276,17 @@ class Lyapunov(Stateless):
         if arrival:
             self._arrivals += 1
             self._in_flight += 1
-        ch = self._choice
+        ch, costs = self._choice, costs_of(c, cond)
         if ch.action == acts.hold:
             wait = self.settings.slot_s if now is None or self._slot_start is None else max(
                 self._slot_start + self.settings.slot_s - now, MIN_HOLD_S)
-            fastest = _fastest(c, cond, exit_index, acts)
+            # the exit's fastest plan now, at full speed and rate (Edgent's choice for it): what runs after the hold,
+            # or now if the request cannot wait
+            fastest = plan_at(c, int(acts.rows[np.argmin(costs[0][acts.rows])]), costs, cond)
             if wait + fastest.bound_s <= cond.deadline_s:  # held to go with the frames of a later slot
                 return replace(fastest, actuation=Actuation(hold_s=wait))
             return replace(fastest, actuation=Actuation(cpu_share=1.0, tx_rate_bps=None))  # it cannot wait
-        plan = fixed_plan(c, cond, exit_index, c.tensors[int(acts.rows[ch.action])])
+        plan = plan_at(c, int(acts.rows[ch.action]), costs, cond)
         slower = plan.device_s * (1 / ch.setting - 1)  # its device part at the chosen share of the CPU
         return replace(plan, device_s=plan.device_s + slower, predicted_s=plan.predicted_s + slower,
                        bound_s=plan.bound_s + slower, feasible=plan.bound_s + slower <= cond.deadline_s,
@@ -294,9 +295,3 @@ class Lyapunov(Stateless):
     def observe(self, outcome: Observation) -> None:
         self._in_flight = max(self._in_flight - 1, 0)
 
-
-def _fastest(c: Candidates, cond: Conditions, exit_index: int, acts: Actions) -> Decision:
-    """The controlled exit's plan with the lowest predicted latency now, at full speed and rate (Edgent's choice
-    for that exit): what a request that cannot be held runs."""
-    plans = [fixed_plan(c, cond, exit_index, c.tensors[int(r)]) for r in acts.rows]
-    return min(plans, key=lambda p: p.predicted_s)

@@ -74,7 +74,7 @@ def simulate(policy: SlotRule, name: str, s: Settings, profile: EnergyProfile, a
             chunk = dev[0]
             part = min(served, chunk[1])
             if bits > 0:
-                tx.append([chunk[0], part * bits, bits, float(acts.edge_s[min(action, acts.hold - 1)])])
+                tx.append([chunk[0], part * bits, bits, float(acts.edge_s[action])])  # never held: it served
             else:
                 lat.append((end - chunk[0], part))
             chunk[1] -= part

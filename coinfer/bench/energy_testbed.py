@@ -89,11 +89,7 @@ def _reference(path: Path, records: list[dict[str, Any]], trace: traces.Trace, d
     profile = PROFILES[profile_name]
     cands = candidates.compile_candidates(load_bundle(BUNDLE).exits, loaders.load_latency_model(device_model),
                                           loaders.load_latency_model(edge_model))
-    ratios = [r["stage_s"] / float(cands.device_s[cands.index(
-        r["plan_exit"], frozenset(r["cut_tensors"]) if r["where"] == "split" else frozenset())])
-        for r in records if r["where"] in ("device", "split")]
-    speed = float(np.median(ratios)) if ratios else 1.0
-    measured = {**account(records, cands, profile, trace, duration_s, speed), "device_speed": speed}
+    measured = _measured(records, cands, profile, trace, duration_s)
     path.write_text(json.dumps({"emulation": described, "params": params, "profile": profile.to_json(),
                                 "trace": trace.to_json(), "measured": measured, "records": records}, indent=1) + "\n")
     log(f"  measured: {measured['requests']} requests, {measured['throughput']:.3f}/s, latency mean "
@@ -131,14 +127,8 @@ def _compare(path: Path, records: list[dict[str, Any]], trace: traces.Trace, off
     prepared = policy.compile(bundle.exits, loaders.load_latency_model(device_model),
                               loaders.load_latency_model(edge_model))
     cands = prepared.candidates
-    # how much slower than its model the device's stages ran at the share they ran at (what deviced's speed factor
-    # learns): the simulations serve frames at the same speed, or a few percent at a busy device's load would
-    # read as queueing error
-    ratios = [r["stage_s"] * (r["cpu_share"] or 1.0) / float(cands.device_s[cands.index(
-        r["plan_exit"], frozenset(r["cut_tensors"]) if r["where"] == "split" else frozenset())])
-        for r in records if r["where"] in ("device", "split")]
-    speed = float(np.median(ratios)) if ratios else 1.0
-    measured = {**account(records, cands, profile, trace, duration_s, speed), "device_speed": speed}
+    measured = _measured(records, cands, profile, trace, duration_s)
+    speed = measured["device_speed"]
     replayed = replay(policy, prepared, trace, offsets, speed)
     sim = account(replayed, cands, profile, trace, duration_s, speed)
     s = lyapunov.Settings(v=float(params["v"]), slot_s=float(params["slot"]),
@@ -161,6 +151,18 @@ def _compare(path: Path, records: list[dict[str, Any]], trace: traces.Trace, off
         f"{sim['latency_p95_s']:.3f} s, power {sim['power_w']:.3f} W; where {sim['where']}; relative error "
         + ", ".join(f"{k} {v:+.1%}" for k, v in errors.items()))
     return doc
+
+
+def _measured(records: list[dict[str, Any]], cands: Candidates, profile: EnergyProfile, trace: traces.Trace,
+              duration_s: float) -> dict[str, Any]:
+    """``account`` of the testbed's records at the speed the device's stages ran at against their model, at the
+    share they ran at (what deviced's speed factor learns): the simulations serve frames at the same speed, or a
+    few percent at a busy device's load would read as queueing error."""
+    ratios = [r["stage_s"] * (r["cpu_share"] or 1.0) / float(cands.device_s[cands.index(
+        r["plan_exit"], frozenset(r["cut_tensors"]) if r["where"] == "split" else frozenset())])
+        for r in records if r["where"] in ("device", "split")]
+    speed = float(np.median(ratios)) if ratios else 1.0
+    return {**account(records, cands, profile, trace, duration_s, speed), "device_speed": speed}
 
 
 def account(records: list[dict[str, Any]], cands: Candidates, profile: EnergyProfile, trace: traces.Trace,
@@ -219,8 +221,10 @@ def replay(policy: lyapunov.Lyapunov, prepared: Prepared, trace: traces.Trace, o
         due = [h for h in held if h[0] <= t]
         for h in due:
             held.remove(h)
-        arrived = [(float(o), 0.0) for o in offsets[i:] if o <= t]
-        i += len(arrived)
+        arrived = []
+        while i < len(offsets) and offsets[i] <= t:
+            arrived.append((float(offsets[i]), 0.0))
+            i += 1
         for came, again in [(h[1], t - h[1]) for h in due] + arrived:
             left = policy.settings.latency_target_s - again
             cond = Conditions(bandwidth_bps=trace.at(t), deadline_s=max(left, 1e-3),

@@ -272,7 +272,7 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     from models import corpus
 
     cache = args.cache or corpus.CACHE_DIR
-    names = args.names or [e.name for e in corpus.CORPUS]
+    names = args.names or corpus.NAMES
     for i, name in enumerate(names):
         print(f"[{i + 1}/{len(names)}] {name}", file=sys.stderr, flush=True)
         path = corpus.build(name, cache)
